@@ -1,0 +1,81 @@
+"""Configuration dataclasses: one place for every default.
+
+Frozen dataclasses, validated on construction, so a bad value fails where it is written,
+not deep inside the decode loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Parameters of the sampler chain, applied in this order (as in llama.cpp):
+    penalties -> top-k -> temperature -> top-p -> min-p -> draw.
+
+    temperature == 0 means greedy (argmax of the fused logits, no RNG used).
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40            # 0 disables; 40 is llama.cpp's default
+    top_p: float = 0.95        # 1.0 disables
+    min_p: float = 0.05        # 0.0 disables; llama.cpp's default
+    repeat_penalty: float = 1.0  # 1.0 disables; >1 discourages tokens seen in the window
+    repeat_last_n: int = 64    # window of past tokens the penalties look at
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None    # None: a fresh seed per Engine; an int: reproducible draws
+
+    def __post_init__(self) -> None:
+        checks = [
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1)"),
+            (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (math.isfinite(self.presence_penalty), "presence_penalty must be finite"),
+            (math.isfinite(self.frequency_penalty), "frequency_penalty must be finite"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"invalid sampling setting: {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def with_(self, **changes) -> "SamplingConfig":
+        return replace(self, **changes)
+
+
+GREEDY = SamplingConfig(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0)
+
+
+def default_threads() -> int:
+    """Physical-ish core count: llama.cpp decodes fastest with one thread per core."""
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_ctx: int = 2048          # tokens of context for each model
+    n_batch: int = 512         # prefill batch size
+    n_threads: int = field(default_factory=default_threads)
+    alpha: float = 1.0         # scale of the value network's logits; 0 = base alone
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16:
+            raise ConfigError("n_ctx must be at least 16")
+        if self.n_batch < 1:
+            raise ConfigError("n_batch must be >= 1")
+        if self.n_threads < 1:
+            raise ConfigError("n_threads must be >= 1")
+        if not math.isfinite(self.alpha):
+            raise ConfigError("alpha must be a finite number")
