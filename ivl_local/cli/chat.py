@@ -1,0 +1,232 @@
+"""`ivl chat` / `ivl-chat`: one-shot answers and the interactive session.
+
+    ivl-chat                                  # gemma3-270m + the default value network
+    ivl-chat --value none -p "Hello"          # base alone, one answer, streamed
+    echo "Hello" | ivl-chat --json            # OpenAI-style chat.completion on stdout
+
+The engine is made by `make_engine` (tests replace it with a fake). Everything the user can
+get wrong (a flag value, a missing file, an empty prompt) is checked before the models load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import EngineConfig, SamplingConfig, default_threads
+from ..errors import ConfigError, EmptyPromptError, ModelFileError, ModelNotFoundError
+from ._common import EXIT_INTERRUPTED, print_note, user_errors
+
+DEFAULT_BASE = "gemma3-270m"
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_CTX = 2048
+DEFAULT_VALUE_DIR = "default-value"   # under models.cache_dir()
+NO_VALUE = ("none", "off", "")
+
+
+def make_engine(base: Path, value: Path | None, alpha: float | None, *, n_ctx: int,
+                n_threads: int | None, seed: int, token_map: Path | None, verbose: bool):
+    """The one place the CLI builds an Engine (monkeypatched by the fast tests)."""
+    from ..engine import Engine  # llama.cpp loads here, not at CLI import
+
+    return Engine(base, value, alpha, n_ctx=n_ctx, n_threads=n_threads, seed=seed,
+                  token_map=token_map, verbose=verbose)
+
+
+# --- resolving what to load ---------------------------------------------------------------
+
+def default_value_dir() -> Path:
+    from ..models import cache_dir
+
+    return cache_dir() / DEFAULT_VALUE_DIR
+
+
+def find_default_value() -> Path | None:
+    """The newest `.ivl.gguf` in the default value folder, if one was prepared."""
+    folder = default_value_dir()
+    files = sorted(folder.rglob("*.ivl.gguf"), key=lambda p: p.stat().st_mtime) if folder.exists() else []
+    return files[-1] if files else None
+
+
+def prepare_default_value() -> Path:
+    """Train the default value network once (the `train` extra's `default_recipe`).
+
+    It runs as `ivl train --recipe default` in a child process: torch and its memory never
+    enter the chat process, and the recipe draws its own progress on this terminal.
+    """
+    out_dir = default_value_dir()
+    print_note("The default value network is not prepared yet. Preparing it is a one-time step "
+               "of about 10-15 minutes (training a small value network on this machine).")
+    print_note("To chat with the base model alone instead, pass --value none.")
+    if not torch_available():
+        raise ModelNotFoundError(
+            "preparing the default value network needs PyTorch (the 'train' extra): "
+            f"{sys.executable} -m pip install 'ivl-local[train]'  (or skip it with --value none)")
+    cmd = [sys.executable, "-m", "ivl_local.cli.main", "train", "--recipe", "default",
+           "--out", str(out_dir)]
+    rc = subprocess.call(cmd)
+    if rc in (EXIT_INTERRUPTED, -2):
+        raise KeyboardInterrupt
+    found = find_default_value()
+    if rc != 0 or found is None:
+        raise ModelFileError(
+            f"preparing the default value network failed (exit code {rc}); see the messages "
+            f"above, or run 'ivl train --recipe default --out {out_dir} --debug'; --value none skips it")
+    print_note(f"default value network ready: {found}")
+    return found
+
+
+def torch_available() -> bool:
+    """Whether the 'train' extra is installed (looked up without importing torch)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def resolve_value(value: str | None) -> Path | None:
+    """--value: None -> the default value network (prepared on first use); 'none' -> no value."""
+    from ..models import resolve_model
+
+    if value is not None and value.strip().lower() in NO_VALUE:
+        return None
+    if value is not None:
+        return resolve_model(value)
+    return find_default_value() or prepare_default_value()
+
+
+def build_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingConfig:
+    """Only the flags the user gave override SamplingConfig's defaults."""
+    given = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                 repeat_penalty=repeat_penalty, seed=seed)
+    return SamplingConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def read_one_shot_prompt(prompt: str | None) -> str | None:
+    """-p wins; otherwise stdin when it is not a terminal; None means interactive."""
+    if prompt is not None:
+        text = prompt
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        return None
+    if not text.strip():
+        raise EmptyPromptError("the prompt is empty (give text with -p or on stdin)")
+    return text.strip("\n")
+
+
+# --- one-shot ------------------------------------------------------------------------------
+
+def one_shot(engine, messages: list[dict], *, sampling: SamplingConfig, max_tokens: int,
+             as_json: bool, verbose: bool) -> None:
+    if as_json:
+        result = engine.chat(messages, stream=False, max_tokens=max_tokens, sampling=sampling)
+        print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
+        return
+    out = sys.stdout
+    last = "\n"
+    started = False
+    for delta in engine.chat_deltas(messages, max_tokens=max_tokens, sampling=sampling):
+        if not started:  # templates leave a space after "Assistant:"; don't print it
+            delta = delta.lstrip()
+            started = bool(delta)
+        if delta:
+            out.write(delta)
+            out.flush()
+            last = delta
+    if not last.endswith("\n"):
+        out.write("\n")
+        out.flush()
+    if verbose:
+        from .session import stats_line
+
+        print_note(stats_line(engine.stats))
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def chat(
+    base: Annotated[str, typer.Option("--base", "-b", help="Base model: a .gguf path or a known name (see 'ivl models').",
+                                      rich_help_panel="Models")] = DEFAULT_BASE,
+    value: Annotated[Optional[str], typer.Option(
+        "--value", help="Value network: .ivl.gguf path, known name, or 'none' for the base alone. "
+        "Default: the default value network (prepared once on first use).", rich_help_panel="Models")] = None,
+    alpha: Annotated[Optional[float], typer.Option(
+        help="Scale of the value network (0 = base alone). Default: the value file's own.",
+        rich_help_panel="Models")] = None,
+    token_map: Annotated[Optional[Path], typer.Option(
+        "--map", help="Token map .npz for base/value vocabularies that differ (default: built and cached).",
+        rich_help_panel="Models")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", help="Answer this prompt and exit (one-shot). Also: text piped on stdin.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One-shot: print an OpenAI-style chat.completion object.")] = False,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy. Default 0.8.", rich_help_panel="Sampling")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling; 1 disables. Default 0.95.", rich_help_panel="Sampling")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="0 disables. Default 40.", rich_help_panel="Sampling")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="0 disables. Default 0.05.", rich_help_panel="Sampling")] = None,
+    repeat_penalty: Annotated[Optional[float], typer.Option(help="1 disables. Default 1.0.", rich_help_panel="Sampling")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.", rich_help_panel="Sampling")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens in one answer.", rich_help_panel="Sampling")] = DEFAULT_MAX_TOKENS,
+    ctx: Annotated[int, typer.Option(help="Context window (tokens) of each model.", rich_help_panel="Resources")] = DEFAULT_CTX,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: one per core).", rich_help_panel="Resources")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option(help="llama.cpp logs and per-answer timings on stderr.")] = False,
+) -> None:
+    """Chat with a base model steered by a value network (streamed, multi-turn).
+
+    Interactive when stdin is a terminal and no -p is given; type /help there.
+    """
+    engine = None
+    try:
+        with user_errors(debug):
+            # Everything cheap first: a typo fails in milliseconds, not after loading models.
+            sampling = build_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+            if max_tokens < 1:
+                raise ConfigError("--max-tokens must be >= 1")
+            EngineConfig(n_ctx=ctx, n_threads=threads or default_threads())
+            if alpha is not None and alpha < 0:
+                raise ConfigError("--alpha must be >= 0")
+            text = read_one_shot_prompt(prompt)
+            if as_json and text is None:
+                raise ConfigError("--json needs a prompt: -p TEXT or text on stdin")
+            if token_map is not None and not token_map.is_file():
+                raise ModelFileError(f"no such token map file: {token_map}")
+
+            from ..models import resolve_model
+
+            base_path = resolve_model(base)
+            value_path = resolve_value(value)
+            engine = _load(text is None, base_path, value_path, alpha, ctx, threads, seed,
+                           token_map, verbose)
+            if text is not None:
+                messages = ([{"role": "system", "content": system}] if system else []) + \
+                           [{"role": "user", "content": text}]
+                one_shot(engine, messages, sampling=sampling, max_tokens=max_tokens,
+                         as_json=as_json, verbose=verbose)
+            else:
+                from .session import ChatSession
+
+                ChatSession(engine, base_path=base_path, value_path=value_path, system=system,
+                            sampling=sampling, max_tokens=max_tokens, verbose=verbose,
+                            debug=debug).run()
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _load(interactive: bool, base_path, value_path, alpha, ctx, threads, seed, token_map, verbose):
+    kwargs = dict(n_ctx=ctx, n_threads=threads, seed=seed if seed is not None else 0,
+                  token_map=token_map, verbose=verbose)
+    if not interactive or not sys.stderr.isatty():
+        return make_engine(base_path, value_path, alpha, **kwargs)
+    from rich.console import Console
+
+    with Console(stderr=True).status("loading models...", spinner="dots"):
+        return make_engine(base_path, value_path, alpha, **kwargs)

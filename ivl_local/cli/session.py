@@ -1,0 +1,388 @@
+"""The interactive chat session: a prompt loop, streamed answers and slash commands.
+
+    session = ChatSession(engine, base_path=..., value_path=..., system=None,
+                          sampling=SamplingConfig(), max_tokens=512)
+    session.run()      # returns on /quit or Ctrl-D
+
+The conversation is a list of {"role", "content"} messages rendered with the base's chat
+template by `engine.chat_deltas`. Ctrl-C during an answer stops it and keeps the partial
+answer (marked "interrupted" in saved files); Ctrl-C at the prompt clears the line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+from ..config import SamplingConfig
+from ..errors import ConfigError, ContextOverflowError, IVLError
+from ._common import print_error
+
+SAVE_FORMAT = "ivl-chat/1"
+HISTORY_FILE = "chat_history"   # typed prompts, under models.cache_dir()
+HISTORY_LENGTH = 1000
+
+
+@dataclass
+class SlashCommand:
+    name: str
+    usage: str
+    help: str
+    run: Callable[[str], bool | None]   # returns True to end the session
+
+
+def stats_line(stats) -> str:
+    """One line of timings for the last answer (tolerates missing fields)."""
+    def get(name, default=None):
+        return getattr(stats, name, default) if stats is not None else default
+
+    parts = []
+    if get("completion_tokens") is not None:
+        parts.append(f"{get('completion_tokens')} tokens")
+    if get("tokens_per_s"):
+        parts.append(f"{get('tokens_per_s'):.1f} tok/s")
+    if get("time_to_first_token_s") is not None:
+        parts.append(f"first token {get('time_to_first_token_s') * 1000:.0f} ms")
+    if get("prefill_s") is not None and get("prompt_tokens") is not None:
+        parts.append(f"prefill {get('prompt_tokens')} tokens in {get('prefill_s') * 1000:.0f} ms")
+    if get("context_used") is not None and get("n_ctx"):
+        parts.append(f"context {get('context_used')}/{get('n_ctx')}")
+    return "[" + ", ".join(parts) + "]" if parts else "[no statistics yet]"
+
+
+class ChatSession:
+    def __init__(self, engine, *, base_path: Path, value_path: Path | None, system: str | None,
+                 sampling: SamplingConfig, max_tokens: int, verbose: bool = False,
+                 debug: bool = False, console=None, use_readline: bool = True) -> None:
+        from rich.console import Console
+
+        self.engine = engine
+        self.base_path = base_path
+        self.value_path = value_path
+        self.system = system
+        self.sampling = sampling
+        self.max_tokens = max_tokens
+        self.verbose = verbose
+        self.debug = debug
+        self.console = console or Console(highlight=False)
+        self.use_readline = use_readline
+        self.messages: list[dict] = []       # user/assistant turns (system kept apart)
+        self.commands = {c.name: c for c in self._command_table()}
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        history = self._start_readline() if self.use_readline else None
+        self._banner()
+        try:
+            while True:
+                try:
+                    line = input(self._prompt_text())
+                except KeyboardInterrupt:      # Ctrl-C at the prompt: drop the line
+                    print()
+                    continue
+                except EOFError:               # Ctrl-D
+                    print()
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if self.dispatch(line):
+                        return
+                else:
+                    self.ask(line)
+        finally:
+            if history is not None:
+                history()
+
+    def dispatch(self, line: str) -> bool:
+        name, _, arg = line[1:].partition(" ")
+        command = self.commands.get(name.lower())
+        if command is None:
+            print_error(f"unknown command /{name}", "/help lists the commands")
+            return False
+        try:
+            return bool(command.run(arg.strip()))
+        except KeyboardInterrupt:
+            self.console.print("\n[yellow]cancelled[/]")
+        except IVLError as e:
+            self._report(e)
+        except OSError as e:
+            print_error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        return False
+
+    def ask(self, text: str) -> None:
+        """Add a user turn and stream the answer to it."""
+        self.messages.append({"role": "user", "content": text})
+        self._answer()
+
+    def conversation(self, messages: list[dict] | None = None) -> list[dict]:
+        """What the engine sees: the system prompt plus clean {role, content} turns."""
+        turns = self.messages if messages is None else messages
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": m["role"], "content": m["content"]} for m in turns]
+
+    def _answer(self) -> None:
+        parts: list[str] = []
+        out = sys.stdout
+        try:
+            for delta in self.engine.chat_deltas(self.conversation(), max_tokens=self.max_tokens,
+                                                 sampling=self.sampling):
+                if not parts:  # the template's "Assistant:" leaves a space; don't show it
+                    delta = delta.lstrip()
+                    if not delta:
+                        continue
+                parts.append(delta)
+                out.write(delta)
+                out.flush()
+        except KeyboardInterrupt:
+            text = "".join(parts)
+            self.messages.append({"role": "assistant", "content": text, "interrupted": True})
+            self.console.print(" [yellow]\\[interrupted][/]" if text else "[yellow]\\[interrupted][/]")
+            return
+        except IVLError as e:
+            self.messages.pop()             # the question was not answered: forget it
+            if parts:
+                print()
+            self._report(e)
+            return
+        text = "".join(parts)
+        self.messages.append({"role": "assistant", "content": text})
+        if not text.endswith("\n"):
+            print()
+        if self.verbose:
+            self.console.print(f"[dim]{stats_line(self.engine.stats)}[/]")
+
+    def _report(self, e: IVLError) -> None:
+        if self.debug:
+            import traceback
+
+            traceback.print_exc()
+        hint = "type /reset to start a new conversation" if isinstance(e, ContextOverflowError) else None
+        print_error(str(e), hint)
+
+    # --- slash commands ---------------------------------------------------------------------
+
+    def _command_table(self) -> list[SlashCommand]:
+        return [
+            SlashCommand("help", "/help", "this list", self.cmd_help),
+            SlashCommand("reset", "/reset", "forget the conversation (keeps the system prompt)", self.cmd_reset),
+            SlashCommand("system", "/system [TEXT|none]", "show, set or clear the system prompt", self.cmd_system),
+            SlashCommand("alpha", "/alpha [X]", "show or set the value network's scale (0 = base alone)", self.cmd_alpha),
+            SlashCommand("value", "/value [on|off]", "switch the value network on or off", self.cmd_value),
+            SlashCommand("compare", "/compare", "answer the last prompt with and without the value network", self.cmd_compare),
+            SlashCommand("save", "/save [FILE]", "save the conversation and settings as JSON", self.cmd_save),
+            SlashCommand("load", "/load FILE", "load a conversation saved with /save", self.cmd_load),
+            SlashCommand("stats", "/stats", "speed and context use of the last answer", self.cmd_stats),
+            SlashCommand("quit", "/quit", "leave (also /exit or Ctrl-D)", self.cmd_quit),
+            SlashCommand("exit", "/exit", "", self.cmd_quit),
+        ]
+
+    def cmd_help(self, arg: str) -> None:
+        from rich.table import Table
+
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        for c in self.commands.values():
+            if c.help:
+                table.add_row(f"[bold]{c.usage}[/]", c.help)
+        table.add_row("[bold]Ctrl-C[/]", "stop an answer (keeps it) / clear the line")
+        self.console.print(table)
+
+    def cmd_reset(self, arg: str) -> None:
+        self.messages.clear()
+        self.console.print("[dim]conversation cleared[/]")
+
+    def cmd_system(self, arg: str) -> None:
+        if not arg:
+            self.console.print(f"system prompt: {self.system!r}" if self.system else "no system prompt")
+            return
+        self.system = None if arg.lower() == "none" else arg
+        self.console.print("[dim]system prompt cleared[/]" if self.system is None else "[dim]system prompt set[/]")
+
+    def cmd_alpha(self, arg: str) -> None:
+        if arg:
+            try:
+                alpha = float(arg)
+            except ValueError:
+                raise ConfigError(f"/alpha needs a number, got {arg!r}") from None
+            if alpha < 0:
+                raise ConfigError("alpha must be >= 0")
+            self.engine.alpha = alpha
+        note = "" if self.engine.has_value else " (no value network loaded: it has no effect)"
+        self.console.print(f"alpha = {self.engine.alpha:g}{note}")
+
+    def cmd_value(self, arg: str) -> None:
+        if not self.engine.has_value:
+            self.console.print("no value network loaded (started with --value none)")
+            return
+        if arg:
+            if arg.lower() not in ("on", "off"):
+                raise ConfigError("/value takes on or off")
+            self.engine.value_enabled = arg.lower() == "on"
+        self.console.print(f"value network {'on' if self.engine.value_enabled else 'off'} "
+                           f"(alpha = {self.engine.alpha:g})")
+
+    def cmd_compare(self, arg: str) -> None:
+        from rich.table import Table
+
+        if not self.engine.has_value:
+            self.console.print("no value network loaded: nothing to compare (started with --value none)")
+            return
+        last_user = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            self.console.print("nothing to compare yet: ask something first")
+            return
+        turns = self.messages[: last_user + 1]
+        # The same seed for both answers, so the value network is the only difference.
+        sampling = self.sampling if self.sampling.seed is not None else \
+            self.sampling.with_(seed=random.randrange(2**31))
+        answers = {}
+        was_enabled = self.engine.value_enabled
+        try:
+            for label, enabled in (("with value", True), ("base alone", False)):
+                self.engine.value_enabled = enabled
+                with self.console.status(f"answering {label}...", spinner="dots"):
+                    answers[label] = "".join(self.engine.chat_deltas(
+                        self.conversation(turns), max_tokens=self.max_tokens, sampling=sampling)).strip()
+        finally:
+            self.engine.value_enabled = was_enabled
+        table = Table(expand=True, show_lines=False)
+        table.add_column(f"with value (alpha {self.engine.alpha:g})", ratio=1)
+        table.add_column("base alone", ratio=1)
+        table.add_row(answers["with value"], answers["base alone"])
+        self.console.print(table)
+
+    def cmd_save(self, arg: str) -> None:
+        path = Path(arg).expanduser() if arg else Path(time.strftime("chat-%Y%m%d-%H%M%S.json"))
+        data = {
+            "format": SAVE_FORMAT,
+            "messages": ([{"role": "system", "content": self.system}] if self.system else []) + self.messages,
+            "settings": self.settings(),
+        }
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        self.console.print(f"[dim]saved {len(self.messages)} messages to {path}[/]")
+
+    def settings(self) -> dict:
+        return {
+            "base": str(self.base_path),
+            "value": str(self.value_path) if self.value_path else None,
+            "alpha": self.engine.alpha,
+            "value_enabled": self.engine.value_enabled,
+            "max_tokens": self.max_tokens,
+            "sampling": asdict(self.sampling),
+        }
+
+    def cmd_load(self, arg: str) -> None:
+        from ..chat_template import validate_messages
+
+        if not arg:
+            raise ConfigError("/load needs a file name")
+        path = Path(arg).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            messages = data["messages"]
+            settings = data.get("settings") or {}
+            assert isinstance(messages, list) and isinstance(settings, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ConfigError(f"{path} is not a conversation saved with /save") from None
+        system = None
+        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        if messages:
+            validate_messages(messages)
+        if any(m["role"] == "system" for m in messages):
+            raise ConfigError(f"{path}: only the first message may be a system message")
+        # Settings first (they may be invalid), then the conversation.
+        sampling = self.sampling
+        if isinstance(settings.get("sampling"), dict):
+            known = {f.name for f in fields(SamplingConfig)}
+            sampling = SamplingConfig(**{k: v for k, v in settings["sampling"].items() if k in known})
+        self.sampling = sampling
+        if isinstance(settings.get("max_tokens"), int) and settings["max_tokens"] >= 1:
+            self.max_tokens = settings["max_tokens"]
+        if self.engine.has_value:
+            if isinstance(settings.get("alpha"), (int, float)):
+                self.engine.alpha = float(settings["alpha"])
+            if isinstance(settings.get("value_enabled"), bool):
+                self.engine.value_enabled = settings["value_enabled"]
+        self.system = system
+        self.messages = [dict(m) for m in messages]
+        self.console.print(f"[dim]loaded {len(self.messages)} messages from {path}[/]")
+        if settings.get("base") and settings["base"] != str(self.base_path):
+            self.console.print(f"[dim]note: it was saved with base {settings['base']}[/]")
+
+    def cmd_stats(self, arg: str) -> None:
+        from rich.table import Table
+
+        stats = self.engine.stats
+        if stats is None or not getattr(stats, "completion_tokens", 0):
+            self.console.print("no answer yet")
+            return
+        rows = [
+            ("prompt tokens", "prompt_tokens", "{}"),
+            ("answer tokens", "completion_tokens", "{}"),
+            ("prefill", "prefill_s", "{:.3f} s"),
+            ("time to first token", "time_to_first_token_s", "{:.3f} s"),
+            ("decode speed", "tokens_per_s", "{:.1f} tokens/s"),
+            ("base decode", "base_decode_s", "{:.3f} s"),
+            ("value decode", "value_decode_s", "{:.3f} s"),
+            ("fuse + sample", "fuse_sample_s", "{:.4f} s"),
+            ("finish reason", "finish_reason", "{}"),
+        ]
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        for label, name, fmt in rows:
+            v = getattr(stats, name, None)
+            if v is not None:
+                table.add_row(label, fmt.format(v))
+        used, n_ctx = getattr(stats, "context_used", None), getattr(stats, "n_ctx", None)
+        if used is not None and n_ctx:
+            table.add_row("context used", f"{used} of {n_ctx} tokens ({100 * used / n_ctx:.0f} %)")
+        self.console.print(table)
+
+    def cmd_quit(self, arg: str) -> bool:
+        return True
+
+    # --- terminal chrome --------------------------------------------------------------------
+
+    def _banner(self) -> None:
+        value = self.value_path.name if self.value_path else "none (base alone)"
+        alpha = f", alpha {self.engine.alpha:g}" if self.engine.has_value else ""
+        self.console.print(f"[bold]ivl-chat[/]  base [cyan]{self.base_path.name}[/]  "
+                           f"value [cyan]{value}[/]{alpha}")
+        self.console.print("[dim]/help for commands, Ctrl-C stops an answer, Ctrl-D quits[/]")
+
+    def _prompt_text(self) -> str:
+        if self.console.is_terminal and not self.console.no_color:
+            # \001..\002 tell readline the escape codes take no room on the line
+            return "\001\033[1;32m\002you>\001\033[0m\002 "
+        return "you> "
+
+    def _start_readline(self) -> Callable[[], None] | None:
+        """Line editing and a persistent history of typed prompts; returns the saver."""
+        if not sys.stdin.isatty():
+            return None
+        try:
+            import readline
+        except ImportError:  # e.g. Windows without pyreadline
+            return None
+        from ..models import cache_dir
+
+        path = cache_dir() / HISTORY_FILE
+        try:
+            readline.read_history_file(path)
+        except OSError:
+            pass
+        readline.set_history_length(HISTORY_LENGTH)
+
+        def save() -> None:
+            try:
+                readline.write_history_file(path)
+            except OSError:
+                pass
+        return save

