@@ -48,6 +48,10 @@ class _Truncated(Exception):
     pass
 
 
+class RawValueModelWarning(UserWarning):
+    """A value model without ivl.* metadata is used as a raw value model."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -249,7 +253,7 @@ def value_info_from_header(header: GGUFHeader) -> ValueFileInfo:
     ivl = {k: v for k, v in md.items() if k.startswith("ivl.")}
     if not ivl:
         warnings.warn(f"{p.name} has no ivl.* metadata: using it as a raw value model (alpha 1.0)",
-                      stacklevel=3)
+                      RawValueModelWarning, stacklevel=3)
         return ValueFileInfo(p, arch, name, is_raw=True)
     version = ivl.get(Keys.FORMAT_VERSION)
     if not isinstance(version, str):

@@ -1,0 +1,456 @@
+"""The Engine: a base model and a value model decoding in lockstep, fused in C++.
+
+    with Engine("gemma3-270m", "my-value.ivl.gguf") as engine:
+        for delta in engine.generate("The capital of France is", max_tokens=32):
+            print(delta, end="", flush=True)
+        print(engine.stats)
+
+One step of `generate`:
+
+    base logits (float*, zero-copy) ─┐
+                                     ├─ _core.fuse_and_sample ─► token ─► text delta (UTF-8 safe)
+    value logits (float*, zero-copy) ┘      base + alpha*w*value[map]        │
+                                                                             ▼
+    decode the token in the base; the value reads the same text (same token, or TextSync)
+
+`value=None` (or alpha 0) runs the very same path with a zero contribution. Both KV caches
+persist between calls: a new prompt that extends the previous one (multi-turn chat) only
+decodes its new suffix. An interruption (Ctrl-C) anywhere leaves the caches consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .backend import Context, Model
+from .chat_template import FALLBACK_STOP, render_messages
+from .config import EngineConfig, GREEDY, SamplingConfig, default_threads
+from .detok import Detokenizer
+from .errors import ConfigError, ContextOverflowError, EmptyPromptError, InvalidLogitsError
+from .models import resolve_model
+from .sync import KVSequence, TextSync
+from .valuefile import ValueFileInfo, read_gguf_header, value_info_from_header
+from .vocab import TokenMapping, read_vocab, resolve_mapping
+
+log = logging.getLogger(__name__)
+
+NO_VALUE = ("none", "")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0          # decoding the (new part of the) prompt, both models
+    decode_s: float = 0.0           # the token loop (after prefill)
+    base_decode_s: float = 0.0      # all llama_decode time in the base (prefill included)
+    value_decode_s: float = 0.0     # same for the value model (text sync included)
+    fuse_sample_s: float = 0.0      # _core.fuse_and_sample calls
+    tokens_per_s: float = 0.0       # completion_tokens / decode_s
+    time_to_first_token_s: float = 0.0
+    context_used: int = 0
+    n_ctx: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "interrupted"
+    reused_prompt_tokens: int = 0   # prompt tokens already in the base cache
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _StopStrings:
+    """Withholds text that may be the start of a stop string; cuts at the first match."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        buf = self.held + text
+        if not self.stops:
+            self.held = ""
+            return buf, False
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[:min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class Engine:
+    """Base model + optional value model; see the module docstring and docs/ARCHITECTURE.md."""
+
+    def __init__(self, base, value=None, alpha: float | None = None, *, n_ctx: int = 2048,
+                 n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
+                 token_map=None, concurrent: bool | None = None, verbose: bool = False):
+        config = EngineConfig(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or default_threads(),
+                              alpha=1.0 if alpha is None else alpha, seed=seed)
+        self._config = config
+        self._seed = seed
+        self._calls = 0
+        self._lock = threading.Lock()
+        self._generation = 0                 # bumps when a newer generate() starts
+        self._pool: ThreadPoolExecutor | None = None
+        self._base_model = self._value_model = None
+        self._base_ctx = self._value_ctx = None
+        self._logits_hook: Callable[["Engine", int], None] | None = None  # tests: (engine, step)
+        self._last_completion_tokens: list[int] = []
+        self.stats = GenerationStats(n_ctx=n_ctx)
+
+        self.base_path = resolve_model(base)
+        base_header = read_gguf_header(self.base_path)
+        self._base_model = Model(self.base_path, verbose=verbose)
+        self._base_vocab = self._base_model.vocab
+        self._base_ctx = Context(self._base_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=config.n_threads)
+        self._base = KVSequence(self._base_ctx)
+        self._chat_template = base_header.get("tokenizer.chat_template")
+        self._eos_text = self._base_vocab.text(self._base_vocab.eos).decode("utf-8", "replace")
+
+        self.value_path: Path | None = None
+        self.value_info: ValueFileInfo | None = None
+        self.mapping: TokenMapping | None = None
+        self._value: KVSequence | TextSync | None = None
+        if value is not None and str(value).lower() not in NO_VALUE:
+            self._load_value(value, base_header, n_ctx, n_batch, config.n_threads, token_map, verbose)
+
+        default_alpha = self.value_info.default_alpha if self.value_info else 1.0
+        self.alpha = float(default_alpha if alpha is None else alpha)
+        self.value_enabled = self.has_value
+        self._scratch = np.empty(self._base_vocab.n_tokens, dtype=np.float32)
+        self.concurrent = bool(concurrent) and self.has_value
+        if self.concurrent:
+            self._setup_concurrency(config.n_threads)
+
+    # --- loading ----------------------------------------------------------------------------
+
+    def _load_value(self, value, base_header, n_ctx, n_batch, n_threads, token_map, verbose) -> None:
+        self.value_path = resolve_model(value)
+        value_header = read_gguf_header(self.value_path)
+        self.value_info = value_info_from_header(value_header)
+        base_vocab, value_vocab = read_vocab(base_header), read_vocab(value_header)
+        info = self.value_info
+        if info.training_base_fingerprint and info.training_base_fingerprint != base_vocab.fingerprint:
+            log.info("value network was trained against %s (another vocabulary): transferring "
+                     "across vocabularies", info.training_base_name)
+        self._value_model = Model(self.value_path, verbose=verbose)
+        vv = self._value_model.vocab
+        self.mapping = resolve_mapping(
+            base_vocab, value_vocab, lambda text: vv.tokenize(text, add_special=False, parse_special=False),
+            map_path=token_map)
+        if self.mapping.identity:
+            self._value_ctx = Context(self._value_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+            self._value = KVSequence(self._value_ctx)
+        else:
+            # The value tokenization of the same text may be longer than the base's.
+            value_n_ctx = min(2 * n_ctx, max(n_ctx, self._value_model.n_ctx_train))
+            self._value_ctx = Context(self._value_model, n_ctx=value_n_ctx, n_batch=n_batch,
+                                      n_threads=n_threads)
+            self._value = TextSync(vv, self._value_ctx)
+        self._token_map = self.mapping.token_map
+        self._token_weights = self.mapping.token_weights
+
+    def _setup_concurrency(self, n_threads: int) -> None:
+        """Split the cores between the two decodes, roughly by model size (decode cost)."""
+        base_size, value_size = self._base_model.size_bytes, self._value_model.size_bytes
+        base_threads = max(1, min(n_threads - 1, round(n_threads * base_size / (base_size + value_size))))
+        self._base_ctx.set_threads(base_threads)
+        self._value_ctx.set_threads(max(1, n_threads - base_threads))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivl-value")
+
+    # --- public properties ------------------------------------------------------------------
+
+    @property
+    def has_value(self) -> bool:
+        return self._value is not None
+
+    @property
+    def identity_vocab(self) -> bool:
+        return self.mapping is None or self.mapping.identity
+
+    @property
+    def n_ctx(self) -> int:
+        return self._base_ctx.n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._base_vocab.tokenize(text, add_special=True, parse_special=True)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return render_messages(messages, self._chat_template, bos_token="", eos_token=self._eos_text)
+
+    # --- generation -------------------------------------------------------------------------
+
+    def generate(self, prompt: str, max_tokens: int | None = 256, sampling: SamplingConfig | None = None,
+                 stop: list[str] | str | None = None) -> Iterator[str]:
+        """Text deltas. Arguments are checked now; decoding starts at the first next()."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EmptyPromptError("the prompt is empty")
+        if max_tokens is not None and max_tokens < 1:
+            raise ConfigError("max_tokens must be >= 1")
+        tokens = self.tokenize(prompt)
+        limit = self.n_ctx if max_tokens is None else len(tokens) + max_tokens
+        if len(tokens) >= self.n_ctx or limit > self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(tokens)} tokens; with max_tokens={max_tokens} it needs {limit} "
+                f"but the context window is {self.n_ctx}: shorten the prompt or the conversation, "
+                f"lower max_tokens, or raise n_ctx")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return self._run(prompt, tokens, max_tokens, sampling or SamplingConfig(), stops)
+
+    def complete(self, prompt: str, max_tokens: int | None = 256, sampling: SamplingConfig | None = None,
+                 stop: list[str] | str | None = None) -> str:
+        return "".join(self.generate(prompt, max_tokens, sampling, stop))
+
+    def _make_sampler(self, sampling: SamplingConfig):
+        from . import _core
+
+        seed = sampling.seed if sampling.seed is not None else (self._seed + self._calls) & 0xFFFFFFFF
+        return _core.Sampler(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
+                             sampling.repeat_penalty, sampling.repeat_last_n,
+                             sampling.presence_penalty, sampling.frequency_penalty, seed)
+
+    def _run(self, prompt: str, prompt_tokens: list[int], max_tokens: int | None,
+             sampling: SamplingConfig, stops: list[str]) -> Iterator[str]:
+        from . import _core
+
+        with self._lock:
+            self._generation += 1
+            self._calls += 1
+            my_generation = self._generation
+        stats = GenerationStats(prompt_tokens=len(prompt_tokens), n_ctx=self.n_ctx)
+        self.stats = stats
+        # alpha 0 at the start: the value model is not run (its cache catches up next call)
+        use_value = self.has_value and self.value_enabled and self.alpha != 0.0
+        value = self._value if use_value else None
+        sampler = self._make_sampler(sampling)
+        for t in prompt_tokens[-sampling.repeat_last_n:] if sampling.repeat_last_n else []:
+            sampler.accept(t)
+        vocab = self._base_vocab
+        detok = Detokenizer(vocab.piece)  # the prompt precedes: no leading-space rule
+        stopper = _StopStrings(stops)
+        completion: list[int] = []
+        self._last_completion_tokens = completion
+        n_base = vocab.n_tokens
+        t_start = time.perf_counter()
+        try:
+            # Interrupted calls may leave decoded-but-unrecorded positions: trim them first.
+            self._base.repair()
+            if value is not None:
+                value.seq.repair() if isinstance(value, TextSync) else value.repair()
+
+            stats.reused_prompt_tokens = self._prefill(prompt, prompt_tokens, value, stats)
+            t_loop = time.perf_counter()
+            stats.prefill_s = t_loop - t_start
+            step, stopped = 0, False
+            while True:
+                if self._logits_hook is not None:
+                    self._logits_hook(self, step)
+                t0 = time.perf_counter()
+                base_ptr = self._base_ctx.logits_ptr()
+                if value is not None:
+                    value_ptr, n_value = self._value_ctx.logits_ptr(), self._value_ctx.n_vocab
+                    token_map, weights, alpha = self._token_map, self._token_weights, self.alpha
+                else:  # same path, zero contribution
+                    value_ptr, n_value, token_map, weights, alpha = base_ptr, n_base, None, None, 0.0
+                try:
+                    token = _core.fuse_and_sample(sampler, base_ptr, n_base, value_ptr, n_value,
+                                                  token_map, alpha, weights, self._scratch)
+                except ValueError as e:
+                    raise InvalidLogitsError(f"cannot sample: {e} (step {step}); the model file may "
+                                             f"be corrupt or alpha too large") from None
+                sampler.accept(token)
+                stats.fuse_sample_s += time.perf_counter() - t0
+                if step == 0:
+                    stats.time_to_first_token_s = time.perf_counter() - t_start
+                step += 1
+
+                if vocab.is_eog(token):
+                    stats.finish_reason = "stop"
+                    break
+                completion.append(token)
+                stats.completion_tokens = len(completion)
+                released = detok.push(token)
+                text, stopped = stopper.feed(released)
+                if text:
+                    yield text
+                if my_generation != self._generation:
+                    raise RuntimeError("this generation was superseded by a newer generate() call")
+                if stopped:
+                    stats.finish_reason = "stop"
+                    break
+                if max_tokens is not None and len(completion) >= max_tokens:
+                    stats.finish_reason = "length"
+                    break
+                if len(self._base) + 1 > self.n_ctx:
+                    stats.finish_reason = "length"
+                    break
+                try:
+                    self._advance(token, value, released, stats)
+                except ContextOverflowError:  # the value side filled its window first
+                    stats.finish_reason = "length"
+                    break
+            stats.decode_s = time.perf_counter() - t_loop
+            if not stopped:  # EOG or length: release what the stop check held back
+                tail, _ = stopper.feed(detok.flush())
+                tail += stopper.flush()
+                if tail:
+                    yield tail
+        except (KeyboardInterrupt, GeneratorExit):
+            stats.finish_reason = stats.finish_reason or "interrupted"
+            raise
+        finally:
+            stats.context_used = len(self._base)
+            if stats.decode_s == 0.0 and stats.prefill_s:
+                stats.decode_s = time.perf_counter() - t_start - stats.prefill_s
+            if stats.decode_s > 0:
+                stats.tokens_per_s = stats.completion_tokens / stats.decode_s
+
+    def _prefill(self, prompt: str, prompt_tokens: list[int], value, stats: GenerationStats) -> int:
+        """Bring both caches to the prompt, reusing common prefixes; returns base tokens reused."""
+        value_job = None
+        if value is not None:
+            if isinstance(value, TextSync):
+                value_job = lambda: value.reset_to(prompt.encode("utf-8"))
+            else:
+                value_job = lambda: value.sync_to(prompt_tokens)
+        reused = self._lockstep(lambda: self._base.sync_to(prompt_tokens), value_job, stats)[0]
+        return reused
+
+    def _advance(self, token: int, value, released: str, stats: GenerationStats) -> None:
+        """Feed the sampled token to both models. A cross-vocabulary value model reads the
+        text the detokenizer released (complete characters only)."""
+        value_job = None
+        if isinstance(value, TextSync):
+            value_job = lambda: value.append(released.encode("utf-8"))
+        elif value is not None:
+            value_job = lambda: value.append([token])
+        self._lockstep(lambda: self._base.append([token]), value_job, stats)
+
+    def _lockstep(self, base_job, value_job, stats: GenerationStats):
+        """Run the base and value decodes, one after the other or concurrently."""
+        if value_job is None:
+            t0 = time.perf_counter()
+            result = base_job()
+            stats.base_decode_s += time.perf_counter() - t0
+            return result, None
+        if self._pool is not None:
+            t0 = time.perf_counter()
+            future = self._pool.submit(_timed, value_job)
+            try:
+                result = base_job()
+            finally:
+                stats.base_decode_s += time.perf_counter() - t0
+                value_result, value_s = future.result()  # always join: never leave it running
+            stats.value_decode_s += value_s
+            return result, value_result
+        t0 = time.perf_counter()
+        result = base_job()
+        t1 = time.perf_counter()
+        value_result = value_job()
+        stats.base_decode_s += t1 - t0
+        stats.value_decode_s += time.perf_counter() - t1
+        return result, value_result
+
+    # --- chat -------------------------------------------------------------------------------
+
+    def _chat_stops(self, stop) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not self._chat_template:
+            stops += [s for s in FALLBACK_STOP if s not in stops]
+        return stops
+
+    def chat_deltas(self, messages: list[dict], max_tokens: int | None = 256,
+                    sampling: SamplingConfig | None = None, stop=None) -> Iterator[str]:
+        """The assistant's answer as text deltas (what the CLI streams)."""
+        prompt = self.render_chat(messages)
+        deltas = self.generate(prompt, max_tokens, sampling, self._chat_stops(stop))
+        return self._strip_leading(deltas) if not self._chat_template else deltas
+
+    @staticmethod
+    def _strip_leading(deltas: Iterator[str]) -> Iterator[str]:
+        """The fallback format ends with 'Assistant:'; the answer's first space is format."""
+        started = False
+        for delta in deltas:
+            if not started:
+                delta = delta.lstrip()
+                started = bool(delta)
+            if delta:
+                yield delta
+
+    def chat(self, messages: list[dict], stream: bool = False, max_tokens: int | None = 256,
+             sampling: SamplingConfig | None = None, stop=None):
+        """OpenAI-style chat.completion dict, or an iterator of chat.completion.chunk dicts."""
+        deltas = self.chat_deltas(messages, max_tokens, sampling, stop)
+        ident, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.model_name
+        if stream:
+            return self._chunks(deltas, ident, created, model)
+        content = "".join(deltas)
+        s = self.stats
+        return {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": s.finish_reason}],
+                "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                          "total_tokens": s.prompt_tokens + s.completion_tokens}}
+
+    def _chunks(self, deltas, ident, created, model):
+        def chunk(delta: dict, finish=None):
+            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        yield chunk({"role": "assistant"})
+        for text in deltas:
+            yield chunk({"content": text})
+        yield chunk({}, self.stats.finish_reason)
+
+    @property
+    def model_name(self) -> str:
+        name = self.base_path.name
+        return f"{name}+{self.value_path.name}" if self.value_path else name
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for name in ("_value_ctx", "_base_ctx", "_value_model", "_base_model"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+                setattr(self, name, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _timed(job):
+    t0 = time.perf_counter()
+    result = job()
+    return result, time.perf_counter() - t0

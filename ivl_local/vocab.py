@@ -1,0 +1,189 @@
+"""Vocabularies and token maps: which value token speaks for each base token.
+
+    base = read_vocab(base_header)        # tokens as stored, types, kind, fingerprint
+    value = read_vocab(value_header)
+    mapping = resolve_mapping(base, value, value_tokenize)   # identity, cached or built
+    mapping.token_map   # int32[n_base]: value token id per base token, -1 = none (None: identity)
+    mapping.token_weights  # float32[n_base] in [0, 1]
+
+The exact-text builder runs in C++ (`_core.build_token_map`): a base token maps to the value
+token with the same normalised text ('▁'/'Ġ' spaces, '<0xNN>' bytes). Normal base tokens
+with no exact match get the first token of the value tokenizer's encoding of their text.
+Built maps are cached under cache_dir()/token-maps, keyed by both vocabulary fingerprints.
+A map file is an `.npz` with token_map, token_weights, base_fingerprint, value_fingerprint
+and builder; loading one for other vocabularies raises VocabMismatchError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import VocabMismatchError
+from .valuefile import GGUFHeader
+from .vocab_fp import vocab_fingerprint
+
+log = logging.getLogger(__name__)
+
+# tokenizer.ggml.model -> the normalisation the map builder applies
+KINDS = {"llama": "spm", "gpt2": "bpe"}
+TYPE_NORMAL, TYPE_BYTE = 1, 6
+EXACT_BUILDER = "exact-text/1"
+
+
+@dataclass(frozen=True)
+class VocabData:
+    tokens: list[bytes]       # raw stored text, '▁'/'Ġ' markers kept
+    types: np.ndarray         # int32[n], GGUF token types (1 normal, 3 control, 6 byte, ...)
+    tokenizer_model: str      # tokenizer.ggml.model: "llama", "gpt2", ...
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def kind(self) -> str:
+        """"spm" or "bpe" for the map builder; VocabMismatchError for other tokenizers."""
+        try:
+            return KINDS[self.tokenizer_model]
+        except KeyError:
+            raise VocabMismatchError(f"no token map builder for the '{self.tokenizer_model}' "
+                                     f"tokenizer (supported: SentencePiece and byte-level BPE)") from None
+
+
+def read_vocab(header: GGUFHeader) -> VocabData:
+    """The vocabulary as the GGUF stores it (what vocab fingerprints are computed on)."""
+    tokens = header.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise VocabMismatchError(f"{header.path.name} has no tokenizer.ggml.tokens")
+    types = header.get("tokenizer.ggml.token_type")
+    types = (np.ones(len(tokens), np.int32) if types is None
+             else np.ascontiguousarray(types, dtype=np.int32))
+    if len(types) != len(tokens):
+        raise VocabMismatchError(f"{header.path.name}: {len(tokens)} tokens but {len(types)} token types")
+    fp = vocab_fingerprint(tokens, types.tolist())
+    return VocabData(tokens, types, str(header.get("tokenizer.ggml.model", "?")), fp)
+
+
+@dataclass(frozen=True)
+class TokenMapping:
+    token_map: np.ndarray | None      # int32[n_base]; None = identity (same vocabulary)
+    token_weights: np.ndarray | None  # float32[n_base]; None = all 1
+    base_fingerprint: str
+    value_fingerprint: str
+    builder: str
+
+    @property
+    def identity(self) -> bool:
+        return self.token_map is None
+
+    def coverage(self, base: VocabData | None = None) -> float:
+        """Share of (normal, when `base` is given) base tokens that map to a value token."""
+        if self.token_map is None:
+            return 1.0
+        mapped = self.token_map >= 0
+        if base is not None:
+            normal = np.isin(base.types, (TYPE_NORMAL, TYPE_BYTE))
+            return float(mapped[normal].mean()) if normal.any() else 0.0
+        return float(mapped.mean())
+
+
+def identity_mapping(fingerprint: str) -> TokenMapping:
+    return TokenMapping(None, None, fingerprint, fingerprint, "identity")
+
+
+def save_map(path: str | os.PathLike, mapping: TokenMapping) -> None:
+    assert mapping.token_map is not None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, token_map=mapping.token_map, token_weights=mapping.token_weights,
+             base_fingerprint=np.str_(mapping.base_fingerprint),
+             value_fingerprint=np.str_(mapping.value_fingerprint), builder=np.str_(mapping.builder))
+    os.replace(tmp, path)
+
+
+def load_map(path: str | os.PathLike, base: VocabData, value: VocabData) -> TokenMapping:
+    """Read a `.npz` map and check it is for these two vocabularies."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            token_map = np.ascontiguousarray(z["token_map"], dtype=np.int32)
+            weights = np.ascontiguousarray(z["token_weights"], dtype=np.float32)
+            base_fp, value_fp = str(z["base_fingerprint"]), str(z["value_fingerprint"])
+            builder = str(z["builder"]) if "builder" in z else "?"
+    except FileNotFoundError:
+        raise VocabMismatchError(f"no such token map file: {path}") from None
+    except (KeyError, ValueError, OSError) as e:
+        raise VocabMismatchError(f"{path} is not a token map file ({e})") from None
+    if (base_fp, value_fp) != (base.fingerprint, value.fingerprint):
+        raise VocabMismatchError(
+            f"token map {path.name} is for vocabularies {base_fp} -> {value_fp}, these models have "
+            f"{base.fingerprint} -> {value.fingerprint}; rebuild it (or omit token_map)")
+    if token_map.shape != (len(base),) or weights.shape != (len(base),):
+        raise VocabMismatchError(f"token map {path.name} has {token_map.shape[0]} entries, "
+                                 f"the base vocabulary has {len(base)}")
+    if token_map.min(initial=0) < -1 or token_map.max(initial=-1) >= len(value):
+        raise VocabMismatchError(f"token map {path.name} points outside the value vocabulary")
+    if not np.all(np.isfinite(weights)) or weights.min(initial=0) < 0 or weights.max(initial=0) > 1:
+        raise VocabMismatchError(f"token map {path.name} has weights outside [0, 1]")
+    return TokenMapping(token_map, weights, base_fp, value_fp, builder)
+
+
+def build_exact_map(base: VocabData, value: VocabData,
+                    value_tokenize: Callable[[bytes], list[int]]) -> TokenMapping:
+    """Exact-text map (C++), unmatched normal tokens filled via the value tokenizer."""
+    from . import _core
+
+    token_map, weights, unmatched = _core.build_token_map(
+        base.tokens, base.types, base.kind, value.tokens, value.types, value.kind)
+    token_map = np.array(token_map, dtype=np.int32)
+    weights = np.array(weights, dtype=np.float32)
+    filled = 0
+    for i in np.asarray(unmatched).tolist():
+        text = _core.normalize_token(base.tokens[i], base.kind)
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a lone byte: nothing the value tokenizer can say about it
+        ids = value_tokenize(text) if text else []
+        if ids:
+            token_map[i], weights[i] = ids[0], 1.0
+            filled += 1
+    log.info("token map: %d exact, %d via the value tokenizer, %d unmapped",
+             int((token_map >= 0).sum()) - filled, filled, int((token_map < 0).sum()))
+    return TokenMapping(token_map, weights, base.fingerprint, value.fingerprint, EXACT_BUILDER)
+
+
+def cached_map_path(base: VocabData, value: VocabData) -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "token-maps" / f"{base.fingerprint}-{value.fingerprint}.npz"
+
+
+def resolve_mapping(base: VocabData, value: VocabData, value_tokenize: Callable[[bytes], list[int]],
+                    map_path: str | os.PathLike | None = None, use_cache: bool = True) -> TokenMapping:
+    """Identity for equal vocabularies; else the given map file, the cached map, or a new one."""
+    if map_path is not None:
+        return load_map(map_path, base, value)
+    if base.fingerprint == value.fingerprint:
+        return identity_mapping(base.fingerprint)
+    base.kind, value.kind  # raise early for tokenizers the builder does not know
+    cached = cached_map_path(base, value)
+    if use_cache and cached.exists():
+        try:
+            return load_map(cached, base, value)
+        except VocabMismatchError:
+            log.warning("ignoring unreadable cached token map %s", cached)
+    mapping = build_exact_map(base, value, value_tokenize)
+    if use_cache:
+        try:
+            save_map(cached, mapping)
+        except OSError as e:  # a read-only cache must not stop generation
+            log.warning("could not cache the token map at %s: %s", cached, e)
+    return mapping
