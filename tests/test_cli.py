@@ -490,6 +490,18 @@ def test_session_load_rejects_bad_files(monkeypatch, capsys, tmp_path):
     assert err[2] == "error: unknown command /nope (/help lists the commands)"
 
 
+def test_session_says_why_an_answer_was_cut(monkeypatch, capsys):
+    class Cut(FakeEngine):
+        def chat_deltas(self, *a, **k):
+            yield from super().chat_deltas(*a, **k)
+            used = 2048 if len(self.calls) == 2 else 40
+            self.stats = FakeStats(completion_tokens=32, context_used=used, finish_reason="length")
+
+    _, chrome = session_run(monkeypatch, Cut(["a", "b"]), ["q1", "q2"])
+    assert "cut at 32 tokens" in chrome
+    assert "context full: /reset" in chrome
+
+
 def test_session_help_stats_quit(monkeypatch, capsys):
     engine = FakeEngine(["a b c"])
     lines = ["/stats", "q", "/stats", "/help", "/quit", "never typed"]
@@ -499,3 +511,60 @@ def test_session_help_stats_quit(monkeypatch, capsys):
     for name in ("/compare", "/save", "/load", "/alpha", "/value", "/system", "/reset"):
         assert name in chrome
     assert len(engine.calls) == 1
+
+
+def test_cli_import_is_light():
+    """`ivl chat` must never import torch; the CLI itself loads neither torch nor llama.cpp."""
+    import subprocess
+
+    code = ("import sys; from ivl_local.cli.main import app; "
+            "print(sorted(m for m in ('torch', 'llama_cpp', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- real models ---------------------------------------------------------------------------
+
+REAL_FLAGS = ["--temperature", "0", "--ctx", "256", "--threads", "2"]
+
+
+@pytest.mark.real
+def test_real_one_shot_smollm2_steered_by_itself(smollm2_path):
+    r = run(["chat", "--base", str(smollm2_path), "--value", str(smollm2_path), "--max-tokens", "12",
+             *REAL_FLAGS, "-p", "What is the capital of France?"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() and r.stdout.endswith("\n")
+    assert "error" not in r.stderr
+
+
+@pytest.mark.real
+def test_real_json_gemma_base_alone(gemma3_path):
+    r = run(["chat", "--base", str(gemma3_path), "--value", "none", "--max-tokens", "8", *REAL_FLAGS,
+             "--json", "-p", "Name a colour."])
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert obj["object"] == "chat.completion"
+    assert obj["choices"][0]["finish_reason"] in ("stop", "length")
+    assert 0 < obj["usage"]["completion_tokens"] <= 8
+    assert obj["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.real
+def test_real_one_shot_does_not_import_torch(smollm2_path):
+    import subprocess
+
+    code = ("import sys; from ivl_local.cli.main import app; "
+            f"rc = app(['chat', '--base', {str(smollm2_path)!r}, '--value', 'none', '--max-tokens', '4', "
+            "'--ctx', '128', '--threads', '2', '-p', 'hi'], standalone_mode=False); "
+            "print('torch' in sys.modules, rc, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "False 0"
+
+
+@pytest.mark.real
+def test_real_context_overflow_is_one_line(smollm2_path):
+    r = run(["chat", "--base", str(smollm2_path), "--value", "none", "--max-tokens", "4", "--ctx", "32",
+             "--threads", "2", "-p", "tell me about it " * 40])
+    assert r.exit_code == 1
+    assert one_error_line(r)

@@ -156,8 +156,19 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": text})
         if not text.endswith("\n"):
             print()
+        self._note_cut(self.engine.stats)
         if self.verbose:
             self.console.print(f"[dim]{stats_line(self.engine.stats)}[/]")
+
+    def _note_cut(self, stats) -> None:
+        """Say why an answer ended early: --max-tokens, or a full context window."""
+        if getattr(stats, "finish_reason", None) != "length":
+            return
+        used, n_ctx = getattr(stats, "context_used", 0), getattr(stats, "n_ctx", 0)
+        if n_ctx and used >= n_ctx - 1:
+            self.console.print("[yellow]\\[context full: /reset starts a new conversation][/]")
+        else:
+            self.console.print(f"[dim]\\[cut at {self.max_tokens} tokens (--max-tokens)][/]")
 
     def _report(self, e: IVLError) -> None:
         if self.debug:
