@@ -1,0 +1,142 @@
+"""Read and validate a training checkpoint folder without torch (json + safetensors/numpy).
+
+The layout is written by ivl_local.train.checkpoint: model.safetensors (HF llama names),
+config.json (HF LlamaConfig), ivl_checkpoint.json (training base, recipe).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ivl_local.errors import CheckpointError
+
+WEIGHTS, HF_CONFIG, META = "model.safetensors", "config.json", "ivl_checkpoint.json"
+
+
+@dataclass(frozen=True)
+class LlamaHParams:
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    context_length: int
+    rms_eps: float
+    rope_theta: float
+    tied: bool
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict                       # ivl_checkpoint.json
+    hparams: LlamaHParams
+    tensors: dict[str, np.ndarray]   # HF name -> float32 array, validated
+
+    @property
+    def is_value_net(self) -> bool:
+        return self.meta.get("kind", "value") == "value"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: not a complete checkpoint (missing {path.name})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e.msg})") from None
+
+
+def _hparams(config: dict, where: Path) -> LlamaHParams:
+    model_type = config.get("model_type")
+    if model_type != "llama":
+        raise CheckpointError(f"{where}: unsupported architecture {model_type!r} "
+                              "(ivl-convert writes llama-arch value networks)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise CheckpointError(f"{where}: llama with biases is not supported")
+    try:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return LlamaHParams(
+            vocab_size=int(config["vocab_size"]), hidden=hidden,
+            layers=int(config["num_hidden_layers"]), heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            intermediate=int(config["intermediate_size"]),
+            context_length=int(config.get("max_position_embeddings", 2048)),
+            rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            tied=bool(config.get("tie_word_embeddings", False)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: config.json lacks a usable {e}") from None
+
+
+def expected_shapes(h: LlamaHParams) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for every tensor a llama checkpoint must hold."""
+    shapes = {"model.embed_tokens.weight": (h.vocab_size, h.hidden), "model.norm.weight": (h.hidden,)}
+    if not h.tied:
+        shapes["lm_head.weight"] = (h.vocab_size, h.hidden)
+    q, kv = h.heads * h.head_dim, h.kv_heads * h.head_dim
+    for i in range(h.layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h.hidden,),
+            p + "self_attn.q_proj.weight": (q, h.hidden),
+            p + "self_attn.k_proj.weight": (kv, h.hidden),
+            p + "self_attn.v_proj.weight": (kv, h.hidden),
+            p + "self_attn.o_proj.weight": (h.hidden, q),
+            p + "post_attention_layernorm.weight": (h.hidden,),
+            p + "mlp.gate_proj.weight": (h.intermediate, h.hidden),
+            p + "mlp.up_proj.weight": (h.intermediate, h.hidden),
+            p + "mlp.down_proj.weight": (h.hidden, h.intermediate),
+        })
+    return shapes
+
+
+def read_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
+    path = Path(ckpt_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    meta = _read_json(path / META)
+    hparams = _hparams(_read_json(path / HF_CONFIG), path / HF_CONFIG)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (missing {WEIGHTS})")
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        stored = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: unreadable ({e})") from None
+    if hparams.tied:
+        stored.pop("lm_head.weight", None)  # a tied head may be saved redundantly
+    expected = expected_shapes(hparams)
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        raise CheckpointError(f"{weights}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unknown = [name for name in stored if name not in expected]
+    if unknown:
+        raise CheckpointError(f"{weights}: unexpected tensor {unknown[0]} for this config")
+    for name, shape in expected.items():
+        if tuple(stored[name].shape) != shape:
+            raise CheckpointError(f"{weights}: tensor {name} has shape {tuple(stored[name].shape)}, "
+                                  f"config.json implies {shape}")
+    tensors = {name: np.asarray(stored[name], dtype=np.float32) for name in expected}
+    if meta.get("kind", "value") == "value":
+        base = meta.get("training_base") or {}
+        if base.get("vocab_size") not in (None, hparams.vocab_size):
+            raise CheckpointError(f"{path}: value vocabulary {hparams.vocab_size} differs from the "
+                                  f"training base's {base.get('vocab_size')}")
+    return Checkpoint(path, meta, hparams, tensors)

@@ -1,0 +1,72 @@
+"""Entry points of the training stage (what `ivl-train` calls).
+
+    from ivl_local.train.api import TrainConfig, train, default_recipe
+    ckpt_dir = train(TrainConfig(base="smollm2-135m", data=Path("data/arith_train.jsonl"),
+                                 out_dir=Path("runs/arith"), init="pruned:4", max_steps=200))
+    value_file = default_recipe()   # Gemma 3 270M chat value net -> cache_dir()/default-value
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+
+__all__ = ["TrainConfig", "train", "default_recipe", "DEFAULT_RECIPE", "default_data_path"]
+
+
+def _log(progress: bool):
+    def log(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+    return log
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train (or resume) a value network; returns the checkpoint folder.
+
+    Raises DataError (file:line), ConfigError, ModelFileError, CheckpointError, and
+    TrainingInterrupted after Ctrl-C (a resumable checkpoint is saved first)."""
+    from .trainer import run, setup  # torch is imported here, not when the CLI starts
+
+    log = _log(progress)
+    return run(setup(cfg, log=log), progress=progress, log=log)
+
+
+def default_data_path() -> Path:
+    """The chat demonstrations shipped in the repository's data/ folder."""
+    return Path(__file__).resolve().parents[2] / "data" / "chat_train.jsonl"
+
+
+# The default value network: teaches Gemma 3 270M *base* to answer in the fallback chat
+# format. Sized to train in <= 15 minutes on a 2-core CPU (measured: see data/README.md).
+DEFAULT_RECIPE = dict(
+    base="gemma3-270m",
+    init="fresh",
+    fresh_hidden=256, fresh_layers=2, fresh_heads=4, fresh_kv_heads=2, fresh_intermediate=768,
+    learning_rate=1e-3,      # a fresh (not pre-trained) small net needs more than the official 1e-4
+    warmup_ratio=0.03,
+    batch_size=8,
+    max_len=160,
+    epochs=2.0,
+    max_seconds=660.0,       # hard cap so the whole recipe (load + train + convert) fits 15 min
+    eval_every=0,
+    check_tokenizer=False,   # verified in tests; costs ~30 s on the 262k vocabulary
+)
+
+
+def default_recipe(out_dir: Path | None = None, progress: bool = True, out_type: str = "q8_0",
+                   **overrides) -> Path:
+    """Train + convert the default value net; returns the .ivl.gguf path
+    (default: ivl_local.models.cache_dir()/"default-value"/gemma3-270m-chat.ivl.gguf)."""
+    from ivl_convert import convert_checkpoint
+
+    from ..models import cache_dir
+
+    out_dir = Path(out_dir) if out_dir is not None else cache_dir() / "default-value"
+    settings = {**DEFAULT_RECIPE, "data": default_data_path(), "out_dir": out_dir / "checkpoint",
+                **overrides}
+    ckpt_dir = train(TrainConfig(**settings), progress=progress)
+    return convert_checkpoint(ckpt_dir, out_dir / "gemma3-270m-chat.ivl.gguf", out_type=out_type,
+                              progress=progress)

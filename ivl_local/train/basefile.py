@@ -1,0 +1,69 @@
+"""The training base as a GGUF file: metadata, vocabulary fingerprint and its own tokenizer.
+
+No torch here. The tokenizer is llama.cpp's (the GGUF loaded vocab-only), i.e. exactly the
+tokenizer the runtime uses, so training and inference agree token for token.
+
+    base = BaseGGUF.open("smollm2-135m")
+    base.arch, base.fingerprint, base.tokenize("Hello", add_bos=True)
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import ModelFileError
+from ..models import resolve_model
+from ..vocab_fp import vocab_fingerprint
+from .gguf_meta import STRING, read_metadata
+
+
+class BaseGGUF:
+    def __init__(self, name: str, path: Path):
+        self.name = name                 # as the user gave it (known name or file)
+        self.path = Path(path)
+        meta = read_metadata(self.path)
+
+        def get(key, default=None):
+            item = meta.get(key)
+            if item is None:
+                return default
+            return item.text if item.type == STRING else item.value
+
+        self.arch: str = get("general.architecture", "?")
+        if "tokenizer.ggml.tokens" not in meta:
+            raise ModelFileError(f"{self.path}: GGUF has no tokenizer (tokenizer.ggml.tokens)")
+        # Raw bytes, as stored (the fingerprint is defined on them, not on decoded text).
+        self.tokens: list[bytes] = meta["tokenizer.ggml.tokens"].value
+        self.token_types: list[int] = get("tokenizer.ggml.token_type") or [1] * len(self.tokens)
+        self.bos_id: int | None = get("tokenizer.ggml.bos_token_id")
+        self.eos_id: int = get("tokenizer.ggml.eos_token_id")
+        self.chat_template: str | None = get("tokenizer.chat_template")
+        self.hidden_size: int | None = get(f"{self.arch}.embedding_length")
+        self.fingerprint = vocab_fingerprint(self.tokens, self.token_types)
+
+    @classmethod
+    def open(cls, name_or_path: str) -> "BaseGGUF":
+        path = resolve_model(name_or_path)
+        return cls(str(name_or_path), path)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def eos_text(self) -> str:
+        """EOS as text, so templates can write it; tokenize() parses it back to the id."""
+        return self.tokens[self.eos_id].decode("utf-8", errors="replace")
+
+    @cached_property
+    def _vocab(self):
+        import llama_cpp
+
+        return llama_cpp.Llama(str(self.path), vocab_only=True, verbose=False)
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        """llama.cpp tokenization; special-token text (e.g. '<eos>') becomes its id."""
+        if not text and not add_bos:
+            return []
+        return list(self._vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))

@@ -1,0 +1,367 @@
+"""The training loop: frozen base + value network, AdamW with warm-up + cosine, gradient
+accumulation, held-out evaluation, checkpoints, resume, Ctrl-C.
+
+Reads top-down: setup() builds everything from a TrainConfig, run() loops over optimizer
+steps, each the sum of `grad_accum` micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, IVLError
+from . import checkpoint as ckpt
+from .basefile import BaseGGUF
+from .config import TrainConfig
+from .data import IGNORE, Example, data_digest, load_examples, split_eval
+from .loss import LossParts, fused_loss, next_token_targets, norm_mask_of
+from .model import build_value_net, count_parameters, freeze, load_causal_lm
+
+
+class TrainingInterrupted(IVLError):
+    """Ctrl-C during training; a resumable checkpoint was saved first."""
+
+    exit_code = 130
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------
+# batches
+
+
+def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device),
+            "attention_mask": attention_mask.to(device)}
+
+
+def micro_batch(examples: list[Example], index: int, batch_size: int, seed: int) -> list[Example]:
+    """The index-th micro-batch of an endless sequence of seeded epochs (so resuming at a
+    step replays exactly the batches an uninterrupted run would have seen)."""
+    per_epoch = max(1, math.ceil(len(examples) / batch_size))
+    epoch, offset = divmod(index, per_epoch)
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    picked = order[offset * batch_size:(offset + 1) * batch_size]
+    return [examples[i] for i in picked]
+
+
+# ---------------------------------------------------------------------------------------
+# forward
+
+
+def last_hidden(causal_lm: nn.Module, batch: dict) -> torch.Tensor:
+    """(B, T, H) final hidden states (after the final norm), no logits."""
+    out = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          use_cache=False)
+    return out.last_hidden_state
+
+
+def logits_head(causal_lm: nn.Module):
+    """hidden -> logits exactly as the model's forward computes them (incl. soft-capping)."""
+    head = causal_lm.get_output_embeddings()
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda h: torch.tanh(head(h) / cap) * cap
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    base: BaseGGUF
+    base_model: nn.Module | None      # None in full fine-tuning (the model *is* the base)
+    model: nn.Module                  # what is trained: the value net, or the base itself
+    init: str
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    dropped: int
+    device: torch.device
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    history: list = field(default_factory=list)
+
+
+def compute_loss(s: Setup, batch: dict) -> LossParts:
+    mask = batch["attention_mask"].bool()                        # (B, T)
+    targets = next_token_targets(batch["labels"])                # (B, T)
+    norm_mask = norm_mask_of(batch["attention_mask"], targets, s.cfg.norm_positions)
+    value_hidden = last_hidden(s.model, batch)[mask]             # (N, Hv) real positions
+    if s.base_model is None:
+        return fused_loss(value_hidden, None, targets[mask], norm_mask[mask] * 0,
+                          logits_head(s.model), None, norm_weight=0.0)
+    with torch.no_grad():
+        base_hidden = last_hidden(s.base_model, batch)[mask]     # (N, Hb), frozen
+    return fused_loss(value_hidden, base_hidden, targets[mask], norm_mask[mask],
+                      logits_head(s.model), logits_head(s.base_model), s.cfg.norm_weight)
+
+
+@torch.no_grad()
+def evaluate(s: Setup) -> dict:
+    if not s.eval_examples:
+        return {}
+    s.model.eval()
+    ce_sum = norm_sum = 0.0
+    n_resp = n_correct = batches = 0
+    for start in range(0, len(s.eval_examples), s.cfg.batch_size):
+        batch = collate(s.eval_examples[start:start + s.cfg.batch_size], s.base.eos_id, s.device)
+        parts = compute_loss(s, batch)
+        ce_sum += parts.ce * parts.n_response
+        norm_sum += parts.norm
+        n_resp += parts.n_response
+        n_correct += parts.n_correct
+        batches += 1
+    s.model.train()
+    ce = ce_sum / max(n_resp, 1)
+    return {"eval_ce": ce, "eval_norm": norm_sum / batches,
+            "eval_loss": ce + s.cfg.norm_weight * norm_sum / batches * (s.base_model is not None),
+            "eval_token_acc": n_correct / max(n_resp, 1), "eval_tokens": n_resp}
+
+
+# ---------------------------------------------------------------------------------------
+# setup
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases (1-D), as the HF Trainer the official code uses.
+    seen, decay, no_decay = set(), [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _schedule(optimizer, total_steps: int, cfg: TrainConfig):
+    warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:                   # step = optimizer steps done so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup(cfg: TrainConfig, log=print) -> Setup:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    base = BaseGGUF.open(cfg.base)
+    examples, dropped = load_examples(cfg.data, base, cfg.max_len)
+    train_examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    if cfg.check_tokenizer:
+        from .tokcheck import compare_tokenizers
+        report = compare_tokenizers(base)
+        if report["mismatches"]:
+            log(f"warning: the HF tokenizer differs from the GGUF one on {report['mismatches']}/"
+                f"{report['samples']} sample texts (training uses the GGUF tokenizer)")
+    base_model = freeze(load_causal_lm(base.path))
+    if cfg.full_finetune:
+        model, init = base_model, "full_finetune"
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+        base_model = None
+    else:
+        model, init = build_value_net(cfg, base, base_model)
+        base_model.to(device)
+    model.to(device)
+    per_step = cfg.batch_size * cfg.grad_accum
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_examples) / per_step))
+    optimizer = _optimizer(model, cfg)
+    s = Setup(cfg, base, base_model, model, init, train_examples, eval_examples, dropped, device,
+              total, optimizer, _schedule(optimizer, total, cfg))
+    if cfg.resume:
+        _resume(s)
+    return s
+
+
+def _resume(s: Setup) -> None:
+    meta = ckpt.load_meta(s.cfg.out_dir)
+    saved = meta.get("train_config", {})
+    now = s.cfg.to_json()
+    changed = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"cannot resume {s.cfg.out_dir}: settings differ from the saved run "
+                          f"({', '.join(changed)})")
+    state = ckpt.load_state(s.cfg.out_dir)
+    ckpt.load_weights_into(s.model, s.cfg.out_dir)
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    s.step = state["step"]
+    s.history = state.get("history", [])
+
+
+# ---------------------------------------------------------------------------------------
+# saving
+
+
+def _meta(s: Setup, complete: bool, stats: dict) -> dict:
+    return {
+        "kind": "full_finetune" if s.cfg.full_finetune else "value",
+        "complete": complete,
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "training_base": {"name": s.base.name, "file": str(s.base.path), "arch": s.base.arch,
+                          "vocab_fingerprint": s.base.fingerprint, "vocab_size": s.base.vocab_size},
+        "init": s.init,
+        "recipe": {"connection": "residual", "norm_kind": "mean_abs",
+                   "norm_weight": s.cfg.norm_weight, "norm_positions": s.cfg.norm_positions,
+                   "learning_rate": s.cfg.learning_rate, "steps": s.step,
+                   "data": data_digest(s.cfg.data),
+                   "train_examples": len(s.train_examples), "eval_examples": len(s.eval_examples)},
+        "train_config": s.cfg.to_json(),
+        "stats": stats,
+        "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save(s: Setup, complete: bool, stats: dict) -> None:
+    ckpt.save_model(s.cfg.out_dir, s.model, _meta(s, complete, stats))
+    ckpt.save_state(s.cfg.out_dir, {
+        "step": s.step, "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+        "history": s.history,
+    })
+
+
+# ---------------------------------------------------------------------------------------
+# loop
+
+
+def run(s: Setup, progress: bool = True, log=print) -> Path:
+    cfg = s.cfg
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"base {s.base.name} ({s.base.arch}, vocab {s.base.vocab_size}); value net "
+        f"{s.init}, {count_parameters(s.model) / 1e6:.1f}M params; {len(s.train_examples)} train / "
+        f"{len(s.eval_examples)} eval examples ({s.dropped} dropped); {s.total_steps} steps on {s.device}")
+    started = time.perf_counter()
+    first_step, tokens = s.step, 0
+    stats: dict = {}
+    bar = _Bar(s.total_steps, s.step, enabled=progress)
+    try:
+        with bar:
+            while s.step < s.total_steps:
+                if cfg.max_seconds and time.perf_counter() - started > cfg.max_seconds:
+                    log(f"stopping after {cfg.max_seconds:.0f} s (max_seconds) at step {s.step}")
+                    break
+                s.optimizer.zero_grad(set_to_none=True)
+                ce = norm = 0.0
+                for micro in range(cfg.grad_accum):
+                    index = s.step * cfg.grad_accum + micro
+                    batch = collate(micro_batch(s.train_examples, index, cfg.batch_size, cfg.seed),
+                                    s.base.eos_id, s.device)
+                    parts = compute_loss(s, batch)
+                    (parts.loss / cfg.grad_accum).backward()
+                    ce += parts.ce / cfg.grad_accum
+                    norm += parts.norm / cfg.grad_accum
+                    tokens += int(batch["attention_mask"].sum())
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+                lr = s.scheduler.get_last_lr()[0]
+                s.optimizer.step()
+                s.scheduler.step()
+                s.step += 1
+                record = {"step": s.step, "loss": ce + cfg.norm_weight * norm * (not cfg.full_finetune),
+                          "ce": ce, "norm": norm, "lr": lr}
+                if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == s.total_steps:
+                    record.update(evaluate(s))
+                    if "eval_ce" in record:
+                        bar.note(f"step {s.step}: eval ce {record['eval_ce']:.4f}, "
+                                 f"token acc {record['eval_token_acc']:.3f}")
+                s.history.append(record)
+                ckpt.append_metrics(cfg.out_dir, record)
+                bar.update(s.step, record["loss"])
+                if cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
+                    save(s, complete=False, stats=_stats(s, started, first_step, tokens))
+    except KeyboardInterrupt:
+        # Weights only change at optimizer steps, so they are those of step s.step.
+        save(s, complete=False, stats=_stats(s, started, first_step, tokens))
+        raise TrainingInterrupted(f"training interrupted at step {s.step}/{s.total_steps}; "
+                                  f"checkpoint saved in {cfg.out_dir} (continue with --resume)") from None
+    stats = _stats(s, started, first_step, tokens)
+    if s.history and "eval_ce" not in s.history[-1]:
+        s.history[-1].update(evaluate(s))
+    stats["final"] = s.history[-1] if s.history else {}
+    save(s, complete=s.step >= s.total_steps, stats=stats)
+    log(f"done: {s.step} steps, {stats['steps_per_s']:.2f} steps/s, {stats['tokens_per_s']:.0f} "
+        f"tokens/s, peak RSS {stats['peak_rss_mb']:.0f} MB; checkpoint {cfg.out_dir}")
+    return cfg.out_dir
+
+
+def _stats(s: Setup, started: float, first_step: int, tokens: int) -> dict:
+    elapsed = time.perf_counter() - started
+    steps = s.step - first_step
+    return {"train_seconds": round(elapsed, 2), "steps_this_run": steps,
+            "steps_per_s": steps / elapsed if elapsed > 0 else 0.0,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "peak_rss_mb": round(peak_rss_mb(), 1), "device": str(s.device),
+            "torch_threads": torch.get_num_threads()}
+
+
+class _Bar:
+    """Rich progress bar with the running loss and an ETA (stderr, only on a terminal)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=self.console,
+                                 disable=not (enabled and sys.stderr.isatty()))
+        self.task = self.progress.add_task("training", total=total, completed=done, loss="-")
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, step: int, loss: float) -> None:
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.progress.console.print(text)
