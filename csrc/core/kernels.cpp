@@ -1,0 +1,532 @@
+// kernels.cpp - scalar, NEON, AVX2+FMA and AVX-512 kernels, and the run-time dispatch.
+//
+// x86: every SIMD function carries __attribute__((target(...))) and is only called after
+// __builtin_cpu_supports said yes, so this file builds with the baseline -O3 flags.
+// aarch64: NEON is part of the baseline ISA; no detection needed.
+#include "kernels.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define IVL_X86 1
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+namespace ivl::detail {
+
+namespace {
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+[[noreturn]] void throw_nan(const char* which, int64_t index) {
+    throw std::invalid_argument(std::string("NaN in ") + which + " logits at index " +
+                                std::to_string(index));
+}
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Reference semantics (also the slow path of every level)
+
+void fuse_scalar_range(const FuseArgs& a, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+        const float b = a.base[i];
+        if (b != b) throw_nan("base", i);
+        int64_t j = i;
+        if (a.token_map) {
+            j = a.token_map[i];
+            if (j < -1 || j >= a.n_value) {
+                throw std::invalid_argument("token_map[" + std::to_string(i) + "] = " +
+                                            std::to_string(j) + " is outside [-1, " +
+                                            std::to_string(a.n_value) + ")");
+            }
+            if (j == -1) {
+                a.out[i] = b;
+                continue;
+            }
+        }
+        const float v = a.value[j];
+        if (v != v) throw_nan("value", j);
+        const float c = a.token_weights ? a.alpha * a.token_weights[i] : a.alpha;
+        if (c == 0.0f || std::isinf(b)) {  // a zero contribution adds nothing; inf base is kept
+            a.out[i] = b;
+            continue;
+        }
+        const float r = b + c * v;
+        a.out[i] = (r != r) ? b : r;  // only an overflowed c times 0: treat as no contribution
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TopKHeap
+
+TopKHeap::TopKHeap(size_t k) : k_(k), threshold_(kNegInf) { heap_.reserve(k + 1); }
+
+namespace {
+// Heap order: the front is the worst kept candidate (last in canonical order).
+bool heap_less(const Candidate& a, const Candidate& b) { return candidate_before(a, b); }
+}  // namespace
+
+void TopKHeap::push(int32_t id, float logit) {
+    if (k_ == 0) return;
+    if (heap_.size() < k_) {
+        if (!(logit > kNegInf)) return;  // -inf (and NaN) are never candidates
+        heap_.push_back({id, logit});
+        std::push_heap(heap_.begin(), heap_.end(), heap_less);
+    } else {
+        const Candidate c{id, logit};
+        if (!candidate_before(c, heap_.front())) return;
+        std::pop_heap(heap_.begin(), heap_.end(), heap_less);
+        heap_.back() = c;
+        std::push_heap(heap_.begin(), heap_.end(), heap_less);
+    }
+    if (heap_.size() == k_) threshold_ = heap_.front().logit;
+}
+
+std::vector<Candidate> TopKHeap::take_sorted() {
+    std::sort_heap(heap_.begin(), heap_.end(), heap_less);
+    std::vector<Candidate> out;
+    out.swap(heap_);
+    threshold_ = kNegInf;
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar level (plain C++; blocks are written so the compiler can auto-vectorise them)
+
+namespace {
+
+constexpr int64_t kScalarBlock = 64;
+
+template <bool kMapped, bool kWeighted>
+void fuse_scalar_impl(const FuseArgs& a) {
+    const int64_t n = a.n_base;
+    const uint32_t n_value = static_cast<uint32_t>(a.n_value);
+    float r[kScalarBlock];
+    int64_t i = 0;
+    for (; i + kScalarBlock <= n; i += kScalarBlock) {
+        int bad = 0;
+        for (int64_t k = 0; k < kScalarBlock; ++k) {
+            float v;
+            if (kMapped) {
+                const int32_t j = a.token_map[i + k];
+                const bool in_range = static_cast<uint32_t>(j) < n_value;
+                bad |= !(in_range || j == -1);
+                v = in_range ? a.value[j] : 0.0f;
+            } else {
+                v = a.value[i + k];
+            }
+            const float c = kWeighted ? a.alpha * a.token_weights[i + k] : a.alpha;
+            r[k] = a.base[i + k] + c * v;
+            bad |= (r[k] != r[k]);
+        }
+        if (bad) {
+            fuse_scalar_range(a, i, i + kScalarBlock);
+        } else {
+            std::memcpy(a.out + i, r, sizeof(r));
+        }
+    }
+    fuse_scalar_range(a, i, n);
+}
+
+void fuse_scalar(const FuseArgs& a) {
+    if (a.token_map) {
+        a.token_weights ? fuse_scalar_impl<true, true>(a) : fuse_scalar_impl<true, false>(a);
+    } else {
+        a.token_weights ? fuse_scalar_impl<false, true>(a) : fuse_scalar_impl<false, false>(a);
+    }
+}
+
+int64_t first_nan_scalar(const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + kScalarBlock <= n; i += kScalarBlock) {
+        int bad = 0;
+        for (int64_t k = 0; k < kScalarBlock; ++k) bad |= (x[i + k] != x[i + k]);
+        if (bad) break;
+    }
+    for (; i < n; ++i) {
+        if (x[i] != x[i]) return i;
+    }
+    return -1;
+}
+
+float max_value_scalar(const float* x, int64_t n) {
+    float m[8];
+    std::fill(m, m + 8, kNegInf);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; ++k) m[k] = x[i + k] > m[k] ? x[i + k] : m[k];
+    }
+    float best = kNegInf;
+    for (int k = 0; k < 8; ++k) best = m[k] > best ? m[k] : best;
+    for (; i < n; ++i) best = x[i] > best ? x[i] : best;
+    return best;
+}
+
+int64_t first_index_ge_scalar(const float* x, int64_t n, float v) {
+    for (int64_t i = 0; i < n; ++i) {
+        if (x[i] >= v) return i;
+    }
+    return -1;
+}
+
+void top_k_scalar(const float* x, int64_t n, TopKHeap& heap) {
+    constexpr int64_t kBlock = 16;
+    float threshold = heap.threshold();
+    int64_t i = 0;
+    for (; i + kBlock <= n; i += kBlock) {
+        int any = 0;
+        for (int64_t k = 0; k < kBlock; ++k) any |= (x[i + k] > threshold);
+        if (!any) continue;
+        for (int64_t k = 0; k < kBlock; ++k) {
+            if (x[i + k] > heap.threshold()) heap.push(static_cast<int32_t>(i + k), x[i + k]);
+        }
+        threshold = heap.threshold();
+    }
+    for (; i < n; ++i) {
+        if (x[i] > heap.threshold()) heap.push(static_cast<int32_t>(i), x[i]);
+    }
+}
+
+void collect_ge_scalar(const float* x, int64_t n, float threshold, std::vector<Candidate>& out) {
+    for (int64_t i = 0; i < n; ++i) {
+        if (x[i] >= threshold) out.push_back({static_cast<int32_t>(i), x[i]});
+    }
+}
+
+const Kernels kScalar = {"scalar",         fuse_scalar,  first_nan_scalar,  max_value_scalar,
+                         first_index_ge_scalar, top_k_scalar, collect_ge_scalar};
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA
+
+#if defined(IVL_X86)
+#define IVL_AVX2 __attribute__((target("avx2,fma")))
+
+// Fast path over blocks of 32 floats (4 vectors): results stay in registers until the
+// block's accumulated NaN/map mask says it is clean; otherwise the block is redone by the
+// reference (which still sees the original base, even in place).
+template <bool kMapped, bool kWeighted>
+IVL_AVX2 void fuse_avx2_impl(const FuseArgs& a) {
+    const int64_t n = a.n_base;
+    const __m256 alpha = _mm256_set1_ps(a.alpha);
+    const __m256i minus_one = _mm256_set1_epi32(-1);
+    const __m256i n_value = _mm256_set1_epi32(static_cast<int32_t>(a.n_value));
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 r[4];
+        __m256 nan_mask = _mm256_setzero_ps();
+        __m256i map_ok = _mm256_set1_epi32(-1);
+        for (int u = 0; u < 4; ++u) {
+            const int64_t j = i + 8 * u;
+            const __m256 b = _mm256_loadu_ps(a.base + j);
+            const __m256 c = kWeighted ? _mm256_mul_ps(alpha, _mm256_loadu_ps(a.token_weights + j))
+                                       : alpha;
+            __m256 v;
+            if (kMapped) {
+                const __m256i idx =
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.token_map + j));
+                const __m256i in_range = _mm256_and_si256(_mm256_cmpgt_epi32(idx, minus_one),
+                                                          _mm256_cmpgt_epi32(n_value, idx));
+                map_ok = _mm256_and_si256(
+                    map_ok, _mm256_or_si256(in_range, _mm256_cmpeq_epi32(idx, minus_one)));
+                v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.value, idx,
+                                             _mm256_castsi256_ps(in_range), 4);
+            } else {
+                v = _mm256_loadu_ps(a.value + j);
+            }
+            r[u] = _mm256_fmadd_ps(c, v, b);
+            nan_mask = _mm256_or_ps(nan_mask, _mm256_cmp_ps(r[u], r[u], _CMP_UNORD_Q));
+        }
+        const bool clean = _mm256_testz_ps(nan_mask, nan_mask) &&
+                           (!kMapped || _mm256_movemask_epi8(map_ok) == -1);
+        if (!clean) {
+            fuse_scalar_range(a, i, i + 32);
+            continue;
+        }
+        for (int u = 0; u < 4; ++u) _mm256_storeu_ps(a.out + i + 8 * u, r[u]);
+    }
+    fuse_scalar_range(a, i, n);
+}
+
+IVL_AVX2 void fuse_avx2(const FuseArgs& a) {
+    if (a.token_map) {
+        a.token_weights ? fuse_avx2_impl<true, true>(a) : fuse_avx2_impl<true, false>(a);
+    } else {
+        a.token_weights ? fuse_avx2_impl<false, true>(a) : fuse_avx2_impl<false, false>(a);
+    }
+}
+
+IVL_AVX2 int64_t first_nan_avx2(const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 m = _mm256_setzero_ps();
+        for (int u = 0; u < 4; ++u) {
+            const __m256 v = _mm256_loadu_ps(x + i + 8 * u);
+            m = _mm256_or_ps(m, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        if (!_mm256_testz_ps(m, m)) break;
+    }
+    for (; i < n; ++i) {
+        if (x[i] != x[i]) return i;
+    }
+    return -1;
+}
+
+IVL_AVX2 float max_value_avx2(const float* x, int64_t n) {
+    __m256 m0 = _mm256_set1_ps(kNegInf), m1 = m0, m2 = m0, m3 = m0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + 8));
+        m2 = _mm256_max_ps(m2, _mm256_loadu_ps(x + i + 16));
+        m3 = _mm256_max_ps(m3, _mm256_loadu_ps(x + i + 24));
+    }
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m);
+    float best = kNegInf;
+    for (float v : lanes) best = v > best ? v : best;
+    for (; i < n; ++i) best = x[i] > best ? x[i] : best;
+    return best;
+}
+
+IVL_AVX2 int64_t first_index_ge_avx2(const float* x, int64_t n, float value) {
+    const __m256 v = _mm256_set1_ps(value);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), v, _CMP_GE_OQ));
+        if (mask) return i + __builtin_ctz(static_cast<unsigned>(mask));
+    }
+    for (; i < n; ++i) {
+        if (x[i] >= value) return i;
+    }
+    return -1;
+}
+
+IVL_AVX2 void top_k_avx2(const float* x, int64_t n, TopKHeap& heap) {
+    __m256 threshold = _mm256_set1_ps(heap.threshold());
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const unsigned lo = static_cast<unsigned>(
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), threshold, _CMP_GT_OQ)));
+        const unsigned hi = static_cast<unsigned>(_mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), threshold, _CMP_GT_OQ)));
+        unsigned mask = lo | (hi << 8);
+        if (!mask) continue;
+        while (mask) {
+            const int64_t k = i + __builtin_ctz(mask);
+            if (x[k] > heap.threshold()) heap.push(static_cast<int32_t>(k), x[k]);
+            mask &= mask - 1;
+        }
+        threshold = _mm256_set1_ps(heap.threshold());
+    }
+    for (; i < n; ++i) {
+        if (x[i] > heap.threshold()) heap.push(static_cast<int32_t>(i), x[i]);
+    }
+}
+
+IVL_AVX2 void collect_ge_avx2(const float* x, int64_t n, float threshold,
+                              std::vector<Candidate>& out) {
+    const __m256 t = _mm256_set1_ps(threshold);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        unsigned mask = static_cast<unsigned>(
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), t, _CMP_GE_OQ)));
+        while (mask) {
+            const int64_t k = i + __builtin_ctz(mask);
+            out.push_back({static_cast<int32_t>(k), x[k]});
+            mask &= mask - 1;
+        }
+    }
+    for (; i < n; ++i) {
+        if (x[i] >= threshold) out.push_back({static_cast<int32_t>(i), x[i]});
+    }
+}
+
+const Kernels kAvx2 = {"avx2",         fuse_avx2,    first_nan_avx2,  max_value_avx2,
+                       first_index_ge_avx2, top_k_avx2, collect_ge_avx2};
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512F: its own fuse (16 lanes, mask-register gather); the scans reuse AVX2, which every
+// AVX-512 CPU also has and which is already bound by memory there.
+
+#define IVL_AVX512 __attribute__((target("avx512f")))
+
+template <bool kMapped, bool kWeighted>
+IVL_AVX512 void fuse_avx512_impl(const FuseArgs& a) {
+    const int64_t n = a.n_base;
+    const __m512 alpha = _mm512_set1_ps(a.alpha);
+    const __m512i minus_one = _mm512_set1_epi32(-1);
+    const __m512i n_value = _mm512_set1_epi32(static_cast<int32_t>(a.n_value));
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 r[2];
+        __mmask16 nan_mask = 0;
+        __mmask16 map_ok = 0xFFFF;
+        for (int u = 0; u < 2; ++u) {
+            const int64_t j = i + 16 * u;
+            const __m512 b = _mm512_loadu_ps(a.base + j);
+            const __m512 c = kWeighted ? _mm512_mul_ps(alpha, _mm512_loadu_ps(a.token_weights + j))
+                                       : alpha;
+            __m512 v;
+            if (kMapped) {
+                const __m512i idx = _mm512_loadu_si512(a.token_map + j);
+                const __mmask16 in_range = _mm512_cmpgt_epi32_mask(idx, minus_one) &
+                                           _mm512_cmpgt_epi32_mask(n_value, idx);
+                map_ok &= in_range | _mm512_cmpeq_epi32_mask(idx, minus_one);
+                v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in_range, idx, a.value, 4);
+            } else {
+                v = _mm512_loadu_ps(a.value + j);
+            }
+            r[u] = _mm512_fmadd_ps(c, v, b);
+            nan_mask |= _mm512_cmp_ps_mask(r[u], r[u], _CMP_UNORD_Q);
+        }
+        if (nan_mask || (kMapped && map_ok != 0xFFFF)) {
+            fuse_scalar_range(a, i, i + 32);
+            continue;
+        }
+        _mm512_storeu_ps(a.out + i, r[0]);
+        _mm512_storeu_ps(a.out + i + 16, r[1]);
+    }
+    fuse_scalar_range(a, i, n);
+}
+
+IVL_AVX512 void fuse_avx512(const FuseArgs& a) {
+    if (a.token_map) {
+        a.token_weights ? fuse_avx512_impl<true, true>(a) : fuse_avx512_impl<true, false>(a);
+    } else {
+        a.token_weights ? fuse_avx512_impl<false, true>(a) : fuse_avx512_impl<false, false>(a);
+    }
+}
+
+const Kernels kAvx512 = {"avx512",        fuse_avx512,  first_nan_avx2,  max_value_avx2,
+                         first_index_ge_avx2, top_k_avx2, collect_ge_avx2};
+#endif  // IVL_X86
+
+// ---------------------------------------------------------------------------------------------
+// NEON (aarch64): its own fuse (4 lanes x 4, lane-by-lane gather: NEON has no gather);
+// the scans use the scalar code, which the compiler vectorises for NEON.
+
+#if defined(__aarch64__)
+template <bool kMapped, bool kWeighted>
+void fuse_neon_impl(const FuseArgs& a) {
+    const int64_t n = a.n_base;
+    const float32x4_t alpha = vdupq_n_f32(a.alpha);
+    const uint32_t n_value = static_cast<uint32_t>(a.n_value);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        float32x4_t r[4];
+        uint32x4_t ordered = vdupq_n_u32(0xFFFFFFFFu);
+        bool map_ok = true;
+        for (int u = 0; u < 4; ++u) {
+            const int64_t j = i + 4 * u;
+            const float32x4_t b = vld1q_f32(a.base + j);
+            const float32x4_t c = kWeighted ? vmulq_f32(alpha, vld1q_f32(a.token_weights + j)) : alpha;
+            float32x4_t v;
+            if (kMapped) {
+                float lanes[4];
+                for (int k = 0; k < 4; ++k) {
+                    const int32_t m = a.token_map[j + k];
+                    const bool in_range = static_cast<uint32_t>(m) < n_value;
+                    map_ok &= in_range || m == -1;
+                    lanes[k] = in_range ? a.value[m] : 0.0f;
+                }
+                v = vld1q_f32(lanes);
+            } else {
+                v = vld1q_f32(a.value + j);
+            }
+            r[u] = vfmaq_f32(b, c, v);
+            ordered = vandq_u32(ordered, vceqq_f32(r[u], r[u]));
+        }
+        if (vminvq_u32(ordered) == 0 || !map_ok) {
+            fuse_scalar_range(a, i, i + 16);
+            continue;
+        }
+        for (int u = 0; u < 4; ++u) vst1q_f32(a.out + i + 4 * u, r[u]);
+    }
+    fuse_scalar_range(a, i, n);
+}
+
+void fuse_neon(const FuseArgs& a) {
+    if (a.token_map) {
+        a.token_weights ? fuse_neon_impl<true, true>(a) : fuse_neon_impl<true, false>(a);
+    } else {
+        a.token_weights ? fuse_neon_impl<false, true>(a) : fuse_neon_impl<false, false>(a);
+    }
+}
+
+const Kernels kNeon = {"neon",          fuse_neon,    first_nan_scalar,  max_value_scalar,
+                       first_index_ge_scalar, top_k_scalar, collect_ge_scalar};
+#endif  // __aarch64__
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+
+std::vector<const Kernels*> supported_levels() {
+    std::vector<const Kernels*> levels{&kScalar};
+#if defined(IVL_X86)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        levels.push_back(&kAvx2);
+        if (__builtin_cpu_supports("avx512f")) levels.push_back(&kAvx512);
+    }
+#endif
+#if defined(__aarch64__)
+    levels.push_back(&kNeon);
+#endif
+    return levels;
+}
+
+const std::vector<const Kernels*>& levels() {
+    static const std::vector<const Kernels*> all = supported_levels();
+    return all;
+}
+
+std::atomic<const Kernels*>& active_slot() {
+    static std::atomic<const Kernels*> slot{levels().back()};
+    return slot;
+}
+
+}  // namespace
+
+const Kernels& active_kernels() { return *active_slot().load(std::memory_order_relaxed); }
+
+}  // namespace ivl::detail
+
+namespace ivl {
+
+std::vector<std::string> available_simd_levels() {
+    std::vector<std::string> names;
+    for (const auto* k : detail::levels()) names.emplace_back(k->name);
+    return names;
+}
+
+std::string simd_level() { return detail::active_kernels().name; }
+
+void set_simd_level(const std::string& level) {
+    const auto& all = detail::levels();
+    if (level == "auto") {
+        detail::active_slot().store(all.back());
+        return;
+    }
+    for (const auto* k : all) {
+        if (level == k->name) {
+            detail::active_slot().store(k);
+            return;
+        }
+    }
+    std::string names = "auto";
+    for (const auto* k : all) names += std::string(", ") + k->name;
+    throw std::invalid_argument("SIMD level '" + level + "' is not available on this CPU (" +
+                                names + ")");
+}
+
+}  // namespace ivl

@@ -1,0 +1,65 @@
+// kernels.h - internal: the SIMD kernels behind fuse.h and sampler.h, one table per level.
+//
+// Each level (scalar, NEON, AVX2+FMA, AVX-512) fills a `Kernels` table; `active_kernels()`
+// returns the one chosen once at start-up (or forced by set_simd_level). x86 variants are
+// compiled with per-function target attributes, so the library itself needs no -march flag.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "candidates.h"
+
+namespace ivl::detail {
+
+// Arguments of one fuse: out[i] = base[i] + alpha * w[i] * value[map[i]].
+struct FuseArgs {
+    float* out;                    // n_base floats; may equal base (in place)
+    const float* base;             // n_base
+    const float* value;            // n_value
+    const int32_t* token_map;      // n_base entries in [-1, n_value), or null = identity
+    const float* token_weights;    // n_base, or null = all 1
+    float alpha;                   // != 0 (alpha == 0 is a copy, handled by the caller)
+    int64_t n_base;
+    int64_t n_value;
+};
+
+// The exact reference for out[i0..i1): SIMD levels run it on their tails and on any block
+// whose fast path saw a NaN or a bad map entry. Throws std::invalid_argument with the index.
+void fuse_scalar_range(const FuseArgs& args, int64_t i0, int64_t i1);
+
+// Bounded selection of the k best candidates in canonical order (candidate_before).
+// The front of the heap is the worst kept candidate; `threshold()` is the logit a new
+// candidate must beat (strictly: scanning ids upwards, an equal logit never wins a tie).
+class TopKHeap {
+public:
+    explicit TopKHeap(size_t k);
+    float threshold() const { return threshold_; }
+    void push(int32_t id, float logit);
+    std::vector<Candidate> take_sorted();  // canonical order, empties the heap
+
+private:
+    size_t k_;
+    float threshold_;
+    std::vector<Candidate> heap_;
+};
+
+struct Kernels {
+    const char* name;
+    void (*fuse)(const FuseArgs& args);
+    // First index of a NaN in x[0..n), or -1.
+    int64_t (*first_nan)(const float* x, int64_t n);
+    // Largest value of NaN-free x[0..n); -inf when n == 0.
+    float (*max_value)(const float* x, int64_t n);
+    // First index i with x[i] >= v, or -1.
+    int64_t (*first_index_ge)(const float* x, int64_t n, float v);
+    // Offers every x[i] > heap.threshold() to the heap, ids ascending.
+    void (*top_k)(const float* x, int64_t n, TopKHeap& heap);
+    // Appends every (i, x[i]) with x[i] >= threshold to out, ids ascending.
+    void (*collect_ge)(const float* x, int64_t n, float threshold, std::vector<Candidate>& out);
+};
+
+const Kernels& active_kernels();
+
+}  // namespace ivl::detail

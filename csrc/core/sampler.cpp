@@ -1,0 +1,405 @@
+// sampler.cpp - the sampler chain steps, Sampler and fuse_and_sample.
+#include "sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "fuse.h"
+#include "kernels.h"
+
+namespace ivl {
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Natural-log distance below the best token (in units of 1/temperature) past which a token
+// cannot matter: n_vocab tokens at e^-(50 + ln n) each sum to e^-50 < 2^-72 of the best.
+double negligible_log_ratio(int64_t n_vocab) {
+    return 50.0 + std::log(static_cast<double>(std::max<int64_t>(n_vocab, 1)));
+}
+
+void sort_canonical(CandidateSet& cs) {
+    if (!cs.sorted) {
+        std::sort(cs.items.begin(), cs.items.end(), candidate_before);
+        cs.sorted = true;
+    }
+}
+
+float max_logit(const CandidateSet& cs) {
+    if (cs.sorted && !cs.items.empty()) return cs.items.front().logit;
+    float best = kNegInf;
+    for (const auto& c : cs.items) best = std::max(best, c.logit);
+    return best;
+}
+
+// Unnormalised softmax weights exp(x - max) in double, and their sum.
+double softmax_weights(const CandidateSet& cs, std::vector<double>& weights) {
+    const double top = max_logit(cs);
+    weights.resize(cs.items.size());
+    double total = 0.0;
+    for (size_t i = 0; i < cs.items.size(); ++i) {
+        weights[i] = std::exp(static_cast<double>(cs.items[i].logit) - top);
+        total += weights[i];
+    }
+    return total;
+}
+
+}  // namespace
+
+void CandidateSet::make_sparse(double below_max) {
+    if (!dense) return;
+    const auto& kernels = detail::active_kernels();
+    const float top = kernels.max_value(logits, n_vocab);
+    if (!(top > kNegInf)) throw std::invalid_argument("all logits are -inf: nothing to sample");
+    const double threshold = std::max(static_cast<double>(top) - below_max,
+                                      static_cast<double>(std::numeric_limits<float>::lowest()));
+    items.clear();
+    // Round the threshold down so no token at or above max - below_max is lost.
+    float t = static_cast<float>(threshold);
+    if (static_cast<double>(t) > threshold) t = std::nextafter(t, kNegInf);
+    kernels.collect_ge(logits, n_vocab, std::max(t, std::numeric_limits<float>::lowest()), items);
+    dense = false;
+    sorted = false;
+}
+
+void SamplerChain::apply(CandidateSet& cs) {
+    for (auto& step : steps_) step->apply(cs);
+}
+void SamplerChain::accept(int32_t token) {
+    for (auto& step : steps_) step->accept(token);
+}
+void SamplerChain::reset() {
+    for (auto& step : steps_) step->reset();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steps
+
+// Repeat / presence / frequency penalties over the last `last_n` accepted tokens, as in
+// llama.cpp: a seen token's logit is divided by repeat_penalty when positive (multiplied
+// when not), then lowered by count * frequency_penalty + presence_penalty.
+class PenaltiesStep : public SamplerStep {
+public:
+    PenaltiesStep(int32_t last_n, float repeat, float frequency, float presence)
+        : last_n_(last_n), repeat_(repeat), frequency_(frequency), presence_(presence) {}
+
+    bool will_edit() const {
+        return last_n_ > 0 && !history_.empty() &&
+               (repeat_ != 1.0f || frequency_ != 0.0f || presence_ != 0.0f);
+    }
+
+    void apply(CandidateSet& cs) override {
+        if (!will_edit()) return;
+        window_.assign(history_.begin(), history_.end());
+        std::sort(window_.begin(), window_.end());
+        for (size_t i = 0; i < window_.size();) {
+            size_t j = i;
+            while (j < window_.size() && window_[j] == window_[i]) ++j;
+            penalise(cs, window_[i], static_cast<int>(j - i));
+            i = j;
+        }
+    }
+
+    void accept(int32_t token) override {
+        if (last_n_ <= 0) return;
+        history_.push_back(token);
+        if (history_.size() > static_cast<size_t>(last_n_)) history_.erase(history_.begin());
+    }
+
+    void reset() override { history_.clear(); }
+
+private:
+    void penalise(CandidateSet& cs, int32_t id, int count) {
+        if (id < 0 || id >= cs.n_vocab) return;
+        float* logit = nullptr;
+        if (cs.dense) {
+            logit = &cs.logits[id];
+        } else {
+            for (auto& c : cs.items) {
+                if (c.id == id) logit = &c.logit;
+            }
+            cs.sorted = false;
+        }
+        if (!logit) return;
+        float x = *logit;
+        x = x > 0.0f ? x / repeat_ : x * repeat_;
+        x -= static_cast<float>(count) * frequency_ + presence_;
+        *logit = x;
+    }
+
+    int32_t last_n_;
+    float repeat_, frequency_, presence_;
+    std::vector<int32_t> history_;  // oldest first, at most last_n_
+    std::vector<int32_t> window_;
+};
+
+class TopKStep : public SamplerStep {
+public:
+    explicit TopKStep(int32_t k) : k_(k) {}
+    void apply(CandidateSet& cs) override {
+        if (k_ <= 0) return;
+        const size_t k = static_cast<size_t>(k_);
+        if (cs.dense) {
+            detail::TopKHeap heap(std::min<int64_t>(k, cs.n_vocab));
+            detail::active_kernels().top_k(cs.logits, cs.n_vocab, heap);
+            cs.items = heap.take_sorted();
+            if (cs.items.empty()) {
+                throw std::invalid_argument("all logits are -inf: nothing to sample");
+            }
+            cs.dense = false;
+            cs.sorted = true;
+        } else if (k < cs.items.size()) {
+            std::partial_sort(cs.items.begin(), cs.items.begin() + k, cs.items.end(),
+                              candidate_before);
+            cs.items.resize(k);
+            cs.sorted = true;
+        }
+    }
+
+private:
+    int32_t k_;
+};
+
+class TemperatureStep : public SamplerStep {
+public:
+    explicit TemperatureStep(float t) : t_(t) {}
+    void apply(CandidateSet& cs) override {
+        cs.make_sparse(negligible_log_ratio(cs.n_vocab) * t_);
+        if (t_ == 1.0f) return;
+        for (auto& c : cs.items) c.logit /= t_;
+    }
+
+private:
+    float t_;
+};
+
+// Smallest set of best tokens whose probability mass reaches p (llama.cpp semantics).
+class TopPStep : public SamplerStep {
+public:
+    explicit TopPStep(float p) : p_(p) {}
+    void apply(CandidateSet& cs) override {
+        if (p_ >= 1.0f) return;
+        cs.make_sparse(negligible_log_ratio(cs.n_vocab));
+        const double total = softmax_weights(cs, weights_);
+        const double target = static_cast<double>(p_) * total;
+        const double top = max_logit(cs);
+        auto& items = cs.items;
+        const size_t n = items.size();
+        size_t done = 0;       // items[0..done) are in canonical order, best first
+        double mass = 0.0;
+        size_t chunk = cs.sorted ? n : 64;
+        while (done < n) {
+            const size_t upto = std::min(n, done + chunk);
+            if (!cs.sorted) {
+                std::partial_sort(items.begin() + done, items.begin() + upto, items.end(),
+                                  candidate_before);
+            }
+            for (size_t i = done; i < upto; ++i) {
+                mass += std::exp(static_cast<double>(items[i].logit) - top);
+                if (mass >= target) {
+                    items.resize(i + 1);
+                    cs.sorted = true;
+                    return;
+                }
+            }
+            done = upto;
+            chunk *= 4;
+        }
+        cs.sorted = true;  // rounding kept us just under the target: keep everything
+    }
+
+private:
+    float p_;
+    std::vector<double> weights_;
+};
+
+// Keep tokens with probability >= min_p * the best token's.
+class MinPStep : public SamplerStep {
+public:
+    explicit MinPStep(float p) : log_p_(std::log(static_cast<double>(p))), on_(p > 0.0f) {}
+    void apply(CandidateSet& cs) override {
+        if (!on_) return;
+        cs.make_sparse(-log_p_);
+        const double top = max_logit(cs);
+        const double log_p = log_p_;
+        cs.items.erase(std::remove_if(cs.items.begin(), cs.items.end(),
+                                      [top, log_p](const Candidate& c) {
+                                          return static_cast<double>(c.logit) - top < log_p;
+                                      }),
+                       cs.items.end());
+    }
+
+private:
+    double log_p_;
+    bool on_;
+};
+
+class DistStep : public SamplerStep {
+public:
+    explicit DistStep(uint64_t seed) : seed_(seed), rng_(seed) {}
+    void apply(CandidateSet& cs) override {
+        cs.make_sparse(negligible_log_ratio(cs.n_vocab));
+        const double total = softmax_weights(cs, weights_);
+        // Uniform double in [0, 1) from the top 53 bits: the same on every platform.
+        const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+        const double target = u * total;
+        double mass = 0.0;
+        for (size_t i = 0; i < cs.items.size(); ++i) {
+            mass += weights_[i];
+            if (target < mass) {
+                cs.selected = cs.items[i].id;
+                return;
+            }
+        }
+        cs.selected = cs.items.back().id;
+    }
+    void reset() override { rng_.seed(seed_); }
+
+private:
+    uint64_t seed_;
+    std::mt19937_64 rng_;
+    std::vector<double> weights_;
+};
+
+class GreedyStep : public SamplerStep {
+public:
+    void apply(CandidateSet& cs) override {
+        if (cs.dense) {
+            const auto& kernels = detail::active_kernels();
+            const float top = kernels.max_value(cs.logits, cs.n_vocab);
+            if (!(top > kNegInf)) {
+                throw std::invalid_argument("all logits are -inf: nothing to sample");
+            }
+            cs.selected = static_cast<int32_t>(kernels.first_index_ge(cs.logits, cs.n_vocab, top));
+            return;
+        }
+        if (cs.items.empty()) throw std::invalid_argument("no candidates left to sample");
+        cs.selected = std::min_element(cs.items.begin(), cs.items.end(), candidate_before)->id;
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Sampler
+
+Sampler::Sampler(const SamplerParams& p) : params_(p) {
+    const auto require = [](bool ok, const char* message) {
+        if (!ok) throw std::invalid_argument(std::string("invalid sampler setting: ") + message);
+    };
+    require(std::isfinite(p.temperature) && p.temperature >= 0.0f, "temperature must be >= 0");
+    require(p.top_k >= 0, "top_k must be >= 0 (0 disables it)");
+    require(p.top_p > 0.0f && p.top_p <= 1.0f, "top_p must be in (0, 1]");
+    require(p.min_p >= 0.0f && p.min_p < 1.0f, "min_p must be in [0, 1)");
+    require(std::isfinite(p.repeat_penalty) && p.repeat_penalty > 0.0f, "repeat_penalty must be > 0");
+    require(p.repeat_last_n >= 0, "repeat_last_n must be >= 0");
+    require(std::isfinite(p.presence_penalty), "presence_penalty must be finite");
+    require(std::isfinite(p.frequency_penalty), "frequency_penalty must be finite");
+
+    auto penalties = std::make_unique<PenaltiesStep>(p.repeat_last_n, p.repeat_penalty,
+                                                     p.frequency_penalty, p.presence_penalty);
+    penalties_ = penalties.get();
+    filters_.add(std::move(penalties));
+    if (greedy()) {
+        draw_ = std::make_unique<GreedyStep>();  // top-k/top-p/min-p all keep the argmax
+        return;
+    }
+    filters_.add(std::make_unique<TopKStep>(p.top_k));
+    filters_.add(std::make_unique<TemperatureStep>(p.temperature));
+    filters_.add(std::make_unique<TopPStep>(p.top_p));
+    filters_.add(std::make_unique<MinPStep>(p.min_p));
+    draw_ = std::make_unique<DistStep>(p.seed);
+}
+
+Sampler::~Sampler() = default;
+
+const float* Sampler::editable_copy(const float* logits, int64_t n_vocab, bool& copied) {
+    const int64_t bad = detail::active_kernels().first_nan(logits, n_vocab);
+    if (bad >= 0) throw std::invalid_argument("NaN in logits at index " + std::to_string(bad));
+    copied = penalties_->will_edit();
+    if (!copied) return logits;
+    scratch_.resize(static_cast<size_t>(n_vocab));
+    std::memcpy(scratch_.data(), logits, sizeof(float) * static_cast<size_t>(n_vocab));
+    return scratch_.data();
+}
+
+int32_t Sampler::run(float* logits, int64_t n_vocab) {
+    if (n_vocab <= 0) throw std::invalid_argument("empty logits");
+    CandidateSet& cs = candidates_;
+    cs.logits = logits;
+    cs.n_vocab = n_vocab;
+    cs.dense = true;
+    cs.sorted = false;
+    cs.items.clear();
+    cs.selected = -1;
+    filters_.apply(cs);
+    draw_->apply(cs);
+    return cs.selected;
+}
+
+int32_t Sampler::sample(const float* logits, int64_t n_vocab) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bool copied = false;
+    // Without penalties to apply no step writes to a dense array, so the cast is safe.
+    float* work = const_cast<float*>(editable_copy(logits, n_vocab, copied));
+    return run(work, n_vocab);
+}
+
+int32_t Sampler::sample_in_place(float* logits, int64_t n_vocab) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return run(logits, n_vocab);
+}
+
+void Sampler::accept(int32_t token) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    filters_.accept(token);
+    draw_->accept(token);
+}
+
+void Sampler::reset() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    filters_.reset();
+    draw_->reset();
+}
+
+std::vector<std::pair<int32_t, float>> Sampler::probs(const float* logits, int64_t n_vocab) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (n_vocab <= 0) throw std::invalid_argument("empty logits");
+    bool copied = false;
+    float* work = const_cast<float*>(editable_copy(logits, n_vocab, copied));
+    CandidateSet& cs = candidates_;
+    cs.logits = work;
+    cs.n_vocab = n_vocab;
+    cs.dense = true;
+    cs.sorted = false;
+    cs.items.clear();
+    cs.selected = -1;
+    filters_.apply(cs);
+    if (greedy()) {
+        GreedyStep().apply(cs);
+        return {{cs.selected, 1.0f}};
+    }
+    cs.make_sparse(negligible_log_ratio(n_vocab));
+    sort_canonical(cs);  // a test/inspection path: the survivors are few in practice
+    std::vector<double> weights;
+    const double total = softmax_weights(cs, weights);
+    std::vector<std::pair<int32_t, float>> out;
+    out.reserve(cs.items.size());
+    for (size_t i = 0; i < cs.items.size(); ++i) {
+        out.emplace_back(cs.items[i].id, static_cast<float>(weights[i] / total));
+    }
+    return out;
+}
+
+int32_t fuse_and_sample(Sampler& sampler, float* scratch, const float* base_logits,
+                        int64_t n_base, const float* value_logits, int64_t n_value,
+                        const int32_t* token_map, float alpha, const float* token_weights) {
+    fuse_logits(scratch, base_logits, n_base, value_logits, n_value, token_map, alpha,
+                token_weights);
+    return sampler.sample_in_place(scratch, n_base);
+}
+
+}  // namespace ivl

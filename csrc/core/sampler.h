@@ -1,0 +1,132 @@
+// sampler.h - llama.cpp-style sampler chain over a full vocabulary, without sorting it.
+//
+// Usage (one decode step):
+//
+//     #include "core/sampler.h"
+//
+//     ivl::SamplerParams params;          // defaults = SamplingConfig's
+//     params.temperature = 0.8f;
+//     params.top_k = 40;
+//     params.seed = 1234;
+//     ivl::Sampler sampler(params);
+//
+//     int32_t token = sampler.sample(logits, n_vocab);          // logits not modified
+//     sampler.accept(token);                                    // feeds the penalties window
+//     // hot path: fuse into a scratch buffer and sample it (scratch is overwritten)
+//     token = ivl::fuse_and_sample(sampler, scratch, base, n_base, value, n_value,
+//                                  token_map, alpha, token_weights);
+//
+// The chain, in order: penalties -> top-k -> temperature -> top-p -> min-p -> draw.
+// temperature == 0 is greedy: penalties -> argmax (ties -> lowest id), no RNG.
+// Each step is a SamplerStep with apply() and optional accept()/reset(); a SamplerChain is
+// itself a step. Steps see a CandidateSet that starts *dense* (the whole logits array, not
+// copied) and becomes *sparse* (a small vector of candidates) at the first truncation:
+//   - top-k on the dense array is one SIMD scan against a running threshold + a k-heap;
+//   - without top-k, tokens whose probability is below e^-50 / n_vocab of the best token are
+//     dropped before the softmax (their total mass is under 2^-53 of it: a 53-bit uniform
+//     cannot reach them);
+//   - top-p selects an exact nucleus by partial sorts of growing prefixes (64, 256, ...),
+//     never a full sort of the vocabulary.
+// Softmax is computed in double with the max subtracted. Draws use std::mt19937_64 (fully
+// specified by the standard) and a uniform double built from its top 53 bits, over
+// candidates in a canonical order, so a seed gives the same tokens on every platform.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <utility>
+#include <vector>
+
+#include "candidates.h"
+
+namespace ivl {
+
+struct SamplerParams {
+    float temperature = 0.8f;
+    int32_t top_k = 40;            // 0 disables
+    float top_p = 0.95f;           // 1 disables
+    float min_p = 0.05f;           // 0 disables
+    float repeat_penalty = 1.0f;   // 1 disables
+    int32_t repeat_last_n = 64;    // 0 disables all penalties
+    float presence_penalty = 0.0f;
+    float frequency_penalty = 0.0f;
+    uint64_t seed = 0;
+};
+
+// What the steps work on. Dense: `logits` holds all n_vocab logits (ids = indices) and may
+// be edited in place (penalties). Sparse: `items` holds the surviving candidates.
+struct CandidateSet {
+    float* logits = nullptr;
+    int64_t n_vocab = 0;
+    bool dense = true;
+    std::vector<Candidate> items;
+    bool sorted = false;      // items in canonical order (candidate_before)
+    int32_t selected = -1;    // set by the final (draw/greedy) step
+
+    // Dense -> sparse, keeping tokens with logit >= max - below_max (never -inf).
+    // Throws std::invalid_argument when every logit is -inf.
+    void make_sparse(double below_max);
+};
+
+class SamplerStep {
+public:
+    virtual ~SamplerStep() = default;
+    virtual void apply(CandidateSet& candidates) = 0;
+    virtual void accept(int32_t /*token*/) {}
+    virtual void reset() {}
+};
+
+class SamplerChain : public SamplerStep {
+public:
+    void add(std::unique_ptr<SamplerStep> step) { steps_.push_back(std::move(step)); }
+    void apply(CandidateSet& candidates) override;
+    void accept(int32_t token) override;
+    void reset() override;
+
+private:
+    std::vector<std::unique_ptr<SamplerStep>> steps_;
+};
+
+class PenaltiesStep;
+
+class Sampler {
+public:
+    explicit Sampler(const SamplerParams& params);  // throws std::invalid_argument
+    ~Sampler();
+
+    const SamplerParams& params() const { return params_; }
+    bool greedy() const { return params_.temperature == 0.0f; }
+
+    // Applies the chain and draws; does not accept. `logits` is not modified (copied only
+    // when the penalties must edit it). Throws on NaN or when every logit is -inf.
+    int32_t sample(const float* logits, int64_t n_vocab);
+    // Same, but `logits` is scratch the penalties may edit in place; no NaN check (the
+    // fuse already did it).
+    int32_t sample_in_place(float* logits, int64_t n_vocab);
+    void accept(int32_t token);
+    void reset();  // clears the penalty history and reseeds
+    // Candidates after the chain (without the draw) and their probabilities, in canonical
+    // order (for tests and inspection). Greedy: the argmax with probability 1.
+    std::vector<std::pair<int32_t, float>> probs(const float* logits, int64_t n_vocab);
+
+private:
+    const float* editable_copy(const float* logits, int64_t n_vocab, bool& copied);
+    int32_t run(float* logits, int64_t n_vocab);
+
+    SamplerParams params_;
+    SamplerChain filters_;             // penalties ... min-p
+    std::unique_ptr<SamplerStep> draw_;  // dist or greedy
+    PenaltiesStep* penalties_ = nullptr;  // owned by filters_
+    std::vector<float> scratch_;
+    CandidateSet candidates_;
+    std::mutex mutex_;
+};
+
+// One decode step: fuse_logits into `scratch` (n_base floats), then sample it.
+int32_t fuse_and_sample(Sampler& sampler, float* scratch, const float* base_logits,
+                        int64_t n_base, const float* value_logits, int64_t n_value,
+                        const int32_t* token_map, float alpha, const float* token_weights);
+
+}  // namespace ivl
