@@ -29,7 +29,13 @@ void fuse_logits(float* out, const float* base_logits, int64_t n_base,
         if (out != base_logits) std::memmove(out, base_logits, sizeof(float) * n_base);
         return;
     }
-    kernels.fuse({out, base_logits, value_logits, token_map, token_weights, alpha, n_base, n_value});
+    const detail::FuseArgs args{out, base_logits, value_logits, token_map, token_weights,
+                                alpha, n_base, n_value};
+    if (n_value == 0) {  // every entry must be -1; the SIMD gathers may read value[0]
+        detail::fuse_scalar_range(args, 0, n_base);
+        return;
+    }
+    kernels.fuse(args);
 }
 
 }  // namespace ivl
