@@ -389,12 +389,15 @@ class Engine:
     def _strip_leading(deltas: Iterator[str]) -> Iterator[str]:
         """The fallback format ends with 'Assistant:'; the answer's first space is format."""
         started = False
-        for delta in deltas:
-            if not started:
-                delta = delta.lstrip()
-                started = bool(delta)
-            if delta:
-                yield delta
+        try:
+            for delta in deltas:
+                if not started:
+                    delta = delta.lstrip()
+                    started = bool(delta)
+                if delta:
+                    yield delta
+        finally:
+            deltas.close()  # leaving early stops decoding now, not at garbage collection
 
     def chat(self, messages: list[dict], stream: bool = False, max_tokens: int | None = 256,
              sampling: SamplingConfig | None = None, stop=None):
@@ -415,15 +418,28 @@ class Engine:
         def chunk(delta: dict, finish=None):
             return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        yield chunk({"role": "assistant"})
-        for text in deltas:
-            yield chunk({"content": text})
-        yield chunk({}, self.stats.finish_reason)
+        try:
+            yield chunk({"role": "assistant"})
+            for text in deltas:
+                yield chunk({"content": text})
+            yield chunk({}, self.stats.finish_reason)
+        finally:
+            deltas.close()
 
     @property
     def model_name(self) -> str:
         name = self.base_path.name
         return f"{name}+{self.value_path.name}" if self.value_path else name
+
+    def clear_cache(self) -> None:
+        """Forget both KV caches (the next call decodes its whole prompt).
+
+        Logits of a prompt decoded in one batch and of the same prompt decoded in pieces
+        (prefix reuse) can differ in the last bits (llama.cpp's batched kernels), which may
+        flip a greedy near-tie; clear the cache for bit-reproducible runs."""
+        self._base.reset()
+        if self._value is not None:
+            (self._value.seq if isinstance(self._value, TextSync) else self._value).reset()
 
     # --- lifetime ---------------------------------------------------------------------------
 

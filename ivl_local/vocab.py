@@ -77,6 +77,7 @@ class TokenMapping:
     base_fingerprint: str
     value_fingerprint: str
     builder: str
+    n_exact: int | None = None        # entries from exact text matches (known when built here)
 
     @property
     def identity(self) -> bool:
@@ -155,9 +156,10 @@ def build_exact_map(base: VocabData, value: VocabData,
         if ids:
             token_map[i], weights[i] = ids[0], 1.0
             filled += 1
+    n_exact = int((token_map >= 0).sum()) - filled
     log.info("token map: %d exact, %d via the value tokenizer, %d unmapped",
-             int((token_map >= 0).sum()) - filled, filled, int((token_map < 0).sum()))
-    return TokenMapping(token_map, weights, base.fingerprint, value.fingerprint, EXACT_BUILDER)
+             n_exact, filled, int((token_map < 0).sum()))
+    return TokenMapping(token_map, weights, base.fingerprint, value.fingerprint, EXACT_BUILDER, n_exact)
 
 
 def cached_map_path(base: VocabData, value: VocabData) -> Path:

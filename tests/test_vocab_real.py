@@ -1,0 +1,115 @@
+"""The exact-text token map between two real vocabularies: Gemma 3 (SentencePiece, 262k)
+and SmolLM2 (byte-level BPE, 49k)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ivl_local.errors import VocabMismatchError
+from ivl_local.valuefile import read_gguf_header
+from ivl_local.vocab import (cached_map_path, identity_mapping, load_map, read_vocab, resolve_mapping,
+                             save_map)
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def vocabs(gemma3_path, smollm2_path):
+    return read_vocab(read_gguf_header(gemma3_path)), read_vocab(read_gguf_header(smollm2_path))
+
+
+@pytest.fixture(scope="module")
+def smollm2_model(smollm2_path):
+    from ivl_local.backend import Model
+
+    with Model(smollm2_path, vocab_only=True) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def gemma_to_smollm2(vocabs, smollm2_model, tmp_path_factory):
+    base, value = vocabs
+    vv = smollm2_model.vocab
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IVL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mapping = resolve_mapping(base, value, lambda t: vv.tokenize(t, add_special=False, parse_special=False))
+        assert cached_map_path(base, value).exists()
+        again = resolve_mapping(base, value, lambda t: pytest.fail("cached map not used"))
+    assert np.array_equal(again.token_map, mapping.token_map)
+    assert mapping.n_exact is not None
+    return mapping
+
+
+def test_vocab_kinds_and_fingerprints(vocabs):
+    base, value = vocabs
+    assert (base.kind, len(base)) == ("spm", 262144)
+    assert (value.kind, len(value)) == ("bpe", 49152)
+    assert base.fingerprint != value.fingerprint
+    assert len(base.fingerprint) == 16
+
+
+def test_known_pairs(vocabs, gemma_to_smollm2):
+    base, value = vocabs
+    b = {t: i for i, t in enumerate(base.tokens)}
+    v = {t: i for i, t in enumerate(value.tokens)}
+    pairs = {"the": "the", "▁the": "Ġthe", "\n": "Ċ", "Hello": "Hello", "▁world": "Ġworld"}
+    pairs.update({d: d for d in "0123456789"})
+    token_map, weights = gemma_to_smollm2.token_map, gemma_to_smollm2.token_weights
+    for base_text, value_text in pairs.items():
+        i = b[base_text.encode()]
+        assert token_map[i] == v[value_text.encode()], base_text
+        assert weights[i] == 1.0
+
+
+def test_control_tokens_map_to_nothing(vocabs, gemma_to_smollm2):
+    base, _ = vocabs
+    control = np.flatnonzero(base.types == 3)
+    assert len(control) > 0
+    assert (gemma_to_smollm2.token_map[control] == -1).all()
+    assert (gemma_to_smollm2.token_weights[control] == 0).all()
+
+
+def test_unmatched_tokens_take_the_first_value_token(vocabs, gemma_to_smollm2, smollm2_model):
+    """A long Gemma word SmolLM2 has no single token for maps to the first piece of its encoding."""
+    base, value = vocabs
+    value_index = {t: i for i, t in enumerate(value.tokens)}
+    word = next(t for t in base.tokens if t.startswith("▁".encode()) and len(t) > 14
+                and t.replace("▁".encode(), "Ġ".encode()) not in value_index and t[3:].isalpha())
+    i = base.tokens.index(word)
+    expected = smollm2_model.vocab.tokenize(word.replace("▁".encode(), b" "), add_special=False,
+                                            parse_special=False)[0]
+    assert gemma_to_smollm2.token_map[i] == expected
+
+
+def test_coverage(vocabs, gemma_to_smollm2):
+    base, _ = vocabs
+    covered = gemma_to_smollm2.coverage(base)
+    n_normal = int(np.isin(base.types, (1, 6)).sum())
+    n_exact = gemma_to_smollm2.n_exact
+    print(f"\nGemma 3 -> SmolLM2 token map: {covered:.1%} of {n_normal:,} normal Gemma tokens mapped, "
+          f"{n_exact:,} ({n_exact / n_normal:.1%}) by exact text, the rest via SmolLM2's tokenizer")
+    assert covered > 0.9
+    assert n_exact > 20000  # most of SmolLM2's 49k tokens have a Gemma twin
+
+
+def test_map_file_round_trip_and_mismatch(vocabs, gemma_to_smollm2, tmp_path):
+    base, value = vocabs
+    path = tmp_path / "g2s.npz"
+    save_map(path, gemma_to_smollm2)
+    loaded = load_map(path, base, value)
+    assert np.array_equal(loaded.token_map, gemma_to_smollm2.token_map)
+    assert loaded.builder == gemma_to_smollm2.builder
+    with pytest.raises(VocabMismatchError, match="vocabularies"):
+        load_map(path, value, base)  # the other way round
+    with pytest.raises(VocabMismatchError, match="no such token map"):
+        load_map(tmp_path / "missing.npz", base, value)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(VocabMismatchError, match="not a token map"):
+        load_map(tmp_path / "junk.npz", base, value)
+
+
+def test_same_vocabulary_is_identity(vocabs):
+    _, value = vocabs
+    mapping = resolve_mapping(value, value, lambda t: pytest.fail("no map needed"))
+    assert mapping.identity and mapping == identity_mapping(value.fingerprint)
