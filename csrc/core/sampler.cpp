@@ -178,44 +178,89 @@ private:
     float t_;
 };
 
-// Smallest set of best tokens whose probability mass reaches p (llama.cpp semantics).
+// Smallest set of best tokens whose probability mass reaches p (llama.cpp semantics: in
+// canonical order, keep up to and including the first token where the cumulative
+// probability is >= p). Small or sorted sets are sorted and scanned. Large unsorted sets
+// (top-k off) are never sorted: one pass histograms the probability mass into kBuckets
+// logit bands below the max; every band above the one where the mass crosses p is kept
+// whole, and only that crossing band is sorted and scanned.
 class TopPStep : public SamplerStep {
 public:
     explicit TopPStep(float p) : p_(p) {}
     void apply(CandidateSet& cs) override {
         if (p_ >= 1.0f) return;
         cs.make_sparse(negligible_log_ratio(cs.n_vocab));
-        const double total = softmax_weights(cs, weights_);
-        const double target = static_cast<double>(p_) * total;
-        const double top = max_logit(cs);
-        auto& items = cs.items;
-        const size_t n = items.size();
-        size_t done = 0;       // items[0..done) are in canonical order, best first
-        double mass = 0.0;
-        size_t chunk = cs.sorted ? n : 64;
-        while (done < n) {
-            const size_t upto = std::min(n, done + chunk);
-            if (!cs.sorted) {
-                std::partial_sort(items.begin() + done, items.begin() + upto, items.end(),
-                                  candidate_before);
-            }
-            for (size_t i = done; i < upto; ++i) {
-                mass += std::exp(static_cast<double>(items[i].logit) - top);
+        if (cs.sorted || cs.items.size() <= kSortBelow) {
+            sort_canonical(cs);
+            const double total = softmax_weights(cs, weights_);
+            const double target = static_cast<double>(p_) * total;
+            double mass = 0.0;
+            for (size_t i = 0; i < cs.items.size(); ++i) {
+                mass += weights_[i];
                 if (mass >= target) {
-                    items.resize(i + 1);
-                    cs.sorted = true;
+                    cs.items.resize(i + 1);
                     return;
                 }
             }
-            done = upto;
-            chunk *= 4;
+            return;  // rounding kept us just under the target: keep everything
         }
-        cs.sorted = true;  // rounding kept us just under the target: keep everything
+        apply_by_bands(cs);
     }
 
 private:
+    static constexpr size_t kSortBelow = 512;
+    static constexpr int kBuckets = 2048;
+
+    void apply_by_bands(CandidateSet& cs) {
+        auto& items = cs.items;
+        const double total = softmax_weights(cs, weights_);
+        const double target = static_cast<double>(p_) * total;
+        const double top = max_logit(cs);
+        double bottom = top;
+        for (const auto& c : items) bottom = std::min(bottom, static_cast<double>(c.logit));
+        const double scale = top > bottom ? (kBuckets - 1) / (top - bottom) : 0.0;
+        band_.resize(items.size());
+        mass_.assign(kBuckets, 0.0);
+        for (size_t i = 0; i < items.size(); ++i) {
+            const int b = static_cast<int>((top - items[i].logit) * scale);  // 0 = best band
+            band_[i] = b;
+            mass_[b] += weights_[i];
+        }
+        int crossing = kBuckets - 1;
+        double above = 0.0;  // mass of the bands before `crossing`
+        for (int b = 0; b < kBuckets; ++b) {
+            if (above + mass_[b] >= target) {
+                crossing = b;
+                break;
+            }
+            above += mass_[b];
+        }
+        // Keep whole bands above the crossing one (ids ascending), then the crossing band in
+        // canonical order up to the target.
+        kept_.clear();
+        edge_.clear();
+        for (size_t i = 0; i < items.size(); ++i) {
+            if (band_[i] < crossing) {
+                kept_.push_back(items[i]);
+            } else if (band_[i] == crossing) {
+                edge_.push_back(items[i]);
+            }
+        }
+        std::sort(edge_.begin(), edge_.end(), candidate_before);
+        double mass = above;
+        for (const auto& c : edge_) {
+            kept_.push_back(c);
+            mass += std::exp(static_cast<double>(c.logit) - top);
+            if (mass >= target) break;
+        }
+        items.swap(kept_);
+        cs.sorted = false;
+    }
+
     float p_;
-    std::vector<double> weights_;
+    std::vector<double> weights_, mass_;
+    std::vector<int> band_;
+    std::vector<Candidate> kept_, edge_;
 };
 
 // Keep tokens with probability >= min_p * the best token's.

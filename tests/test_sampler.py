@@ -1,0 +1,281 @@
+"""ivl_local._core.Sampler: probability tables per step, draws, determinism, greedy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ivl_local import _core
+
+OFF = dict(top_k=0, top_p=1.0, min_p=0.0)  # no truncation
+
+
+def softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def f32(values):
+    return np.asarray(values, np.float32)
+
+
+def chain_reference(logits, temperature, top_k, top_p, min_p):
+    """The chain written plainly in numpy (full sort allowed here): ids and probs, best first."""
+    logits = np.asarray(logits, np.float64)
+    order = np.lexsort((np.arange(logits.size), -logits))  # logit desc, then id
+    order = [int(i) for i in order if np.isfinite(logits[i])]
+    if top_k > 0:
+        order = order[:top_k]
+    scaled = logits[order] / temperature
+    if top_p < 1.0:
+        probs = softmax(scaled)
+        keep = int(np.argmax(np.cumsum(probs) >= top_p)) + 1
+        order, scaled = order[:keep], scaled[:keep]
+    if min_p > 0.0:
+        keep = scaled - scaled.max() >= np.log(min_p)
+        order, scaled = [i for i, k in zip(order, keep) if k], scaled[keep]
+    return np.array(order), softmax(scaled)
+
+
+def assert_probs(sampler, logits, ids, probs):
+    got_ids, got_probs = sampler.probs(f32(logits))
+    assert got_ids.dtype == np.int32 and got_probs.dtype == np.float32
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_allclose(got_probs, probs, rtol=1e-5, atol=1e-7)
+
+
+LOGITS = [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_no_truncation_is_softmax():
+    assert_probs(_core.Sampler(temperature=1.0, **OFF), LOGITS, [4, 3, 2, 1, 0],
+                 softmax(LOGITS[::-1]))
+
+
+def test_top_k_table():
+    sampler = _core.Sampler(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0)
+    assert_probs(sampler, LOGITS, [4, 3], softmax([5.0, 4.0]))
+    assert_probs(_core.Sampler(temperature=1.0, top_k=9, top_p=1.0, min_p=0.0), LOGITS,
+                 [4, 3, 2, 1, 0], softmax([5, 4, 3, 2, 1]))
+
+
+def test_temperature_table():
+    sampler = _core.Sampler(temperature=0.5, **OFF)
+    assert_probs(sampler, LOGITS, [4, 3, 2, 1, 0], softmax(np.array([5, 4, 3, 2, 1]) / 0.5))
+    hot = _core.Sampler(temperature=4.0, **OFF)
+    assert_probs(hot, LOGITS, [4, 3, 2, 1, 0], softmax(np.array([5, 4, 3, 2, 1]) / 4.0))
+
+
+PROBS4 = np.log([0.5, 0.3, 0.15, 0.05])
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.4, 1), (0.75, 2), (0.85, 3), (0.99, 4)])
+def test_top_p_table(top_p, kept):
+    sampler = _core.Sampler(temperature=1.0, top_k=0, top_p=top_p, min_p=0.0)
+    expected = np.array([0.5, 0.3, 0.15, 0.05])[:kept]
+    assert_probs(sampler, PROBS4, np.arange(kept), expected / expected.sum())
+
+
+@pytest.mark.parametrize("min_p, kept", [(0.05, 4), (0.2, 3), (0.5, 2), (0.9, 1)])
+def test_min_p_table(min_p, kept):
+    sampler = _core.Sampler(temperature=1.0, top_k=0, top_p=1.0, min_p=min_p)
+    expected = np.array([0.5, 0.3, 0.15, 0.05])[:kept]
+    assert_probs(sampler, PROBS4, np.arange(kept), expected / expected.sum())
+
+
+def test_penalties_table():
+    logits = [2.0, -1.0, 0.5, 3.0]
+    sampler = _core.Sampler(temperature=1.0, **OFF, repeat_penalty=2.0, repeat_last_n=8,
+                            frequency_penalty=0.5, presence_penalty=0.25)
+    for token in (0, 0, 1):
+        sampler.accept(token)
+    # seen twice: 2/2 - 2*0.5 - 0.25; seen once (negative logit): -1*2 - 0.5 - 0.25
+    adjusted = np.array([2.0 / 2 - 1.0 - 0.25, -1.0 * 2 - 0.5 - 0.25, 0.5, 3.0])
+    order = np.argsort(-adjusted, kind="stable")
+    assert_probs(sampler, logits, order, softmax(adjusted)[order])
+    sampler.reset()
+    assert_probs(sampler, logits, [3, 0, 2, 1], softmax([3.0, 2.0, 0.5, -1.0]))
+
+
+def test_penalty_window_is_last_n():
+    logits = [1.0, 1.0, 1.0]
+    sampler = _core.Sampler(temperature=1.0, **OFF, repeat_last_n=1, presence_penalty=1.0)
+    sampler.accept(0)
+    sampler.accept(2)  # pushes token 0 out of the window
+    assert_probs(sampler, logits, [0, 1, 2], softmax([1.0, 1.0, 0.0]))
+    off = _core.Sampler(temperature=1.0, **OFF, repeat_last_n=0, presence_penalty=1.0)
+    off.accept(0)
+    assert_probs(off, logits, [0, 1, 2], [1 / 3] * 3)
+
+
+def test_penalties_do_not_modify_the_input():
+    logits = f32([3.0, 1.0, 2.0])
+    sampler = _core.Sampler(temperature=0.0, repeat_penalty=10.0)
+    sampler.accept(0)
+    assert sampler.sample(logits) == 2
+    np.testing.assert_array_equal(logits, [3.0, 1.0, 2.0])
+
+
+@pytest.mark.parametrize("config", [
+    dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0),
+    dict(temperature=1.3, top_k=0, top_p=0.7, min_p=0.0),
+    dict(temperature=0.6, top_k=0, top_p=1.0, min_p=0.05),
+    dict(temperature=1.0, top_k=100, top_p=0.95, min_p=0.02),
+])
+def test_chain_matches_reference_on_a_large_vocab(config):
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal(50_000) * 3).astype(np.float32)
+    logits[rng.choice(50_000, 1000, replace=False)] = -np.inf
+    ids, probs = chain_reference(logits, **config)
+    assert_probs(_core.Sampler(**config), logits, ids, probs)
+
+
+def test_full_vocab_top_k_top_p_every_level():
+    rng = np.random.default_rng(12)
+    logits = (rng.standard_normal(262_144) * 2.5).astype(np.float32)
+    logits[rng.choice(logits.size, 30, replace=False)] += 10
+    ids, probs = chain_reference(logits, 0.8, 40, 0.9, 0.0)
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            assert_probs(_core.Sampler(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0),
+                         logits, ids, probs)
+    finally:
+        _core.set_simd_level("auto")
+
+
+def test_draw_frequencies_match_probs():
+    logits = f32(np.log([0.5, 0.25, 0.15, 0.1]))
+    sampler = _core.Sampler(temperature=1.0, **OFF, seed=1234)
+    draws = np.array([sampler.sample(logits) for _ in range(20_000)])
+    freq = np.bincount(draws, minlength=4) / draws.size
+    np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.1], atol=0.015)
+
+
+def test_draws_only_from_survivors():
+    logits = f32([5.0, 4.9, 4.8, 0.0, -1.0])
+    sampler = _core.Sampler(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, seed=3)
+    assert {sampler.sample(logits) for _ in range(500)} == {0, 1}
+
+
+def test_seeded_determinism_and_reset():
+    rng = np.random.default_rng(13)
+    logits = (rng.standard_normal(262_144) * 2).astype(np.float32)
+    a = _core.Sampler(temperature=1.5, top_k=0, top_p=0.95, min_p=0.0, seed=42)
+    b = _core.Sampler(temperature=1.5, top_k=0, top_p=0.95, min_p=0.0, seed=42)
+    c = _core.Sampler(temperature=1.5, top_k=0, top_p=0.95, min_p=0.0, seed=43)
+    first = [a.sample(logits) for _ in range(12)]
+    assert first == [b.sample(logits) for _ in range(12)]
+    assert first != [c.sample(logits) for _ in range(12)]
+    a.reset()
+    assert first == [a.sample(logits) for _ in range(12)]
+
+
+def test_draws_follow_the_standard_mt19937_64_stream():
+    # std::mt19937_64 is fully specified by the C++ standard (seed 5489: first output
+    # 14514284786278117030, 10000th 9981545732273789042), and each draw takes the top 53
+    # bits as a uniform in [0, 1): the same tokens on every platform.
+    cumulative = np.cumsum([0.5, 0.25, 0.15, 0.1])
+    sampler = _core.Sampler(temperature=1.0, **OFF, seed=5489)
+    logits = f32(np.log([0.5, 0.25, 0.15, 0.1]))
+    draws = [sampler.sample(logits) for _ in range(10_000)]
+    for draw, output in ((draws[0], 14514284786278117030), (draws[-1], 9981545732273789042)):
+        uniform = (output >> 11) * 2.0**-53
+        assert draw == int(np.searchsorted(cumulative, uniform, side="right"))
+
+
+def test_greedy_ties_go_to_lowest_id_every_level():
+    logits = np.zeros(262_144, np.float32)
+    logits[200_000] = 7.0
+    logits[100_001] = 7.0
+    logits[5] = 6.9
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            for seed in (0, 1, 2):
+                sampler = _core.Sampler(temperature=0.0, seed=seed)
+                assert sampler.sample(logits) == 100_001
+                ids, probs = sampler.probs(logits)
+                assert ids.tolist() == [100_001] and probs.tolist() == [1.0]
+    finally:
+        _core.set_simd_level("auto")
+    assert _core.Sampler(temperature=0.0).sample(f32([1.0, 5.0, 5.0, 2.0])) == 1
+
+
+def test_greedy_applies_penalties():
+    sampler = _core.Sampler(temperature=0.0, repeat_penalty=2.0)
+    logits = f32([1.0, 3.0, 2.0])
+    assert sampler.sample(logits) == 1
+    sampler.accept(1)
+    assert sampler.sample(logits) == 2  # 3 / 2 = 1.5 < 2
+
+
+def test_fuse_and_sample_equals_fuse_then_sample_every_level():
+    rng = np.random.default_rng(14)
+    n, n_value = 70_001, 40_000
+    base = (rng.standard_normal(n) * 2).astype(np.float32)
+    value = rng.standard_normal(n_value).astype(np.float32)
+    token_map = rng.integers(-1, n_value, n).astype(np.int32)
+    token_weights = np.ones(n, np.float32)
+    scratch = np.empty(n, np.float32)
+    config = dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.3, seed=7)
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            one_call, two_calls = _core.Sampler(**config), _core.Sampler(**config)
+            for _ in range(20):
+                token = _core.fuse_and_sample(one_call, base.ctypes.data, n, value.ctypes.data,
+                                              n_value, token_map, 0.8, token_weights, scratch)
+                fused = _core.fuse_logits(base, value, token_map, 0.8, token_weights)
+                assert token == two_calls.sample(fused)
+                one_call.accept(token)
+                two_calls.accept(token)
+    finally:
+        _core.set_simd_level("auto")
+
+
+def test_fuse_and_sample_identity_and_errors():
+    n = 1000
+    base, value = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    base[123], value[456] = 5.0, 9.0
+    scratch = np.empty(n, np.float32)
+    greedy = _core.Sampler(temperature=0.0)
+    args = (base.ctypes.data, n, value.ctypes.data, n, None)
+    assert _core.fuse_and_sample(greedy, *args, 1.0, None, scratch) == 456
+    assert _core.fuse_and_sample(greedy, *args, 0.0, None, scratch) == 123
+    value[7] = np.nan
+    with pytest.raises(ValueError, match="NaN in value logits at index 7"):
+        _core.fuse_and_sample(greedy, *args, 1.0, None, scratch)
+    with pytest.raises(ValueError, match="scratch must have length 1000"):
+        _core.fuse_and_sample(greedy, *args, 0.0, None, np.empty(10, np.float32))
+    read_only = np.empty(n, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="scratch must be writable"):
+        _core.fuse_and_sample(greedy, *args, 0.0, None, read_only)
+
+
+def test_sample_ptr_and_errors():
+    logits = f32([0.0, 2.0, 1.0])
+    sampler = _core.Sampler(temperature=0.0)
+    assert sampler.sample_ptr(logits.ctypes.data, 3) == 1
+    with pytest.raises(ValueError, match="NaN in logits at index 1"):
+        sampler.sample(f32([0.0, np.nan]))
+    with pytest.raises(ValueError, match="all logits are -inf"):
+        _core.Sampler(temperature=1.0).sample(f32([-np.inf, -np.inf]))
+    with pytest.raises(ValueError, match="all logits are -inf"):
+        sampler.sample(f32([-np.inf] * 3))
+    with pytest.raises(ValueError, match="empty logits"):
+        sampler.sample(np.zeros(0, np.float32))
+    with pytest.raises(TypeError, match="logits must have dtype float32"):
+        sampler.sample(np.zeros(3))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+    dict(min_p=1.0), dict(repeat_penalty=0.0), dict(repeat_last_n=-1),
+    dict(presence_penalty=float("inf")),
+])
+def test_invalid_settings_raise(bad):
+    with pytest.raises(ValueError, match="invalid sampler setting"):
+        _core.Sampler(**bad)
