@@ -1,0 +1,46 @@
+"""Does a value network transfer? Runs ivl_local.eval.run_eval and writes docs/results/.
+
+    python benchmarks/eval.py --quick              # every configuration kind, a few minutes
+    python benchmarks/eval.py --limit 200          # the full plan on 200 test examples
+    python benchmarks/eval.py --only smollm2 gemma3 --limit 100   # names containing these
+
+Artifacts (trained value nets, full fine-tunes, re-quantized bases, aligned maps) are built on
+first use and cached under ivl_local.models.cache_dir()/eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "convert")]
+
+from ivl_local.eval import build_plan, run_eval  # noqa: E402
+from ivl_local.eval.configs import Plan  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small recipes, few examples, one alpha sweep")
+    parser.add_argument("--limit", type=int, default=None, help="test examples per configuration")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="keep configurations whose name contains one of these words")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    plan = build_plan(args.quick)
+    if args.only:
+        plan = Plan([c for c in plan.configs if any(w in c.name for w in args.only)],
+                    plan.skipped + [f"--only {' '.join(args.only)}: other configurations not run"])
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    run_eval(plan, split=args.split, limit=args.limit, quick=args.quick, out_dir=args.out,
+             seed=args.seed, command=command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

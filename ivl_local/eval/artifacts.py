@@ -1,0 +1,156 @@
+"""Build (once) and cache the files an evaluation needs: trained value nets, full fine-tunes,
+re-quantized bases and aligned token maps.
+
+    ws = Workspace(cache_dir() / "eval")
+    path = ws.model(Trained("smollm2-135m"))      # -> value .ivl.gguf (trains on first use)
+    path = ws.model(Requantized("smollm2-135m", "Q8_0"))
+    ws.describe(path)                             # {"file": ..., "sha256": first 12 hex digits}
+
+Every artifact lives in its own folder named after its recipe and a hash of the recipe plus
+the files it is made from (training data, base model, corpus), so changing any of them builds
+a new one. Training runs in a child process (`python -m ivl_local.eval.jobs`): torch never
+enters the evaluating process, and its memory is returned before models are loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import IVLError, ModelFileError
+from ..models import resolve_model
+from .configs import AlignedMap, ModelRef, Requantized, Trained
+from .task import split_path
+
+# llama_ftype values (llama.h) for the re-quantization targets we use
+FTYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+
+
+def sha256_of(path: Path, _cache: dict = {}) -> str:
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        _cache[key] = digest.hexdigest()
+    return _cache[key]
+
+
+def _recipe_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text).strip("-").lower()
+
+
+class ArtifactError(IVLError):
+    """An evaluation artifact (training, conversion, quantization) could not be built."""
+
+
+class Workspace:
+    def __init__(self, root: Path, train_split: str = "train", log=print):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.train_data = split_path(train_split)
+        self.log = log
+
+    # --- public -----------------------------------------------------------------------------
+
+    def model(self, ref: ModelRef) -> Path:
+        """A GGUF file (or, for a non-llama full fine-tune, a torch checkpoint folder)."""
+        if isinstance(ref, str):
+            return resolve_model(ref)
+        if isinstance(ref, Requantized):
+            return self._requantize(ref)
+        if isinstance(ref, Trained):
+            return self._trained(ref)
+        raise TypeError(f"not a model reference: {ref!r}")
+
+    def token_map(self, spec: AlignedMap, progress: bool = False) -> Path:
+        from ..align import build_aligned_map
+
+        base, value = self.model(spec.base), self.model(spec.value)
+        corpus = Path(spec.corpus)
+        key = _recipe_hash(sha256_of(base), sha256_of(value), sha256_of(corpus), spec.max_bytes)
+        out = self.root / "maps" / f"aligned-{key}.npz"
+        if not out.exists():
+            self.log(f"building aligned token map {base.name} <- {value.name} "
+                     f"({spec.max_bytes or 'all'} bytes of {corpus.name})")
+            build_aligned_map(base, value, corpus, out, progress=progress, max_bytes=spec.max_bytes)
+        return out
+
+    @staticmethod
+    def describe(path: Path | None) -> dict | None:
+        if path is None:
+            return None
+        path = Path(path)
+        if path.is_dir():  # a torch checkpoint: hash its weights
+            weights = path / "model.safetensors"
+            return {"file": str(path), "sha256": sha256_of(weights)[:12] if weights.exists() else "?"}
+        return {"file": str(path), "sha256": sha256_of(path)[:12], "bytes": path.stat().st_size}
+
+    # --- builders ---------------------------------------------------------------------------
+
+    def _requantize(self, ref: Requantized) -> Path:
+        import llama_cpp
+
+        if ref.qtype not in FTYPES:
+            raise ArtifactError(f"unknown quantization {ref.qtype} (known: {', '.join(FTYPES)})")
+        source = resolve_model(ref.source)
+        out = self.root / "quant" / f"{source.stem}.{ref.qtype}-{_recipe_hash(sha256_of(source))}.gguf"
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = FTYPES[ref.qtype]
+        params.allow_requantize = True   # the source is already quantized (Q4_1, Q4_K_M)
+        params.nthread = os.cpu_count() or 1
+        self.log(f"re-quantizing {source.name} -> {ref.qtype}")
+        rc = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), llama_cpp.byref(params))
+        if rc != 0 or not tmp.exists():
+            tmp.unlink(missing_ok=True)
+            raise ArtifactError(f"llama.cpp could not quantize {source.name} to {ref.qtype} (code {rc})")
+        os.replace(tmp, out)
+        return out
+
+    def _trained(self, ref: Trained) -> Path:
+        base = resolve_model(ref.base)
+        key = _recipe_hash(asdict(ref), sha256_of(base), sha256_of(self.train_data))
+        folder = self.root / "trained" / f"{_slug(ref.label)}-{key}"
+        done = folder / "artifact.json"
+        if done.exists():
+            return Path(json.loads(done.read_text())["path"])
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log(f"training {ref.label} ({ref.steps} steps) in {folder}")
+        job = {"recipe": asdict(ref), "data": str(self.train_data), "folder": str(folder)}
+        result = run_job("train", job)
+        done.write_text(json.dumps(result, indent=2) + "\n")
+        return Path(result["path"])
+
+
+def run_job(name: str, payload: dict) -> dict:
+    """Run ivl_local.eval.jobs in a child process (nice'd, so an interactive shell stays usable)."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), str(root / "convert"),
+                                                    env.get("PYTHONPATH", "")) if p)
+    out_file = Path(payload.get("folder") or payload["out_dir"]) / f"{name}-result.json"
+    out_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "ivl_local.eval.jobs", name, json.dumps(payload), str(out_file)]
+    proc = subprocess.run(cmd, env=env, preexec_fn=lambda: os.nice(5))
+    if proc.returncode != 0 or not out_file.exists():
+        raise ArtifactError(f"evaluation job '{name}' failed (exit {proc.returncode}); see the log above")
+    return json.loads(out_file.read_text())
+
+
+__all__ = ["Workspace", "ArtifactError", "sha256_of", "run_job", "ModelFileError"]

@@ -1,0 +1,213 @@
+"""What an evaluation compares: configurations and the recipes of the files they need.
+
+A configuration is a base model, an optional value network, alpha and an optional token
+map. Models are referred to by *recipe*, not by path, so a configuration list can be written
+before anything exists and the harness builds (and caches) what is missing:
+
+    Trained("smollm2-135m")                       # value net trained on the task's train split
+    Trained("smollm2-135m", full_finetune=True)   # the reference: the base itself fine-tuned
+    Requantized("smollm2-135m", "Q8_0")           # another quantization of a base
+    AlignedMap(base="gemma3-270m", value=Trained("smollm2-135m"))   # corpus-aligned token map
+
+    configs = quick_configs()       # a few minutes on a 2-core CPU, every kind present
+    configs = full_configs()        # everything, optional Qwen models when installed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Union
+
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus" / "corpus.txt"
+
+SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
+QWEN_SMALL, QWEN_LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+QUICK_ALPHAS = (0.0, 0.5, 1.0, 1.5)
+
+# Configuration kinds, in report order.
+KINDS = (
+    "base",                 # a base model alone
+    "in-distribution",      # the training base + its value net
+    "full-finetune",        # the training base fully fine-tuned on the same data (reference)
+    "other-quantization",   # another quantization of the training base + the same value net
+    "cross-vocab",          # another family (other vocabulary) + the value net, exact-text map
+    "cross-vocab-aligned",  # same, corpus-aligned token map
+    "same-family",          # a larger model of the training base's family + the value net
+    "norm-weight-0",        # value net trained without the norm penalty
+    "alpha-sweep",          # a transfer configuration at several alphas
+)
+OPTIONAL_KINDS = ("same-family",)   # needs the optional Qwen models
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A network trained on the task's train split against `base` (cached by these settings)."""
+
+    base: str
+    norm_weight: float = 1.0
+    full_finetune: bool = False
+    init: str = "auto"
+    steps: int = 300
+    extra: tuple = ()              # other TrainConfig fields as (name, value) pairs
+
+    @property
+    def label(self) -> str:
+        if self.full_finetune:
+            return f"{self.base} full-FT"
+        norm = "" if self.norm_weight == 1.0 else f", norm {self.norm_weight:g}"
+        return f"value[{self.base}{norm}]"
+
+
+@dataclass(frozen=True)
+class Requantized:
+    """`source` re-quantized by llama.cpp to `qtype` (Q8_0, F16, Q4_0, ...)."""
+
+    source: str
+    qtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} {self.qtype}"
+
+
+ModelRef = Union[str, Trained, Requantized]
+
+
+def label_of(ref: ModelRef | None) -> str:
+    if ref is None:
+        return "-"
+    return ref if isinstance(ref, str) else ref.label
+
+
+@dataclass(frozen=True)
+class AlignedMap:
+    """Token map built by ivl_local.align from a corpus (first `max_bytes` of it if set)."""
+
+    base: ModelRef
+    value: ModelRef
+    corpus: str = str(CORPUS)
+    max_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: str                       # unique, short: shown in tables and plots
+    kind: str                       # one of KINDS
+    base: ModelRef
+    value: ModelRef | None = None
+    alpha: float = 1.0
+    token_map: AlignedMap | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.kind in KINDS, self.kind
+
+    @property
+    def engine_key(self) -> tuple:
+        """Configurations with equal keys share one loaded Engine (only alpha differs)."""
+        return (self.base, self.value, self.token_map)
+
+    def with_(self, **changes) -> "EvalConfig":
+        return replace(self, **changes)
+
+
+def alpha_sweep(config: EvalConfig, alphas=ALPHAS) -> list[EvalConfig]:
+    """The same configuration at each alpha (alpha 1 is the configuration itself)."""
+    return [config.with_(name=f"{config.name} @a={a:g}", kind="alpha-sweep", alpha=a)
+            for a in alphas if a != config.alpha]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A configuration list and what was left out of it (printed, and kept in the report)."""
+
+    configs: list[EvalConfig]
+    skipped: list[str] = field(default_factory=list)
+
+
+def _installed(name: str) -> bool:
+    from ..models import KNOWN_MODELS
+
+    try:
+        return KNOWN_MODELS[name].locate() is not None
+    except Exception:  # a broken part package counts as absent
+        return False
+
+
+def build_plan(quick: bool = False, installed=_installed) -> Plan:
+    """The configurations of the study. `quick`: fewer steps and alphas, same kinds."""
+    # Quick recipes are a smoke test of every kind, not a measurement: 16 steps of 4 examples
+    # (~1-3 s a step on 2 free cores; 5-10x that on a shared machine).
+    steps = 16 if quick else 150
+    # Task examples are ~40 tokens; max_len 96 never truncates one.
+    common = (("max_len", 96), ("batch_size", 4 if quick else 8), ("eval_every", 0))
+    # Value nets are fresh small llamas (2 layers, hidden 256, embeddings from the base's):
+    # their logits start near 0, so the fused model starts as the base and training is
+    # stable at the 1e-3 the training stage's default recipe uses. (A pruned copy of the base
+    # starts with full-size logits added to the base's: loss 25 at step 1, unstable at 1e-3
+    # and too slow to settle at 1e-4 within a CPU budget -- measured, see docs/results.)
+    fresh = common + (("learning_rate", 1e-3), ("warmup_ratio", 0.05))
+    v_smol = Trained(SMOL, init="fresh", steps=steps, extra=fresh)
+    v_smol_norm0 = replace(v_smol, norm_weight=0.0)
+    # The reference fine-tunes every base weight at the official 1e-4.
+    ft_smol = Trained(SMOL, full_finetune=True, steps=steps, extra=common)
+    # Gemma is not llama-arch; its value net is the same kind of fresh llama on Gemma's vocabulary.
+    v_gemma = Trained(GEMMA, init="fresh", steps=steps, extra=fresh)
+    alphas = QUICK_ALPHAS if quick else ALPHAS
+    corpus_cap = 60_000 if quick else None
+    skipped: list[str] = []
+
+    configs = [
+        EvalConfig("smollm2", "base", SMOL),
+        EvalConfig("gemma3", "base", GEMMA),
+        EvalConfig("smollm2 + value", "in-distribution", SMOL, v_smol),
+        EvalConfig("smollm2 full-FT", "full-finetune", ft_smol),
+        EvalConfig("smollm2 Q8_0", "base", Requantized(SMOL, "Q8_0")),
+    ]
+    transfer = [
+        EvalConfig("smollm2 Q8_0 + value", "other-quantization", Requantized(SMOL, "Q8_0"), v_smol),
+        EvalConfig("gemma3 + value[smollm2]", "cross-vocab", GEMMA, v_smol),
+        EvalConfig("smollm2 + value[gemma3]", "cross-vocab", SMOL, v_gemma),
+    ]
+    if not quick:
+        configs += [
+            EvalConfig("smollm2 Q4_0", "base", Requantized(SMOL, "Q4_0")),
+            EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma),
+        ]
+        transfer.insert(1, EvalConfig("smollm2 Q4_0 + value", "other-quantization",
+                                      Requantized(SMOL, "Q4_0"), v_smol))
+    configs += transfer
+    configs += [
+        EvalConfig("gemma3 + value[smollm2] aligned", "cross-vocab-aligned", GEMMA, v_smol,
+                   token_map=AlignedMap(GEMMA, v_smol, max_bytes=corpus_cap)),
+        EvalConfig("smollm2 + value[gemma3] aligned", "cross-vocab-aligned", SMOL, v_gemma,
+                   token_map=AlignedMap(SMOL, v_gemma, max_bytes=corpus_cap)),
+        EvalConfig("smollm2 + value norm 0", "norm-weight-0", SMOL, v_smol_norm0),
+        EvalConfig("gemma3 + value[smollm2] norm 0", "norm-weight-0", GEMMA, v_smol_norm0),
+    ]
+
+    # Same family, larger: a value net trained on Qwen 0.5B, added to Qwen 1.5B.
+    if installed(QWEN_SMALL) and installed(QWEN_LARGE) and not quick:
+        v_qwen = Trained(QWEN_SMALL, init="fresh", steps=steps, extra=fresh)
+        same = EvalConfig("qwen1.5b + value[qwen0.5b]", "same-family", QWEN_LARGE, v_qwen)
+        configs += [EvalConfig("qwen0.5b", "base", QWEN_SMALL), EvalConfig("qwen1.5b", "base", QWEN_LARGE),
+                    EvalConfig("qwen0.5b + value", "in-distribution", QWEN_SMALL, v_qwen), same]
+        transfer.append(same)
+    else:
+        for name in (QWEN_SMALL, QWEN_LARGE):
+            if not installed(name):
+                skipped.append(f"{name}: not installed (optional; see ivl_local.models.install_command)")
+        if quick:
+            skipped.append("same-family (Qwen 0.5B -> 1.5B): not in the quick set")
+        else:
+            skipped.append("same-family (Qwen 0.5B -> 1.5B): needs both Qwen models")
+        for name in (QWEN_SMALL, QWEN_LARGE):
+            if installed(name) and not quick:
+                configs.append(EvalConfig(name.replace("qwen2.5-coder-", "qwen"), "base", name))
+
+    sweep_of = transfer if not quick else transfer[1:2]   # quick: one cross-vocab sweep
+    for config in sweep_of:
+        configs += alpha_sweep(config, alphas)
+    return Plan(configs, skipped)

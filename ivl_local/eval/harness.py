@@ -1,0 +1,235 @@
+"""run_eval: every configuration on the held-out split, greedy, with confidence intervals.
+
+    from ivl_local.eval import run_eval
+    report = run_eval(None, quick=True)            # the quick plan, ~minutes on 2 cores
+    report.results["smollm2 + value"].score       # mean task score in [0, 1]
+    report.markdown_path, report.plot_paths
+
+Steps: build (or reuse) every artifact the plan names; load one runner per distinct
+(base, value, token map) and answer the split at each alpha it is asked for; score with the
+task's own scorer; write results.json, results.md and PNG plots. A configuration whose model
+is missing or whose artifact fails is skipped with a printed notice, never silently.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import IVLError
+from .configs import AlignedMap, EvalConfig, Plan, Trained, build_plan, label_of
+from .stats import bootstrap_interval, wilson_interval
+from .task import Example, load_split
+
+QUICK_LIMIT = 12      # examples per configuration in quick mode
+MAX_TOKENS = 16       # answers are at most 4 characters; a chatty model is cut here
+
+
+@dataclass
+class ConfigResult:
+    config: EvalConfig
+    answers: list[str]
+    scores: np.ndarray            # task score per example, in [0, 1]
+    lenient: np.ndarray           # task score of the first number in the answer
+    seconds: float
+    files: dict = field(default_factory=dict)   # role -> {"file", "sha256"}
+
+    @property
+    def n(self) -> int:
+        return int(self.scores.size)
+
+    @property
+    def score(self) -> float:
+        return float(self.scores.mean()) if self.n else float("nan")
+
+    @property
+    def score_ci(self) -> tuple[float, float]:
+        return bootstrap_interval(self.scores)
+
+    @property
+    def exact(self) -> int:
+        return int((self.scores == 1.0).sum())
+
+    @property
+    def exact_ci(self) -> tuple[float, float]:
+        return wilson_interval(self.exact, self.n)
+
+    @property
+    def lenient_score(self) -> float:
+        return float(self.lenient.mean()) if self.n else float("nan")
+
+    def summary(self) -> dict:
+        c = self.config
+        return {"name": c.name, "kind": c.kind, "base": label_of(c.base), "value": label_of(c.value),
+                "alpha": c.alpha, "token_map": "aligned" if c.token_map else ("exact-text" if c.value else "-"),
+                "n": self.n, "score": self.score, "score_ci": list(self.score_ci),
+                "exact": self.exact, "exact_rate": self.exact / self.n if self.n else float("nan"),
+                "exact_ci": list(self.exact_ci), "lenient_score": self.lenient_score,
+                "seconds": round(self.seconds, 2), "files": self.files, "note": c.note}
+
+
+@dataclass
+class EvalReport:
+    results: dict[str, ConfigResult]
+    skipped: list[str]
+    meta: dict
+    out_dir: Path
+    markdown_path: Path | None = None
+    json_path: Path | None = None
+    plot_paths: list[Path] = field(default_factory=list)
+
+
+def _default_command(quick: bool, split: str, limit: int | None) -> str:
+    if sys.argv and sys.argv[0].endswith(("eval.py", "ivl")):
+        return " ".join([Path(sys.executable).name, *sys.argv])
+    return f"ivl_local.eval.run_eval(quick={quick}, split={split!r}, limit={limit})"
+
+
+def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test", limit: int | None = None,
+             quick: bool = False, out_dir: str | os.PathLike = "docs/results", *, seed: int = 0,
+             max_tokens: int = MAX_TOKENS, workspace=None, runner_factory: Callable | None = None,
+             command: str | None = None, log: Callable[[str], None] = print,
+             progress: bool = True) -> EvalReport:
+    """Evaluate `configs` (None: the quick or full plan) on `split`; write the report.
+
+    Quick mode writes under out_dir/quick/ so it never overwrites a full run's report.
+    `workspace` (artifacts) and `runner_factory` (answers) are replaceable for tests."""
+    from . import report as report_mod
+
+    started = time.time()
+    plan = configs if isinstance(configs, Plan) else (build_plan(quick) if configs is None else Plan(list(configs)))
+    _check_names(plan.configs)
+    for line in plan.skipped:
+        log(f"skipped: {line}")
+    limit = QUICK_LIMIT if (quick and limit is None) else limit
+    examples = load_split(split, limit)
+    if workspace is None:
+        from ..models import cache_dir
+        from .artifacts import Workspace
+
+        workspace = Workspace(cache_dir() / "eval", log=log)
+    if runner_factory is None:
+        from .runners import make_runner as runner_factory
+
+    skipped = list(plan.skipped)
+    resolved = _resolve_all(plan.configs, workspace, skipped, log)
+    results = _answer_all(resolved, examples, workspace, runner_factory, seed, max_tokens, log, progress)
+    ordered = {c.name: results[c.name] for c in plan.configs if c.name in results}
+
+    out = Path(out_dir) / ("quick" if quick else "")
+    meta = {
+        "command": command or _default_command(quick, split, limit),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "split": split, "examples": len(examples), "example_ids": [e.index for e in examples],
+        "quick": quick, "seed": seed, "sampling": "greedy (temperature 0, argmax, ties -> lowest id)",
+        "max_tokens": max_tokens, "bootstrap": "percentile, 2000 resamples, seed 0",
+        "task": examples[0].task if examples else "?", "scorer": "reasoning_gym.get_score_answer_fn(task)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    rep = EvalReport(ordered, skipped, meta, out)
+    report_mod.write_report(rep)
+    log(f"wrote {rep.markdown_path} ({len(ordered)} configurations, {len(examples)} examples each)")
+    return rep
+
+
+def _check_names(configs: list[EvalConfig]) -> None:
+    names = [c.name for c in configs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"configuration names must be unique: {sorted(dupes)}")
+
+
+@dataclass
+class _Resolved:
+    config: EvalConfig
+    base: Path
+    value: Path | None
+    token_map: Path | None
+    torch_base_gguf: Path | None
+
+
+def _resolve_all(configs, workspace, skipped: list[str], log) -> list[_Resolved]:
+    """Paths of every configuration's files, building artifacts on first use."""
+    out, failed = [], {}
+    for c in configs:
+        try:
+            base = _cached(failed, c.base, lambda: workspace.model(c.base))
+            value = None if c.value is None else _cached(failed, c.value, lambda: workspace.model(c.value))
+            token_map = None if c.token_map is None else _cached(
+                failed, c.token_map, lambda: workspace.token_map(c.token_map))
+        except IVLError as e:
+            reason = f"{c.name}: {e}"
+            skipped.append(reason)
+            log(f"skipped: {reason}")
+            continue
+        torch_gguf = None
+        if Path(base).is_dir():   # a torch checkpoint: prompts use the training base's GGUF
+            assert isinstance(c.base, Trained)
+            torch_gguf = workspace.model(c.base.base)
+        out.append(_Resolved(c, Path(base), value and Path(value), token_map and Path(token_map), torch_gguf))
+    return out
+
+
+def _cached(failed: dict, key, build):
+    """Build once; a failure is remembered so dependent configurations skip at once."""
+    if key in failed:
+        raise failed[key]
+    try:
+        return build()
+    except IVLError as e:
+        failed[key] = e
+        raise
+
+
+def _answer_all(resolved: list[_Resolved], examples: list[Example], workspace, runner_factory,
+                seed: int, max_tokens: int, log, progress: bool) -> dict[str, ConfigResult]:
+    from ..progress import step_progress
+
+    groups: dict[tuple, list[_Resolved]] = {}
+    for r in resolved:
+        groups.setdefault((r.base, r.value, r.token_map), []).append(r)
+    conversations = [e.prompt_messages for e in examples]
+    results: dict[str, ConfigResult] = {}
+    total = sum(len({r.config.alpha for r in rs}) for rs in groups.values()) * len(examples)
+    with step_progress("evaluating", total if progress else 0) as advance:
+        for (base, value, token_map), members in groups.items():
+            runner = runner_factory(base, value, token_map, seed, members[0].torch_base_gguf)
+            try:
+                by_alpha: dict[float, tuple[list[str], float]] = {}
+                for r in members:
+                    if r.config.alpha not in by_alpha:
+                        runner.alpha = r.config.alpha
+                        t0 = time.time()
+                        answers = runner.answer_all(conversations, max_tokens, advance)
+                        by_alpha[r.config.alpha] = (answers, time.time() - t0)
+                    answers, seconds = by_alpha[r.config.alpha]
+                    results[r.config.name] = _scored(r, answers, examples, seconds, workspace)
+                    res = results[r.config.name]
+                    log(f"  {r.config.name:<40} score {res.score:.3f}  exact {res.exact}/{res.n}  "
+                        f"({seconds:.1f}s)")
+            finally:
+                runner.close()
+    return results
+
+
+def _scored(r: _Resolved, answers: list[str], examples: list[Example], seconds: float, workspace) -> ConfigResult:
+    scores = np.array([e.score(a) for e, a in zip(examples, answers)], dtype=np.float64)
+    lenient = np.array([e.lenient_score(a) for e, a in zip(examples, answers)], dtype=np.float64)
+    files = {"base": workspace.describe(r.base)}
+    if r.value is not None:
+        files["value"] = workspace.describe(r.value)
+    if r.token_map is not None:
+        files["token_map"] = workspace.describe(r.token_map)
+    return ConfigResult(r.config, list(answers), scores, lenient, seconds, files)
+
+
+__all__ = ["run_eval", "EvalReport", "ConfigResult", "QUICK_LIMIT", "AlignedMap"]

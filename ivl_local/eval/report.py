@@ -1,0 +1,247 @@
+"""Turn ConfigResults into comparisons against the project's goals, a markdown report, a JSON
+dump and PNG plots (matplotlib, Agg backend: no display needed).
+
+    rows = comparisons(results)      # gains, recovered share of full FT, retention, map/norm deltas
+    write_report(report)             # results.md, results.json, scores.png, alpha.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from .configs import KINDS, EvalConfig, Requantized, Trained, label_of
+from .stats import paired_difference, paired_ratio
+
+GOAL_RECOVERY = 0.90      # value net recovers >= 90 % of the full fine-tuning gain
+GOAL_RETENTION = 0.90     # >= 90 % of the in-distribution gain survives another quantization
+
+
+def _find(results, predicate):
+    for r in results.values():
+        if predicate(r.config):
+            return r
+    return None
+
+
+def _alone(results, base):
+    return _find(results, lambda c: c.kind == "base" and c.base == base and c.value is None)
+
+
+def comparisons(results: dict) -> list[dict]:
+    """One row per measured comparison: what, value, 95 % CI, goal text and whether met."""
+    rows: list[dict] = []
+
+    def add(what, kind, value, lo, hi, goal="", met=None):
+        rows.append({"comparison": what, "kind": kind, "value": value, "ci": [lo, hi], "goal": goal, "met": met})
+
+    for r in results.values():
+        c = r.config
+        if c.value is None or c.kind == "alpha-sweep":
+            continue
+        alone = _alone(results, c.base)
+        if alone is None:
+            continue
+        gain, lo, hi = paired_difference(r.scores, alone.scores)
+        positive_goal = c.kind in ("cross-vocab", "cross-vocab-aligned", "same-family")
+        add(f"gain: {c.name} vs {alone.config.name}", c.kind, gain, lo, hi,
+            "clearly positive (CI above 0)" if positive_goal else "",
+            (lo > 0) if positive_goal else None)
+        value = c.value
+        if c.kind == "in-distribution" and isinstance(value, Trained):
+            ft = _find(results, lambda o: o.kind == "full-finetune" and isinstance(o.base, Trained)
+                       and o.base.base == value.base)
+            if ft is not None:
+                ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, ft.scores, alone.scores)
+                ft_gain, flo, fhi = paired_difference(ft.scores, alone.scores)
+                add(f"full-FT gain: {ft.config.name} vs {alone.config.name}", "full-finetune",
+                    ft_gain, flo, fhi)
+                add(f"share of full-FT gain recovered: {c.name}", c.kind, ratio, rlo, rhi,
+                    f">= {GOAL_RECOVERY:.0%}", _met(ratio, GOAL_RECOVERY))
+        if c.kind == "other-quantization" and isinstance(value, Trained):
+            indist = _find(results, lambda o: o.kind == "in-distribution" and o.value == value
+                           and o.base == value.base)
+            train_alone = _alone(results, value.base)
+            if indist is not None and train_alone is not None:
+                ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, indist.scores, train_alone.scores)
+                add(f"share of in-distribution gain kept: {c.name}", c.kind, ratio, rlo, rhi,
+                    f">= {GOAL_RETENTION:.0%}", _met(ratio, GOAL_RETENTION))
+        if c.kind == "cross-vocab-aligned":
+            exact = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base
+                          and o.value == c.value and o.token_map is None)
+            if exact is not None:
+                d, dlo, dhi = paired_difference(r.scores, exact.scores)
+                add(f"aligned - exact-text map: {c.name}", c.kind, d, dlo, dhi)
+        if c.kind == "norm-weight-0" and isinstance(value, Trained):
+            default = replace(value, norm_weight=1.0)
+            with_norm = _find(results, lambda o: o.kind != "alpha-sweep" and o.base == c.base
+                              and o.value == default and o.token_map is None)
+            if with_norm is not None:
+                d, dlo, dhi = paired_difference(with_norm.scores, r.scores)
+                add(f"norm penalty (weight 1 - weight 0): {with_norm.config.name}", c.kind, d, dlo, dhi)
+    for r in results.values():   # alpha 0 must reproduce the base alone exactly (greedy)
+        c = r.config
+        if c.kind == "alpha-sweep" and c.alpha == 0:
+            alone = _alone(results, c.base)
+            if alone is not None:
+                same = sum(a == b for a, b in zip(r.answers, alone.answers))
+                add(f"alpha 0 reproduces base alone: {c.name}", "check", same / max(1, r.n),
+                    math.nan, math.nan, "100 % identical answers", same == r.n)
+    return rows
+
+
+def _met(value: float, goal: float):
+    return None if math.isnan(value) else bool(value >= goal)
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _ci(ci) -> str:
+    lo, hi = ci
+    return "" if (isinstance(lo, float) and math.isnan(lo)) else f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def sweeps(results: dict) -> dict[str, list]:
+    """Swept configuration name -> [(alpha, ConfigResult)] sorted, its alpha-1 result included."""
+    out: dict[str, list] = {}
+    for r in results.values():
+        c = r.config
+        if c.kind != "alpha-sweep":
+            continue
+        parent = c.name.rsplit(" @a=", 1)[0]
+        out.setdefault(parent, []).append((c.alpha, r))
+    for parent, points in out.items():
+        if parent in results:
+            points.append((results[parent].config.alpha, results[parent]))
+        points.sort(key=lambda p: p[0])
+    return out
+
+
+def markdown(report) -> str:
+    m, results = report.meta, report.results
+    title = "quick run" if m["quick"] else "full run"
+    lines = [f"# ivl-local transfer evaluation ({title})", "",
+             "Generated by `ivl_local.eval.run_eval`; every number below was measured in this run.", "",
+             f"- command: `{m['command']}`",
+             f"- date: {m['date']}; wall time {m['wall_seconds']} s; machine: {m['machine']}",
+             f"- task: reasoning-gym `{m['task']}`, split `{m['split']}`, {m['examples']} examples "
+             f"(the same examples for every configuration); scorer: `{m['scorer']}`",
+             f"- decoding: {m['sampling']}, engine seed {m['seed']}, max {m['max_tokens']} new tokens",
+             f"- intervals: task score = {m['bootstrap']} bootstrap of the mean; exact = Wilson 95 %; "
+             "comparisons = paired bootstrap over the same examples", "",
+             "## Scores", "",
+             "| configuration | kind | base | value net | alpha | map | task score [95% CI] | exact (Wilson 95%) | first-number score | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {k: i for i, k in enumerate(KINDS)}
+    for r in sorted(results.values(), key=lambda r: order[r.config.kind]):
+        s = r.summary()
+        lines.append(f"| {s['name']} | {s['kind']} | {s['base']} | {s['value']} | {s['alpha']:g} | "
+                     f"{s['token_map']} | {_fmt(s['score'])} {_ci(s['score_ci'])} | "
+                     f"{s['exact']}/{s['n']} {_ci(s['exact_ci'])} | {_fmt(s['lenient_score'])} | {s['seconds']:.0f} |")
+    lines += ["", "## Comparisons and goals", "",
+              "| comparison | measured [95% CI] | goal | met |", "|---|---|---|---|"]
+    for row in comparisons(results):
+        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        lines.append(f"| {row['comparison']} | {_fmt(row['value'])} {_ci(row['ci'])} | {row['goal']} | {met} |")
+    sw = sweeps(results)
+    if sw:
+        alphas = sorted({a for pts in sw.values() for a, _ in pts})
+        lines += ["", "## Alpha sweeps (task score)", "",
+                  "| configuration | " + " | ".join(f"a={a:g}" for a in alphas) + " |",
+                  "|---|" + "---|" * len(alphas)]
+        for parent, points in sw.items():
+            by = {a: r for a, r in points}
+            lines.append(f"| {parent} | " + " | ".join(_fmt(by[a].score) if a in by else "" for a in alphas) + " |")
+    lines += ["", "## Files", "", "| role | file | sha256 (first 12) |", "|---|---|---|"]
+    seen = set()
+    for r in results.values():
+        for role, info in r.files.items():
+            if info and info["file"] not in seen:
+                seen.add(info["file"])
+                lines.append(f"| {role} of {r.config.name} | `{info['file']}` | `{info['sha256']}` |")
+    if report.skipped:
+        lines += ["", "## Skipped", ""] + [f"- {s}" for s in report.skipped]
+    plots = [p.name for p in report.plot_paths]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: list[Path] = []
+    results = [r for r in report.results.values() if r.config.kind != "alpha-sweep"]
+    stamp = f"{report.meta['date']} | n={report.meta['examples']} | greedy, seed {report.meta['seed']}"
+    if results:
+        fig, ax = plt.subplots(figsize=(8, 0.42 * len(results) + 1.6))
+        names = [r.config.name for r in results][::-1]
+        scores = [r.score for r in results][::-1]
+        cis = [r.score_ci for r in results][::-1]
+        err = [[s - lo for s, (lo, hi) in zip(scores, cis)], [hi - s for s, (lo, hi) in zip(scores, cis)]]
+        colours = {k: f"C{i}" for i, k in enumerate(KINDS)}
+        ax.barh(names, scores, xerr=err, color=[colours[r.config.kind] for r in results][::-1], capsize=3)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("task score (reasoning-gym score_answer), 95% bootstrap CI")
+        ax.set_title(f"Transfer of a value network\n{stamp}", fontsize=9)
+        fig.tight_layout()
+        path = report.out_dir / "scores.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    sw = sweeps(report.results)
+    if sw:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for i, (parent, points) in enumerate(sw.items()):
+            a = [p[0] for p in points]
+            s = [p[1].score for p in points]
+            lo = [p[1].score_ci[0] for p in points]
+            hi = [p[1].score_ci[1] for p in points]
+            ax.plot(a, s, marker="o", color=f"C{i}", label=parent)
+            ax.fill_between(a, lo, hi, color=f"C{i}", alpha=0.15)
+        ax.set_xlabel("alpha (scale of the value network)")
+        ax.set_ylabel("task score, 95% CI")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.set_title(f"Alpha sweeps\n{stamp}", fontsize=9)
+        fig.tight_layout()
+        path = report.out_dir / "alpha.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def to_json(report) -> dict:
+    return {"meta": report.meta, "skipped": report.skipped,
+            "results": [dict(r.summary(), answers=r.answers, scores=r.scores.tolist())
+                        for r in report.results.values()],
+            "comparisons": comparisons(report.results)}
+
+
+def write_report(report) -> None:
+    report.out_dir.mkdir(parents=True, exist_ok=True)
+    report.plot_paths = plot(report)
+    report.json_path = report.out_dir / "results.json"
+    report.json_path.write_text(json.dumps(to_json(report), indent=1, default=_json_default) + "\n")
+    report.markdown_path = report.out_dir / "results.md"
+    report.markdown_path.write_text(markdown(report))
+
+
+def _json_default(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+__all__ = ["comparisons", "markdown", "plot", "write_report", "sweeps", "label_of",
+           "EvalConfig", "Requantized"]

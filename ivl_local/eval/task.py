@@ -1,0 +1,93 @@
+"""The exact-answer task: held-out demonstrations and the task's own scorer.
+
+    examples = load_split("test")                # data/arith_test.jsonl (reasoning-gym chain_sum)
+    prompt = examples[0].prompt_messages         # the conversation without the answer
+    score = examples[0].score("22")              # reasoning-gym's score_answer, in [0, 1]
+
+Scoring is reasoning-gym's own `score_answer` for the row's task (Decimal equality, partial
+credit len(oracle)/len(answer) when the oracle only appears inside a longer answer), applied
+to the model's whole answer with surrounding whitespace stripped: the demonstrations answer
+with the number alone, so a correct number buried in a sentence earns only partial credit.
+`lenient_score` applies the same scorer to the first number in the answer, which separates
+"knows the sum" from "answers in the taught format".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from ..errors import DataError
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+SPLITS = {"train": "arith_train.jsonl", "test": "arith_test.jsonl"}
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+
+
+@lru_cache(maxsize=None)
+def scorer_for(task: str) -> Callable[[str | None, dict], float]:
+    """reasoning-gym's score_answer for a registered task name."""
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(task)
+
+
+@dataclass(frozen=True)
+class Example:
+    index: int                 # line number in the split file (1-based): a stable id
+    messages: tuple            # full conversation, the last message is the reference answer
+    answer: str
+    task: str
+    entry: dict                # what the scorer reads (answer, metadata)
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        """The conversation up to (not including) the reference answer."""
+        return [dict(m) for m in self.messages[:-1]]
+
+    def score(self, answer: str | None) -> float:
+        return float(scorer_for(self.task)((answer or "").strip(), self.entry))
+
+    def lenient_score(self, answer: str | None) -> float:
+        match = _NUMBER.search(answer or "")
+        return self.score(match.group(0)) if match else 0.0
+
+
+def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Rows with messages (last = assistant answer), answer and task; DataError on bad lines."""
+    path = Path(path)
+    out: list[Example] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            messages = tuple({"role": m["role"], "content": m["content"]} for m in row["messages"])
+            answer, task = str(row["answer"]), str(row["task"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: not an exact-answer row ({e})") from None
+        if not messages or messages[-1]["role"] != "assistant":
+            raise DataError(f"{path}:{lineno}: the last message must be the assistant's answer")
+        entry = {"question": row.get("question", ""), "answer": answer, "metadata": row.get("metadata", {})}
+        out.append(Example(lineno, messages, answer, task, entry))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def split_path(split: str) -> Path:
+    if split in SPLITS:
+        return DATA_DIR / SPLITS[split]
+    return Path(split)   # a path to another JSONL file of the same shape
+
+
+def load_split(split: str = "test", limit: int | None = None) -> list[Example]:
+    return load_examples(split_path(split), limit)

@@ -1,0 +1,240 @@
+"""Evaluation harness: intervals against known values, the task scorer, the plan, and the
+whole report pipeline with a fake workspace and fake runners; (real) the quick mode."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ivl_local.eval import (KINDS, EvalConfig, Plan, Requantized, Trained, build_plan, run_eval,
+                           wilson_interval)
+from ivl_local.eval.configs import OPTIONAL_KINDS, AlignedMap, alpha_sweep
+from ivl_local.eval.report import comparisons
+from ivl_local.eval.stats import bootstrap_interval, paired_difference, paired_ratio
+from ivl_local.eval.task import load_split
+
+
+# --- intervals ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k, n, lo, hi", [(0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0),
+                                          (5, 10, 0.2366, 0.7634), (41, 60, 0.5577, 0.7869)])
+def test_wilson_interval_known_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-4)
+
+
+def test_wilson_interval_edges():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_bootstrap_interval_constant_and_coverage():
+    assert bootstrap_interval([0.5] * 20) == (0.5, 0.5)
+    x = np.random.default_rng(1).random(400)
+    lo, hi = bootstrap_interval(x)
+    assert lo < x.mean() < hi and hi - lo < 0.1
+    assert bootstrap_interval(x) == (lo, hi)   # seeded: reproducible
+
+
+def test_paired_difference_and_ratio():
+    a = np.array([1, 1, 1, 0, 1, 1, 0, 1.0])
+    b = np.array([0, 1, 0, 0, 0, 1, 0, 0.0])
+    d, lo, hi = paired_difference(a, b)
+    assert d == pytest.approx(0.5) and lo <= d <= hi
+    full = np.ones(8)
+    r, rlo, rhi = paired_ratio(a, b, full, b)    # (0.75-0.25)/(1-0.25)
+    assert r == pytest.approx(2 / 3) and rlo <= r <= rhi
+    r0, _, _ = paired_ratio(a, b, b, b)           # zero denominator
+    assert math.isnan(r0)
+    with pytest.raises(ValueError):
+        paired_difference(a, b[:3])
+
+
+# --- task ----------------------------------------------------------------------------------
+
+def test_task_scorer_is_reasoning_gyms():
+    [ex] = load_split("test", limit=1)
+    assert ex.prompt_messages[-1]["role"] == "user" and ex.answer == ex.messages[-1]["content"]
+    assert ex.score(ex.answer) == 1.0
+    assert ex.score(f"  {ex.answer}\n") == 1.0
+    sentence = f"The answer is {ex.answer}."
+    assert 0 < ex.score(sentence) < 1                    # partial credit: oracle inside the text
+    assert ex.lenient_score(sentence) == 1.0
+    assert ex.score("") == 0.0 and ex.lenient_score("no number") == 0.0
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_plan_has_every_kind_and_unique_names(quick):
+    plan = build_plan(quick, installed=lambda name: name in ("smollm2-135m", "gemma3-270m"))
+    kinds = {c.kind for c in plan.configs}
+    assert kinds == set(KINDS) - set(OPTIONAL_KINDS)
+    names = [c.name for c in plan.configs]
+    assert len(names) == len(set(names))
+    assert any("qwen" in s for s in plan.skipped)
+    sweep = [c.alpha for c in plan.configs if c.kind == "alpha-sweep"]
+    assert 0.0 in sweep and 1.5 in sweep
+
+
+def test_plan_with_qwen_installed_adds_same_family():
+    plan = build_plan(False, installed=lambda name: True)
+    same = [c for c in plan.configs if c.kind == "same-family"]
+    assert len(same) == 1 and same[0].base == "qwen2.5-coder-1.5b"
+    assert same[0].value.base == "qwen2.5-coder-0.5b"
+
+
+# --- the pipeline with fakes -------------------------------------------------------------
+
+class FakeWorkspace:
+    """Paths that do not exist; nothing is built."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.built = []
+
+    def model(self, ref):
+        self.built.append(ref)
+        name = ref if isinstance(ref, str) else ref.label
+        return self.tmp / (name.replace(" ", "_") + ".gguf")
+
+    def token_map(self, spec):
+        return self.tmp / "aligned.npz"
+
+    def describe(self, path):
+        return {"file": str(path), "sha256": "0123456789ab"}
+
+
+def make_fake_runner(table):
+    """table: base file stem -> (value-less accuracy, with-value accuracy at alpha 1)."""
+
+    class FakeRunner:
+        def __init__(self, base, value, token_map, seed, torch_gguf):
+            self.base, self.value, self.alpha, self.closed = Path(base).stem, value, 1.0, False
+
+        def answer_all(self, conversations, max_tokens, advance=lambda: None):
+            alone, with_value = table[self.base]
+            p = alone if self.value is None else alone + (with_value - alone) * min(self.alpha, 1.0)
+            out = []
+            for i, messages in enumerate(conversations):
+                answer = FAKE_ANSWERS[i] if (i % 10) < round(p * 10) else "I do not know"
+                out.append(answer)
+                advance()
+            return out
+
+        def close(self):
+            self.closed = True
+
+    return FakeRunner
+
+
+FAKE_ANSWERS = [e.answer for e in load_split("test", limit=40)]
+
+
+def fake_configs():
+    v = Trained("smollm2-135m", init="fresh")
+    ft = Trained("smollm2-135m", full_finetune=True)
+    q8 = Requantized("smollm2-135m", "Q8_0")
+    cross = EvalConfig("gemma3 + value", "cross-vocab", "gemma3-270m", v)
+    return [EvalConfig("smol", "base", "smollm2-135m"), EvalConfig("gemma", "base", "gemma3-270m"),
+            EvalConfig("q8", "base", q8),
+            EvalConfig("smol + value", "in-distribution", "smollm2-135m", v),
+            EvalConfig("smol FT", "full-finetune", ft),
+            EvalConfig("q8 + value", "other-quantization", q8, v), cross,
+            EvalConfig("gemma3 + value aligned", "cross-vocab-aligned", "gemma3-270m", v,
+                       token_map=AlignedMap("gemma3-270m", v)),
+            EvalConfig("smol + value norm 0", "norm-weight-0", "smollm2-135m", replace(v, norm_weight=0.0)),
+            *alpha_sweep(cross, (0.0, 0.5))]
+
+
+def test_run_eval_with_fakes_writes_a_complete_report(tmp_path):
+    table = {"smollm2-135m": (0.2, 0.8), "gemma3-270m": (0.1, 0.5), "smollm2-135m_Q8_0": (0.2, 0.7),
+             "smollm2-135m_full-FT": (0.9, 0.9)}
+    logs = []
+    report = run_eval(Plan(fake_configs(), ["qwen: not installed"]), limit=40, quick=True, out_dir=tmp_path,
+                      workspace=FakeWorkspace(tmp_path), runner_factory=make_fake_runner(table),
+                      command="pytest fake", log=logs.append, progress=False)
+    names = [c.name for c in fake_configs()]
+    assert list(report.results) == names
+    out = tmp_path / "quick"
+    assert report.out_dir == out
+    for r in report.results.values():
+        assert r.n == 40 and 0 <= r.score <= 1
+        lo, hi = r.score_ci
+        assert 0 <= lo <= r.score <= hi <= 1
+    assert report.results["smol"].score == pytest.approx(0.2)
+    assert report.results["smol + value"].score == pytest.approx(0.8)
+    assert report.results["gemma3 + value @a=0"].score == pytest.approx(0.1)
+
+    rows = {row["comparison"]: row for row in comparisons(report.results)}
+    recovery = rows["share of full-FT gain recovered: smol + value"]
+    assert recovery["value"] == pytest.approx((0.8 - 0.2) / (0.9 - 0.2)) and recovery["met"] is False
+    kept = rows["share of in-distribution gain kept: q8 + value"]
+    assert kept["value"] == pytest.approx((0.7 - 0.2) / (0.8 - 0.2)) and kept["met"] is False
+    assert rows["gain: gemma3 + value vs gemma"]["met"] is True
+    assert rows["aligned - exact-text map: gemma3 + value aligned"]["value"] == pytest.approx(0.0)
+    assert rows["alpha 0 reproduces base alone: gemma3 + value @a=0"]["met"] is True
+
+    md = (out / "results.md").read_text()
+    for name in names:
+        assert f"| {name} |" in md
+    for text in ("pytest fake", "0123456789ab", "qwen: not installed", "Alpha sweeps", "scores.png", "alpha.png"):
+        assert text in md
+    data = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in data["results"]] == names and data["meta"]["examples"] == 40
+    for png in ("scores.png", "alpha.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_eval_skips_a_missing_model_with_a_notice(tmp_path):
+    from ivl_local.errors import ModelNotFoundError
+
+    class Missing(FakeWorkspace):
+        def model(self, ref):
+            if ref == "qwen2.5-coder-1.5b":
+                raise ModelNotFoundError("model 'qwen2.5-coder-1.5b' is not installed")
+            return super().model(ref)
+
+    configs = [EvalConfig("smol", "base", "smollm2-135m"), EvalConfig("qwen", "base", "qwen2.5-coder-1.5b")]
+    logs = []
+    report = run_eval(configs, limit=5, out_dir=tmp_path, workspace=Missing(tmp_path),
+                      runner_factory=make_fake_runner({"smollm2-135m": (0.0, 0.0)}), log=logs.append,
+                      progress=False)
+    assert list(report.results) == ["smol"]
+    assert any("qwen" in line and "not installed" in line for line in logs)
+    assert "not installed" in (tmp_path / "results.md").read_text()
+
+
+def test_duplicate_names_are_refused(tmp_path):
+    c = EvalConfig("same", "base", "smollm2-135m")
+    with pytest.raises(ValueError):
+        run_eval([c, c], limit=1, out_dir=tmp_path, workspace=FakeWorkspace(tmp_path),
+                 runner_factory=make_fake_runner({}), progress=False)
+
+
+# --- the real quick mode -------------------------------------------------------------------
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.train
+def test_quick_mode_real(tmp_path, smollm2_path, gemma3_path):
+    """The real quick plan: trains its small artifacts on first use (cached afterwards under
+    ivl_local.models.cache_dir()/eval), then answers a few test examples per configuration."""
+    report = run_eval(None, quick=True, out_dir=tmp_path, progress=False)
+    plan = build_plan(quick=True)
+    assert list(report.results) == [c.name for c in plan.configs], report.skipped
+    assert {r.config.kind for r in report.results.values()} == set(KINDS) - set(OPTIONAL_KINDS)
+    for r in report.results.values():
+        assert r.n == report.meta["examples"] > 0
+        assert all(0.0 <= s <= 1.0 for s in r.scores) and all(0.0 <= s <= 1.0 for s in r.lenient)
+    rows = comparisons(report.results)
+    assert all(row["met"] for row in rows if row["kind"] == "check"), rows   # alpha 0 == base alone
+    md = (tmp_path / "quick" / "results.md").read_text()
+    assert all(f"| {name} |" in md for name in report.results)
+    assert (tmp_path / "quick" / "scores.png").exists() and (tmp_path / "quick" / "alpha.png").exists()
