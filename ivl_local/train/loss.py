@@ -6,9 +6,10 @@
 
 The official code averages |value_logits| over every position of the batch (prompt
 included; here padding excluded); norm_positions="response" restricts it to the positions
-whose next token is a response token. Logits are never materialised for the whole batch:
-each chunk of positions is recomputed in backward (activation checkpointing), so memory is
-O(chunk x vocab) instead of O(batch x length x vocab).
+whose next token is a response token. Base logits are only computed where a response token
+is scored. Batches of more than `chunk` positions are split into chunks whose value logits
+are recomputed in backward (activation checkpointing), so memory stays O(chunk x vocab)
+instead of O(batch x length x vocab).
 """
 
 from __future__ import annotations
@@ -34,28 +35,33 @@ class LossParts:
     n_correct: int           # of which argmax(fused) == target
 
 
-def _chunk_terms(value_hidden, base_hidden, targets, norm_mask, value_head: Head, base_head: Head):
-    value_logits = value_head(value_hidden)                 # (n, V)
-    if base_head is None:                                   # full fine-tuning: no residual
-        fused = value_logits.float()
-    else:
-        with torch.no_grad():
-            base_logits = base_head(base_hidden)            # (n, V), frozen
-        fused = (base_logits + value_logits).float()
-    ce_sum = F.cross_entropy(fused, targets, ignore_index=IGNORE, reduction="sum")
+def _chunk_terms(value_hidden, base_logits, targets, norm_mask, value_head: Head):
+    """Sums over one chunk: CE where targets != IGNORE, |value| where norm_mask."""
+    value_logits = value_head(value_hidden)                       # (n, V)
     norm_sum = (value_logits.float().abs().mean(-1) * norm_mask).sum()
-    with torch.no_grad():
-        correct = ((fused.argmax(-1) == targets) & (targets != IGNORE)).sum()
+    scored = targets != IGNORE
+    if not bool(scored.any()):
+        zero = value_logits.new_zeros(())
+        return zero, norm_sum, zero.long()
+    fused = value_logits[scored].float()                          # (r, V)
+    if base_logits is not None:
+        fused = fused + base_logits                               # residual connection
+    ce_sum = F.cross_entropy(fused, targets[scored], reduction="sum")
+    correct = (fused.detach().argmax(-1) == targets[scored]).sum()
     return ce_sum, norm_sum, correct
 
 
 def fused_loss(value_hidden: torch.Tensor, base_hidden: torch.Tensor | None, targets: torch.Tensor,
                norm_mask: torch.Tensor, value_head: Head, base_head: Head | None,
-               norm_weight: float, chunk: int = 256) -> LossParts:
+               norm_weight: float, chunk: int = 1024) -> LossParts:
     """value_hidden (N, Hv) and base_hidden (N, Hb): the real (non-padding) positions of a
     batch; targets (N,): the next token, IGNORE where it is not a response token;
     norm_mask (N,): 1.0 where the norm penalty applies. base_head None (full fine-tuning
-    reference): the model's own logits are scored."""
+    reference): the model's own logits are scored.
+
+    Base logits are computed once, only where a response token is scored (never recomputed
+    in backward); chunks larger than `chunk` positions recompute their value logits in
+    backward instead of storing them."""
     n = value_hidden.shape[0]
     ce_sum = value_hidden.new_zeros(())
     norm_sum = value_hidden.new_zeros(())
@@ -63,7 +69,11 @@ def fused_loss(value_hidden: torch.Tensor, base_hidden: torch.Tensor | None, tar
     use_checkpoint = value_hidden.requires_grad and n > chunk
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
-        args = (value_hidden[part], None if base_hidden is None else base_hidden[part], targets[part], norm_mask[part], value_head, base_head)
+        base_logits = None
+        if base_head is not None:
+            with torch.no_grad():                                 # frozen base: (r, V)
+                base_logits = base_head(base_hidden[part][targets[part] != IGNORE]).float()
+        args = (value_hidden[part], base_logits, targets[part], norm_mask[part], value_head)
         if use_checkpoint:
             c, m, k = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:

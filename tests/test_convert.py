@@ -1,0 +1,191 @@
+"""ivl_convert without torch: checkpoint validation, writer order, atomic writes, metadata.
+
+A tiny random llama checkpoint over SmolLM2's vocabulary is built with numpy; the logits
+agreement of converted files with the torch value net is tested in test_train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ivl_local.errors import CheckpointError, ConfigError, ModelFileError
+from ivl_local.gguf_keys import REQUIRED, Keys
+
+pytest.importorskip("gguf")
+from ivl_convert import ValueFileWriter, WriterStateError, convert_checkpoint, inspect_value_file, permute_for_llama_cpp  # noqa: E402
+from ivl_convert.checkpoint import expected_shapes, read_checkpoint, LlamaHParams  # noqa: E402
+
+VOCAB = 49152  # SmolLM2
+
+
+def tiny_config(vocab: int = VOCAB) -> dict:
+    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "intermediate_size": 128, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "tie_word_embeddings": True}
+
+
+def write_checkpoint(folder: Path, config: dict, base_file: str | None = None, drop: str | None = None,
+                     seed: int = 0) -> Path:
+    from safetensors.numpy import save_file
+
+    from ivl_convert.checkpoint import _hparams
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shapes = expected_shapes(_hparams(config, folder))
+    tensors = {name: (rng.standard_normal(shape) * 0.05).astype(np.float32) for name, shape in shapes.items()}
+    for name in tensors:
+        if name.endswith("norm.weight"):
+            tensors[name] = np.ones_like(tensors[name])
+    if drop:
+        tensors.pop(drop)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    meta = {"checkpoint_format": 1, "kind": "value", "init": "fresh", "step": 3,
+            "training_base": {"name": "smollm2-135m", "file": base_file or "", "vocab_size": config["vocab_size"]},
+            "recipe": {"connection": "residual", "norm_kind": "mean_abs", "norm_weight": 1.0,
+                       "learning_rate": 1e-4, "steps": 3, "data": "test.jsonl sha256:000000000000"}}
+    (folder / "ivl_checkpoint.json").write_text(json.dumps(meta))
+    return folder
+
+
+# --------------------------------------------------------------------------------------
+# fast, offline
+
+
+def test_permutation_interleaves_rope_halves():
+    # one head, head_dim 4: HF rows [r0 r1 | r2 r3] (halves) -> llama.cpp pairs (r0 r2)(r1 r3)
+    w = np.arange(8, dtype=np.float32).reshape(4, 2)
+    out = permute_for_llama_cpp(w, n_head=1)
+    assert out[:, 0].tolist() == [0, 4, 2, 6]
+    # per head, and invertible
+    w = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
+    p = permute_for_llama_cpp(w, n_head=3)
+    back = p.reshape(3, 2, 2, 5).swapaxes(1, 2).reshape(12, 5)
+    np.testing.assert_array_equal(back, w)
+
+
+def test_missing_tensor_is_a_checkpoint_error(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ck", tiny_config(vocab=300), drop="model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
+        read_checkpoint(ckpt)
+
+
+def test_wrong_shape_and_unknown_arch(tmp_path):
+    config = tiny_config(vocab=300)
+    ckpt = write_checkpoint(tmp_path / "ck", config)
+    bad = dict(config, intermediate_size=96)
+    (ckpt / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="has shape"):
+        read_checkpoint(ckpt)
+    (ckpt / "config.json").write_text(json.dumps(dict(config, model_type="gemma3_text")))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'gemma3_text'"):
+        read_checkpoint(ckpt)
+    (ckpt / "ivl_checkpoint.json").unlink()
+    with pytest.raises(CheckpointError, match="missing ivl_checkpoint.json"):
+        read_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        read_checkpoint(tmp_path / "nope")
+
+
+def test_bad_out_type(tmp_path):
+    with pytest.raises(ConfigError, match="out_type"):
+        convert_checkpoint(tmp_path, tmp_path / "x.gguf", out_type="q4_0")
+
+
+def test_writer_refuses_out_of_order_use_and_leaves_nothing(tmp_path):
+    from gguf import GGUFValueType as V
+
+    out = tmp_path / "v.gguf"
+    with ValueFileWriter(out) as w:
+        w.add_metadata("general.name", "x", V.STRING)
+        w.add_tensor("a.weight", np.zeros((2, 32), np.float32), "f16")
+        with pytest.raises(WriterStateError, match="add_metadata"):
+            w.add_metadata("general.late", "y", V.STRING)
+    assert list(tmp_path.iterdir()) == []          # not written: temp file removed
+    with ValueFileWriter(out) as w:
+        with pytest.raises(WriterStateError, match="write"):
+            w.write()                               # no tensors declared
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        ValueFileWriter(tmp_path / "missing" / "v.gguf")
+
+
+# --------------------------------------------------------------------------------------
+# with the real SmolLM2 GGUF (its tokenizer is copied into the value file)
+
+
+@pytest.mark.real
+def test_convert_tiny_checkpoint_all_types(tmp_path, smollm2_path):
+    import gguf
+    import llama_cpp
+
+    ckpt = write_checkpoint(tmp_path / "ck", tiny_config(), base_file=str(smollm2_path))
+    sizes = {}
+    for out_type in ("f32", "f16", "q8_0"):
+        out = convert_checkpoint(ckpt, tmp_path / f"v.{out_type}.ivl.gguf", out_type=out_type, progress=False)
+        info = inspect_value_file(out)
+        sizes[out_type] = info["size_bytes"]
+        assert info["is_value_file"] and info["architecture"] == "llama"
+        assert all(k in info["ivl"] for k in REQUIRED)
+        expected = {"f32": {"F32"}, "f16": {"F16", "F32"}, "q8_0": {"Q8_0", "F32"}}[out_type]
+        assert set(info["tensor_types"]) == expected
+        assert info["tokenizer"]["n_tokens"] == VOCAB and info["tokenizer"]["has_chat_template"]
+        llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=64, verbose=False)  # loads on its own
+        tokens = llm.tokenize(b"Hello world, how are you?")
+        llm.eval(tokens)
+        assert np.isfinite(np.asarray(llm.scores[:len(tokens)])).all()
+        del llm
+    assert list(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    print(f"sizes: {sizes}, q8_0/f32 = {sizes['q8_0'] / sizes['f32']:.3f}")
+
+    # GGUFReader (the reference reader) sees every ivl.* key with the right value.
+    reader = gguf.GGUFReader(tmp_path / "v.f16.ivl.gguf")
+    keys = [v for k, v in vars(Keys).items() if k.isupper()]
+    for key in keys:
+        assert key in reader.fields, key
+    assert reader.fields[Keys.BASE_NAME].contents() == "smollm2-135m"
+    assert reader.fields[Keys.CONNECTION].contents() == "residual"
+    assert reader.fields[Keys.BASE_VOCAB_SIZE].contents() == VOCAB
+    from ivl_local.train.basefile import BaseGGUF
+    assert reader.fields[Keys.BASE_VOCAB_FINGERPRINT].contents() == BaseGGUF.open(str(smollm2_path)).fingerprint
+
+
+@pytest.mark.real
+def test_interrupted_write_leaves_no_file(tmp_path, smollm2_path, monkeypatch):
+    import ivl_convert.writer as writer
+
+    ckpt = write_checkpoint(tmp_path / "ck", tiny_config(), base_file=str(smollm2_path))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    calls = {"n": 0}
+    real_encode = writer.encode
+
+    def encode_then_interrupt(array, ggml_type):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_encode(array, ggml_type)
+
+    monkeypatch.setattr(writer, "encode", encode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(ckpt, out_dir / "v.ivl.gguf", out_type="q8_0", progress=False)
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.real
+def test_vocab_mismatch_with_base_is_refused(tmp_path, smollm2_path):
+    ckpt = write_checkpoint(tmp_path / "ck", tiny_config(vocab=300), base_file=str(smollm2_path))
+    with pytest.raises(CheckpointError, match="300 logits"):
+        convert_checkpoint(ckpt, tmp_path / "v.gguf", progress=False)
+    assert not (tmp_path / "v.gguf").exists()

@@ -1,0 +1,224 @@
+"""Training: the IVL loss (masking, norm term, chunking), batching/resume order, and a tiny
+end-to-end run on the real SmolLM2 base -> convert -> llama.cpp logits vs torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ivl_local.errors import ConfigError  # noqa: E402
+from ivl_local.train.config import TrainConfig  # noqa: E402
+from ivl_local.train.data import IGNORE, Example  # noqa: E402
+from ivl_local.train.loss import fused_loss, next_token_targets  # noqa: E402
+from ivl_local.train.trainer import micro_batch  # noqa: E402
+
+pytestmark = pytest.mark.train
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def identity(h):
+    return h
+
+
+def random_case(n=10, vocab=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base_logits = torch.randn(n, vocab, generator=g) * 3
+    value_logits = (torch.randn(n, vocab, generator=g)).requires_grad_(True)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[:4] = IGNORE                       # positions predicting prompt tokens
+    return base_logits, value_logits, targets
+
+
+# --------------------------------------------------------------------------------------
+# loss
+
+
+def test_loss_is_ce_on_response_tokens_plus_mean_abs_norm():
+    base_logits, value_logits, targets = random_case()
+    norm_mask = torch.ones(len(targets))
+    parts = fused_loss(value_logits, base_logits, targets, norm_mask, identity, identity, norm_weight=0.7)
+    keep = targets != IGNORE
+    log_probs = torch.log_softmax(base_logits + value_logits, -1)
+    ce = -log_probs[keep].gather(1, targets[keep, None]).mean()
+    norm = value_logits.abs().mean()
+    assert torch.allclose(parts.loss, ce + 0.7 * norm, atol=1e-5)
+    assert parts.n_response == int(keep.sum())
+
+
+def test_prompt_tokens_contribute_nothing_and_response_tokens_do():
+    base_logits, value_logits, targets = random_case()
+    norm_mask = torch.ones(len(targets))
+    loss = fused_loss(value_logits, base_logits, targets, norm_mask, identity, identity, 0.0).loss
+    loss.backward()
+    grad = value_logits.grad
+    assert torch.count_nonzero(grad[:4]) == 0          # masked: no gradient at all
+    assert (grad[4:].abs().sum(-1) > 0).all()
+    # Changing what a masked position "would" predict changes nothing; a response token does.
+    other = targets.clone()
+    other[:4] = IGNORE
+    with torch.no_grad():
+        same = fused_loss(value_logits, base_logits, other, norm_mask, identity, identity, 0.0).loss
+        changed = targets.clone()
+        changed[5] = (changed[5] + 1) % base_logits.shape[1]
+        different = fused_loss(value_logits, base_logits, changed, norm_mask, identity, identity, 0.0).loss
+    assert torch.equal(same, loss.detach())
+    assert not torch.allclose(different, loss.detach())
+
+
+def test_chunked_loss_and_gradients_match_unchunked():
+    base_logits, value_logits, targets = random_case(n=37, vocab=23, seed=1)
+    norm_mask = (torch.arange(37) % 3 != 0).float()
+    whole = fused_loss(value_logits, base_logits, targets, norm_mask, identity, identity, 1.0, chunk=1000)
+    (g_whole,) = torch.autograd.grad(whole.loss, value_logits)
+    chunked = fused_loss(value_logits, base_logits, targets, norm_mask, identity, identity, 1.0, chunk=5)
+    (g_chunked,) = torch.autograd.grad(chunked.loss, value_logits)
+    assert torch.allclose(whole.loss, chunked.loss, atol=1e-5)
+    assert torch.allclose(g_whole, g_chunked, atol=1e-6)
+    assert whole.n_correct == chunked.n_correct
+
+
+def test_targets_are_next_tokens():
+    labels = torch.tensor([[IGNORE, IGNORE, 7, 8, 2]])
+    assert next_token_targets(labels).tolist() == [[IGNORE, 7, 8, 2, IGNORE]]
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="init must be"):
+        TrainConfig(init="bogus")
+    with pytest.raises(ConfigError, match="multiple of fresh_heads"):
+        TrainConfig(fresh_hidden=100, fresh_heads=3)
+    assert TrainConfig(init="pruned:4").init == "pruned:4"
+
+
+def test_micro_batches_are_seeded_epochs():
+    examples = [Example((i,), (i,), i) for i in range(10)]
+    epoch0 = [e.source_line for k in range(3) for e in micro_batch(examples, k, 4, seed=1)]
+    assert sorted(epoch0) == list(range(10))                      # one epoch = every example once
+    again = [e.source_line for k in range(3) for e in micro_batch(examples, k, 4, seed=1)]
+    assert again == epoch0                                        # resume replays the same order
+    epoch1 = [e.source_line for k in range(3, 6) for e in micro_batch(examples, k, 4, seed=1)]
+    assert epoch1 != epoch0
+
+
+# --------------------------------------------------------------------------------------
+# real: SmolLM2 base
+
+
+def small_cfg(tmp_path: Path, **overrides) -> TrainConfig:
+    rows = (DATA / "arith_train.jsonl").read_text().splitlines()[:48]
+    data = tmp_path / "arith48.jsonl"
+    if not data.exists():
+        data.write_text("\n".join(rows) + "\n")
+    settings = dict(base="smollm2-135m", data=data, out_dir=tmp_path / "ckpt", init="pruned:1",
+                    max_steps=6, batch_size=4, max_len=48, learning_rate=1e-3, warmup_ratio=0.0,
+                    eval_fraction=0.1, eval_every=0, check_tokenizer=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, smollm2_path):
+    from ivl_local.train.api import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    ckpt = train(small_cfg(tmp), progress=False)
+    return ckpt
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_loss_decreases_and_checkpoint_is_complete(trained):
+    meta = json.loads((trained / "ivl_checkpoint.json").read_text())
+    history = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert meta["complete"] and meta["step"] == 6 and meta["init"] == "pruned:1"
+    assert meta["training_base"]["vocab_fingerprint"] and meta["training_base"]["arch"] == "llama"
+    assert meta["stats"]["peak_rss_mb"] < 8000
+    assert "eval_ce" in meta["stats"]["final"]
+    print(f"steps/s {meta['stats']['steps_per_s']:.3f}, peak RSS {meta['stats']['peak_rss_mb']:.0f} MB")
+
+
+def torch_value_logits(ckpt: Path, tokens: list[int]) -> np.ndarray:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ivl_local.train.checkpoint import load_weights_into
+
+    config = LlamaConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+    model = LlamaForCausalLM(config)
+    load_weights_into(model, ckpt)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_converted_value_file_matches_torch_logits(trained, tmp_path):
+    import llama_cpp
+    from ivl_convert import convert_checkpoint, inspect_value_file
+
+    text = "State the final answer to the following arithmetic problem: 12 + 30 = 42"
+    results = {}
+    for out_type in ("f32", "f16", "q8_0"):
+        path = convert_checkpoint(trained, tmp_path / f"v.{out_type}.ivl.gguf", out_type=out_type, progress=False)
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False)
+        tokens = llm.tokenize(text.encode(), add_bos=True, special=True)
+        llm.eval(tokens)
+        got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+        ref = torch_value_logits(trained, tokens)
+        results[out_type] = (float(np.abs(got - ref).max()), float((got.argmax(-1) == ref.argmax(-1)).mean()),
+                             inspect_value_file(path)["size_bytes"])
+        del llm
+    scale = float(np.abs(ref).max())
+    print("\nlogits vs torch (max |diff|, argmax agreement, bytes); |logit| max", round(scale, 2))
+    for out_type, row in results.items():
+        print(f"  {out_type}: {row[0]:.4f} {row[1]:.3f} {row[2]}")
+    assert results["f32"][0] < 2e-3 * scale       # float32 rounding over a few layers
+    assert results["f16"][0] < 1e-2 * scale
+    assert results["q8_0"][1] >= 0.8             # same argmax on most positions
+    assert results["q8_0"][2] < 0.4 * results["f32"][2]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_interrupt_saves_and_resume_finishes(tmp_path, smollm2_path, monkeypatch):
+    from ivl_local.train import trainer
+    from ivl_local.train.api import train
+
+    cfg = small_cfg(tmp_path, max_steps=3)
+    real = trainer.compute_loss
+    calls = {"n": 0}
+
+    def interrupt_on_second_step(s, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(s, batch)
+
+    monkeypatch.setattr(trainer, "compute_loss", interrupt_on_second_step)
+    with pytest.raises(trainer.TrainingInterrupted, match="interrupted at step 1/3.*--resume"):
+        train(cfg, progress=False)
+    monkeypatch.setattr(trainer, "compute_loss", real)
+    meta = json.loads((cfg.out_dir / "ivl_checkpoint.json").read_text())
+    assert meta["step"] == 1 and not meta["complete"]
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train(cfg.with_(resume=True, learning_rate=5e-4), progress=False)
+    train(cfg.with_(resume=True), progress=False)
+    meta = json.loads((cfg.out_dir / "ivl_checkpoint.json").read_text())
+    steps = [json.loads(line)["step"] for line in (cfg.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert meta["complete"] and meta["step"] == 3 and steps == [1, 2, 3]
+
+
+@pytest.mark.real
+def test_hf_and_gguf_tokenizers_agree(smollm2_path):
+    from ivl_local.train.basefile import BaseGGUF
+    from ivl_local.train.tokcheck import compare_tokenizers
+
+    report = compare_tokenizers(BaseGGUF.open(str(smollm2_path)))
+    assert report["mismatches"] == 0, report["first"]
