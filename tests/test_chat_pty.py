@@ -61,6 +61,10 @@ def test_interactive_session(session, tmp_path):
     assert len(answer) > 3, shown
     assert "error" not in shown.lower()
 
+    # Ctrl-C at the prompt drops the half-typed line; the next command runs alone.
+    child.send("half typed")
+    child.sendintr()
+    child.expect(PROMPT)
     assert "alpha = 0" in answer_to(child, "/alpha 0")
 
     shown = answer_to(child, "/compare")

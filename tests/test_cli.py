@@ -272,6 +272,19 @@ def test_debug_shows_the_traceback(fake, base_file):
     assert "Traceback" in r.stderr and "error: too long" in r.stderr
 
 
+def test_library_warnings_are_one_line(monkeypatch, base_file):
+    import warnings
+
+    def warn(*a, **k):
+        warnings.warn("v.gguf has no ivl.* metadata: using it as a raw value model", UserWarning)
+        return FakeEngine(["fine"])
+    monkeypatch.setattr(chat_mod, "make_engine", warn)
+    r = run(["chat", "--base", str(base_file), "--value", "none", "-p", "hi"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "fine\n"
+    assert r.stderr == "warning: v.gguf has no ivl.* metadata: using it as a raw value model\n"
+
+
 def test_engine_load_error_is_one_line(monkeypatch, base_file):
     def broken(*a, **k):
         raise ModelFileError("base.gguf is truncated")
@@ -564,7 +577,8 @@ def test_real_one_shot_does_not_import_torch(smollm2_path):
 
 @pytest.mark.real
 def test_real_context_overflow_is_one_line(smollm2_path):
-    r = run(["chat", "--base", str(smollm2_path), "--value", "none", "--max-tokens", "4", "--ctx", "32",
-             "--threads", "2", "-p", "tell me about it " * 40])
+    # 256: llama.cpp's smallest context (a smaller --ctx is rounded up to it)
+    r = run(["chat", "--base", str(smollm2_path), "--value", "none", "--max-tokens", "4", "--ctx", "256",
+             "--threads", "2", "-p", "tell me about it " * 80])
     assert r.exit_code == 1
-    assert one_error_line(r)
+    assert "context window" in one_error_line(r)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -22,6 +23,8 @@ try:  # Typer >= 0.2x carries its own copy of click
     from typer._click import exceptions as _click_exceptions
 except ImportError:  # older Typer: the click package
     from click import exceptions as _click_exceptions
+
+_ABORTS = tuple({typer.Abort, getattr(_click_exceptions, "Abort", typer.Abort)})
 
 from ..errors import IVLError
 
@@ -53,6 +56,20 @@ def user_errors(debug: bool = False) -> Iterator[None]:
         raise typer.Exit(e.exit_code) from None
 
 
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Library warnings meant for users (UserWarning: a raw value model, ...) as one
+    `warning: ...` line on stderr each; other warnings (deprecations) are not for them."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("default", UserWarning)
+        warnings.showwarning = show
+        yield
+
+
 def _run_one_line(parent_main, args: Sequence[str] | None,
                   prog_name: str | None, complete_var: str | None, standalone_mode: bool,
                   extra: dict[str, Any]) -> Any:
@@ -72,7 +89,7 @@ def _run_one_line(parent_main, args: Sequence[str] | None,
             hint = f"see '{ctx.command_path} --help'"
         print_error(e.format_message(), hint)
         code = e.exit_code
-    except (_click_exceptions.Abort, typer.Abort):  # Ctrl-D / Ctrl-C in a click prompt
+    except _ABORTS:  # Ctrl-D / Ctrl-C in a click prompt
         code = EXIT_INTERRUPTED
     if not standalone_mode:
         return code

@@ -21,7 +21,7 @@ import typer
 
 from ..config import EngineConfig, SamplingConfig, default_threads
 from ..errors import ConfigError, EmptyPromptError, ModelFileError, ModelNotFoundError
-from ._common import EXIT_INTERRUPTED, print_note, user_errors
+from ._common import EXIT_INTERRUPTED, one_line_warnings, print_note, user_errors
 
 DEFAULT_BASE = "gemma3-270m"
 DEFAULT_MAX_TOKENS = 512
@@ -182,7 +182,7 @@ def chat(
     """
     engine = None
     try:
-        with user_errors(debug):
+        with user_errors(debug), one_line_warnings():
             # Everything cheap first: a typo fails in milliseconds, not after loading models.
             sampling = build_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed)
             if max_tokens < 1:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import ConfigError, ModelFileError, ModelNotFoundError
-from ._common import user_errors
+from ._common import one_line_warnings, user_errors
 
 RECIPES = ("default",)
 
@@ -78,7 +78,7 @@ def train(
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
 ) -> None:
     """Train a value network against a frozen base (needs the 'train' extra)."""
-    with user_errors(debug):
+    with user_errors(debug), one_line_warnings():
         if recipe is not None:
             if recipe not in RECIPES:
                 raise ConfigError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
@@ -120,7 +120,7 @@ def convert(
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
 ) -> None:
     """Convert a training checkpoint into a .ivl.gguf value file (no torch needed)."""
-    with user_errors(debug):
+    with user_errors(debug), one_line_warnings():
         if not checkpoint.exists():
             raise ModelFileError(f"no such checkpoint: {checkpoint}")
         import ivl_convert
@@ -136,7 +136,7 @@ def inspect(
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
 ) -> None:
     """Show a value file's ivl.* metadata: format, training base, recipe, default alpha."""
-    with user_errors(debug):
+    with user_errors(debug), one_line_warnings():
         if not file.is_file():
             raise ModelFileError(f"no such file: {file}")
         import ivl_convert

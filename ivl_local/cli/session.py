@@ -142,7 +142,7 @@ class ChatSession:
                 out.write(delta)
                 out.flush()
         except KeyboardInterrupt:
-            text = "".join(parts)
+            text = "".join(parts).rstrip()
             self.messages.append({"role": "assistant", "content": text, "interrupted": True})
             self.console.print(" [yellow]\\[interrupted][/]" if text else "[yellow]\\[interrupted][/]")
             return
