@@ -14,6 +14,7 @@ enters the evaluating process, and its memory is returned before models are load
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -116,7 +117,7 @@ class Workspace:
         params.allow_requantize = True   # the source is already quantized (Q4_1, Q4_K_M)
         params.nthread = os.cpu_count() or 1
         self.log(f"re-quantizing {source.name} -> {ref.qtype}")
-        rc = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), llama_cpp.byref(params))
+        rc = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), ctypes.byref(params))
         if rc != 0 or not tmp.exists():
             tmp.unlink(missing_ok=True)
             raise ArtifactError(f"llama.cpp could not quantize {source.name} to {ref.qtype} (code {rc})")

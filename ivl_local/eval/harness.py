@@ -120,10 +120,6 @@ def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test"
         from .runners import make_runner as runner_factory
 
     skipped = list(plan.skipped)
-    resolved = _resolve_all(plan.configs, workspace, skipped, log)
-    results = _answer_all(resolved, examples, workspace, runner_factory, seed, max_tokens, log, progress)
-    ordered = {c.name: results[c.name] for c in plan.configs if c.name in results}
-
     out = Path(out_dir) / ("quick" if quick else "")
     meta = {
         "command": command or _default_command(quick, split, limit),
@@ -133,11 +129,24 @@ def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test"
         "max_tokens": max_tokens, "bootstrap": "percentile, 2000 resamples, seed 0",
         "task": examples[0].task if examples else "?", "scorer": "reasoning_gym.get_score_answer_fn(task)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "wall_seconds": round(time.time() - started, 1),
     }
-    rep = EvalReport(ordered, skipped, meta, out)
+
+    def ordered(results: dict) -> dict:
+        return {c.name: results[c.name] for c in plan.configs if c.name in results}
+
+    def write_partial(results: dict) -> None:
+        """After each loaded model group: a run stopped early still leaves its numbers."""
+        pending = [c.name for c in plan.configs if c.name not in results]
+        partial = EvalReport(ordered(results), skipped + [f"{n}: not run yet (partial report)" for n in pending],
+                             dict(meta, wall_seconds=round(time.time() - started, 1), partial=True), out)
+        report_mod.write_report(partial)
+
+    results = _answer_all(plan.configs, examples, workspace, runner_factory, seed, max_tokens, log,
+                          progress, skipped, on_group=write_partial)
+    meta["wall_seconds"] = round(time.time() - started, 1)
+    rep = EvalReport(ordered(results), skipped, meta, out)
     report_mod.write_report(rep)
-    log(f"wrote {rep.markdown_path} ({len(ordered)} configurations, {len(examples)} examples each)")
+    log(f"wrote {rep.markdown_path} ({len(rep.results)} configurations, {len(examples)} examples each)")
     return rep
 
 
@@ -157,26 +166,17 @@ class _Resolved:
     torch_base_gguf: Path | None
 
 
-def _resolve_all(configs, workspace, skipped: list[str], log) -> list[_Resolved]:
-    """Paths of every configuration's files, building artifacts on first use."""
-    out, failed = [], {}
-    for c in configs:
-        try:
-            base = _cached(failed, c.base, lambda: workspace.model(c.base))
-            value = None if c.value is None else _cached(failed, c.value, lambda: workspace.model(c.value))
-            token_map = None if c.token_map is None else _cached(
-                failed, c.token_map, lambda: workspace.token_map(c.token_map))
-        except IVLError as e:
-            reason = f"{c.name}: {e}"
-            skipped.append(reason)
-            log(f"skipped: {reason}")
-            continue
-        torch_gguf = None
-        if Path(base).is_dir():   # a torch checkpoint: prompts use the training base's GGUF
-            assert isinstance(c.base, Trained)
-            torch_gguf = workspace.model(c.base.base)
-        out.append(_Resolved(c, Path(base), value and Path(value), token_map and Path(token_map), torch_gguf))
-    return out
+def _resolve(c: EvalConfig, workspace, failed: dict) -> _Resolved:
+    """Paths of a configuration's files, building artifacts on first use (IVLError if not)."""
+    base = _cached(failed, c.base, lambda: workspace.model(c.base))
+    value = None if c.value is None else _cached(failed, c.value, lambda: workspace.model(c.value))
+    token_map = None if c.token_map is None else _cached(
+        failed, c.token_map, lambda: workspace.token_map(c.token_map))
+    torch_gguf = None
+    if Path(base).is_dir():   # a torch checkpoint: prompts use the training base's GGUF
+        assert isinstance(c.base, Trained)
+        torch_gguf = workspace.model(c.base.base)
+    return _Resolved(c, Path(base), value and Path(value), token_map and Path(token_map), torch_gguf)
 
 
 def _cached(failed: dict, key, build):
@@ -190,38 +190,49 @@ def _cached(failed: dict, key, build):
         raise
 
 
-def _answer_all(resolved: list[_Resolved], examples: list[Example], workspace, runner_factory,
-                seed: int, max_tokens: int, log, progress: bool) -> dict[str, ConfigResult]:
+def _answer_all(configs: list[EvalConfig], examples: list[Example], workspace, runner_factory,
+                seed: int, max_tokens: int, log, progress: bool, skipped: list[str],
+                on_group: Callable[[dict], None] = lambda results: None) -> dict[str, ConfigResult]:
+    """Group configurations by (base, value, map) in plan order; per group build what it
+    needs, load it once and answer at each alpha. Results arrive group by group."""
     from ..progress import step_progress
 
-    groups: dict[tuple, list[_Resolved]] = {}
-    for r in resolved:
-        groups.setdefault((r.base, r.value, r.token_map), []).append(r)
+    groups: dict[tuple, list[EvalConfig]] = {}
+    for c in configs:
+        groups.setdefault(c.engine_key, []).append(c)
     conversations = [e.prompt_messages for e in examples]
     results: dict[str, ConfigResult] = {}
-    total = sum(len({r.config.alpha for r in rs}) for rs in groups.values()) * len(examples)
+    failed: dict = {}
+    total = sum(len({c.alpha for c in cs}) for cs in groups.values()) * len(examples)
     with step_progress("evaluating", total if progress else 0) as advance:
-        for (base, value, token_map), members in groups.items():
-            runner = runner_factory(base, value, token_map, seed, members[0].torch_base_gguf)
+        for members in groups.values():
+            try:
+                r0 = _resolve(members[0], workspace, failed)
+            except IVLError as e:
+                for c in members:
+                    skipped.append(f"{c.name}: {e}")
+                    log(f"skipped: {c.name}: {e}")
+                continue
+            runner = runner_factory(r0.base, r0.value, r0.token_map, seed, r0.torch_base_gguf)
             try:
                 by_alpha: dict[float, tuple[list[str], float]] = {}
-                for r in members:
-                    if r.config.alpha not in by_alpha:
-                        runner.alpha = r.config.alpha
+                for c in members:
+                    if c.alpha not in by_alpha:
+                        runner.alpha = c.alpha
                         t0 = time.time()
                         answers = runner.answer_all(conversations, max_tokens, advance)
-                        by_alpha[r.config.alpha] = (answers, time.time() - t0)
-                    answers, seconds = by_alpha[r.config.alpha]
-                    results[r.config.name] = _scored(r, answers, examples, seconds, workspace)
-                    res = results[r.config.name]
-                    log(f"  {r.config.name:<40} score {res.score:.3f}  exact {res.exact}/{res.n}  "
-                        f"({seconds:.1f}s)")
+                        by_alpha[c.alpha] = (answers, time.time() - t0)
+                    answers, seconds = by_alpha[c.alpha]
+                    res = results[c.name] = _scored(r0, c, answers, examples, seconds, workspace)
+                    log(f"  {c.name:<40} score {res.score:.3f}  exact {res.exact}/{res.n}  ({seconds:.1f}s)")
             finally:
                 runner.close()
+            on_group(results)
     return results
 
 
-def _scored(r: _Resolved, answers: list[str], examples: list[Example], seconds: float, workspace) -> ConfigResult:
+def _scored(r: _Resolved, config: EvalConfig, answers: list[str], examples: list[Example], seconds: float,
+            workspace) -> ConfigResult:
     scores = np.array([e.score(a) for e, a in zip(examples, answers)], dtype=np.float64)
     lenient = np.array([e.lenient_score(a) for e, a in zip(examples, answers)], dtype=np.float64)
     files = {"base": workspace.describe(r.base)}
@@ -229,7 +240,7 @@ def _scored(r: _Resolved, answers: list[str], examples: list[Example], seconds: 
         files["value"] = workspace.describe(r.value)
     if r.token_map is not None:
         files["token_map"] = workspace.describe(r.token_map)
-    return ConfigResult(r.config, list(answers), scores, lenient, seconds, files)
+    return ConfigResult(config, list(answers), scores, lenient, seconds, files)
 
 
 __all__ = ["run_eval", "EvalReport", "ConfigResult", "QUICK_LIMIT", "AlignedMap"]
