@@ -226,7 +226,16 @@ def _load(interactive: bool, base_path, value_path, alpha, ctx, threads, seed, t
                   token_map=token_map, verbose=verbose)
     if not interactive or not sys.stderr.isatty():
         return make_engine(base_path, value_path, alpha, **kwargs)
+    import warnings
+
     from rich.console import Console
 
-    with Console(stderr=True).status("loading models...", spinner="dots"):
-        return make_engine(base_path, value_path, alpha, **kwargs)
+    # Warnings wait until the spinner is gone, so they do not land in the middle of it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("default", UserWarning)
+        with Console(stderr=True).status("loading models...", spinner="dots"):
+            engine = make_engine(base_path, value_path, alpha, **kwargs)
+    for w in caught:
+        print_note(f"warning: {w.message}")
+    return engine
