@@ -179,7 +179,9 @@ def resolve_mapping(base: VocabData, value: VocabData, value_tokenize: Callable[
     cached = cached_map_path(base, value)
     if use_cache and cached.exists():
         try:
-            return load_map(cached, base, value)
+            mapping = load_map(cached, base, value)
+            if mapping.builder == EXACT_BUILDER:
+                return mapping
         except VocabMismatchError:
             log.warning("ignoring unreadable cached token map %s", cached)
     mapping = build_exact_map(base, value, value_tokenize)

@@ -29,7 +29,7 @@ def llama_cpp_greedy(path, prompt: str, n: int) -> list[int]:
     """llama-cpp-python's own greedy decode of the base model (the reference)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
         out = []
