@@ -392,6 +392,31 @@ def test_convert_and_inspect_missing_files(tmp_path):
     assert r.exit_code == 1 and "v.ivl.gguf" in one_error_line(r)
 
 
+def test_convert_and_inspect_call_ivl_convert(monkeypatch, tmp_path):
+    import ivl_convert
+
+    calls = []
+
+    def convert_checkpoint(ckpt, out, out_type, progress, base_gguf):
+        calls.append((ckpt, out, out_type, base_gguf))
+        return out
+    monkeypatch.setattr(ivl_convert, "convert_checkpoint", convert_checkpoint)
+    monkeypatch.setattr(ivl_convert, "inspect_value_file", lambda path: {
+        "path": str(path), "is_value_file": True,
+        "ivl": {"ivl.format_version": "1.0", "ivl.recipe.learning_rate": 9.999999747378752e-05}})
+    out = tmp_path / "v.ivl.gguf"
+    r = run(["convert", str(tmp_path), "-o", str(out), "--type", "q8_0"])
+    assert r.exit_code == 0, r.output
+    assert calls == [(tmp_path, out, "q8_0", None)] and r.stdout.strip() == str(out)
+
+    out.write_bytes(b"GGUF")
+    r = CliRunner().invoke(app, ["inspect", str(out)], env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    assert "ivl.format_version" in r.stdout and "0.0001" in r.stdout
+    r = run(["inspect", str(out), "--json"])
+    assert json.loads(r.stdout)["ivl"]["ivl.format_version"] == "1.0"
+
+
 def test_help_lists_commands():
     r = run(["--help"])
     assert r.exit_code == 0

@@ -117,6 +117,8 @@ def convert(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder written by 'ivl train'.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Value file to write (.ivl.gguf).")],
     out_type: Annotated[OutType, typer.Option("--type", "-t", help="Tensor type of the weights.")] = OutType.f16,
+    base_gguf: Annotated[Optional[Path], typer.Option(
+        help="The training base's .gguf (its tokenizer is copied), if it moved since training.")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
 ) -> None:
     """Convert a training checkpoint into a .ivl.gguf value file (no torch needed)."""
@@ -125,8 +127,10 @@ def convert(
             raise ModelFileError(f"no such checkpoint: {checkpoint}")
         import ivl_convert
 
+        if base_gguf is not None and not base_gguf.is_file():
+            raise ModelFileError(f"no such file: {base_gguf}")
         result = ivl_convert.convert_checkpoint(checkpoint, out, out_type.value,
-                                                progress=sys.stderr.isatty())
+                                                progress=sys.stderr.isatty(), base_gguf=base_gguf)
         print(result if result is not None else out)
 
 
@@ -146,12 +150,32 @@ def inspect(
         print(json.dumps(info, indent=2, default=str, ensure_ascii=False))
         return
     from rich.console import Console
+
+    Console(highlight=False).print(info_table(info, str(file)))
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"    # f32 metadata: 9.999999747e-05 reads as 0.0001
+    if isinstance(value, (list, tuple)):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return str(value)
+
+
+def info_table(info: dict, title: str):
+    """Top-level fields first, then one section per nested dict (ivl, general, hparams, ...)."""
     from rich.table import Table
 
-    table = Table(title=str(file), show_header=False, title_justify="left")
-    table.add_column(style="bold")
+    table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     for key, value in info.items():
-        shown = json.dumps(value, default=str, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
-        table.add_row(str(key), shown)
-    Console(highlight=False).print(table)
+        if not isinstance(value, dict):
+            table.add_row(str(key), _shown(value))
+    for key, value in info.items():
+        if isinstance(value, dict):
+            table.add_row("", "")
+            table.add_row(f"[cyan]{key}[/]", "")
+            for sub, v in value.items():
+                table.add_row(f"  {sub}", _shown(v))
+    return table
