@@ -44,7 +44,7 @@ from .vocab import TokenMapping, read_vocab, resolve_mapping
 
 log = logging.getLogger(__name__)
 
-NO_VALUE = ("none", "")
+NO_VALUE = ("none", "off", "")
 
 
 @dataclass
@@ -117,6 +117,14 @@ class Engine:
         self._last_completion_tokens: list[int] = []
         self.stats = GenerationStats(n_ctx=n_ctx)
 
+        try:
+            self._load(base, value, alpha, config, token_map, concurrent, verbose)
+        except BaseException:
+            self.close()  # free whatever was loaded before the failure, now
+            raise
+
+    def _load(self, base, value, alpha, config: EngineConfig, token_map, concurrent, verbose) -> None:
+        n_ctx, n_batch = config.n_ctx, config.n_batch
         self.base_path = resolve_model(base)
         base_header = read_gguf_header(self.base_path)
         self._base_model = Model(self.base_path, verbose=verbose)

@@ -1,0 +1,231 @@
+"""End-to-end decode speed and memory of the Engine on real models, side by side in one run.
+
+    PYTHONPATH=. python benchmarks/bench_engine.py [--tokens 48] [--threads 1] [--rounds 3]
+
+Cross-vocabulary case: Gemma 3 270M base (262k SentencePiece vocabulary) + SmolLM2 135M
+value (49k byte-level BPE vocabulary), alpha 1, llama.cpp's default sampling chain (top-k 40,
+temperature 0.8, top-p 0.95, min-p 0.05). Rows:
+
+  base alone            Engine(gemma) - llama_decode of one model per token
+  value alone           Engine(smollm2)
+  ideal sequential      1 / (t_base + t_value): both decodes back to back, nothing else
+  fused, sequential     Engine(gemma, smollm2): decode both + text sync + _core.fuse_and_sample
+  fused, concurrent     the same with concurrent=True (the two decodes on two threads)
+  numpy baseline        llama-cpp-python high-level Llama.eval for both models, the same text
+                        sync, and a numpy logits processor: fuse + map, argsort, the same chain
+
+Each configuration runs in its own subprocess (clean peak RSS), `--rounds` times
+interleaved; the best round counts (other processes on a shared machine only slow a run
+down). Peak RSS is compared with what must be resident: both model files (mmap'ed) and both
+KV caches (f16, from the GGUF shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+# llama.cpp's default chain (SamplingConfig's defaults): top-k 40, temperature, top-p, min-p
+ALPHA, TOP_K, TEMPERATURE, TOP_P, MIN_P = 1.0, 40, 0.8, 0.95, 0.05
+PROMPT = "Here is a short story about a robot who learns to paint:\n"
+N_CTX = 512
+CONFIGS = ["base", "value", "fused", "fused-concurrent", "numpy"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def kv_cache_mb(path, n_ctx: int) -> float:
+    """f16 K and V for every layer and position, from the GGUF's shapes."""
+    from ivl_local.valuefile import read_gguf_header
+
+    md = read_gguf_header(path).metadata
+    arch = md["general.architecture"]
+    layers, heads_kv = int(md[f"{arch}.block_count"]), int(md[f"{arch}.attention.head_count_kv"])
+    head_dim = int(md.get(f"{arch}.attention.key_length",
+                          int(md[f"{arch}.embedding_length"]) // int(md[f"{arch}.attention.head_count"])))
+    return layers * n_ctx * heads_kv * head_dim * 2 * 2 / 2**20
+
+
+# --- one configuration, in a subprocess -------------------------------------------------------
+
+def run_engine(config: str, tokens: int, threads: int) -> dict:
+    from ivl_local import SamplingConfig
+    from ivl_local.engine import Engine
+    from ivl_local.models import resolve_model
+
+    gemma, smollm2 = resolve_model("gemma3-270m"), resolve_model("smollm2-135m")
+    base, value = {"base": (gemma, None), "value": (smollm2, None)}.get(config, (gemma, smollm2))
+    warnings.simplefilter("ignore")  # raw value model warning
+    engine = Engine(base, value, ALPHA, n_ctx=N_CTX, n_threads=threads,
+                    concurrent=config == "fused-concurrent")
+    sampling = SamplingConfig(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=1)
+    engine.complete("Warm up.", max_tokens=2, sampling=sampling)
+    engine.clear_cache()
+    cpu0 = time.process_time()
+    engine.complete(PROMPT, max_tokens=tokens, sampling=sampling)
+    cpu = time.process_time() - cpu0
+    s = engine.stats
+    n = s.completion_tokens
+    steps = max(n - 1, 1)  # decodes after the first token
+    out = dict(tokens=n, tok_s=s.tokens_per_s, cpu_ms_per_token=cpu / max(n, 1) * 1e3,
+               base_ms=s.base_decode_s / max(n, 1) * 1e3, value_ms=s.value_decode_s / max(n, 1) * 1e3,
+               fuse_ms=s.fuse_sample_s / n * 1e3, step_ms=s.decode_s / steps * 1e3,
+               files_mb=(os.path.getsize(base) + (os.path.getsize(value) if value else 0)) / 2**20,
+               kv_mb=kv_cache_mb(base, engine.n_ctx) + (kv_cache_mb(value, engine._value_ctx.n_ctx)
+                                                          if value else 0.0))
+    engine.close()
+    out["rss_mb"] = peak_rss_mb()
+    return out
+
+
+def run_numpy(tokens: int, threads: int) -> dict:
+    """What a user writes today: two llama_cpp.Llama objects and a numpy logits processor."""
+    import llama_cpp
+    import numpy as np
+
+    from ivl_local.models import resolve_model
+    from ivl_local.valuefile import read_gguf_header
+    from ivl_local.vocab import read_vocab, resolve_mapping
+
+    gemma, smollm2 = resolve_model("gemma3-270m"), resolve_model("smollm2-135m")
+    kw = dict(n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+    base = llama_cpp.Llama(str(gemma), **kw)
+    value = llama_cpp.Llama(str(smollm2), **{**kw, "n_ctx": 2 * N_CTX})
+    mapping = resolve_mapping(read_vocab(read_gguf_header(gemma)), read_vocab(read_gguf_header(smollm2)),
+                              lambda t: value.tokenize(t, add_bos=False, special=False))
+    token_map, weights = mapping.token_map, mapping.token_weights
+    mapped = token_map >= 0
+    safe_map = np.where(mapped, token_map, 0)
+    rng = np.random.default_rng(1)
+    eos = base.token_eos()
+
+    def value_sync(text: bytes):
+        ids = value.tokenize(text, add_bos=True, special=True)
+        keep = 0
+        old = value.input_ids[:value.n_tokens].tolist()
+        while keep < min(len(ids), len(old)) and ids[keep] == old[keep]:
+            keep += 1
+        keep = min(keep, len(ids) - 1)
+        value.n_tokens = keep  # Llama.eval rolls the KV cache back to n_tokens
+        value.eval(ids[keep:])
+
+    def step_logits():
+        b = base.scores[base.n_tokens - 1]
+        v = value.scores[value.n_tokens - 1]
+        fused = b + ALPHA * np.where(mapped, weights * v[safe_map], 0.0)   # (262144,)
+        order = np.argsort(-fused)[:TOP_K]                                  # full sort, then top-k
+        z = fused[order] / TEMPERATURE
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        cut = int(np.searchsorted(np.cumsum(p), TOP_P)) + 1                 # top-p
+        keep = np.flatnonzero(p[:cut] >= MIN_P * p[0])                      # min-p
+        q = p[keep] / p[keep].sum()
+        return int(order[keep[rng.choice(len(keep), p=q)]])
+
+    text = PROMPT.encode()
+    prompt_ids = base.tokenize(text, add_bos=True, special=True)
+    base.eval(prompt_ids)
+    value_sync(text)
+    t_fuse = 0.0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    n = 0
+    for n in range(1, tokens + 1):
+        f0 = time.perf_counter()
+        tok = step_logits()
+        t_fuse += time.perf_counter() - f0
+        if tok == eos or n == tokens:
+            break
+        text += base.detokenize([tok])
+        base.eval([tok])
+        value_sync(text)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    base.close()
+    value.close()
+    return dict(tokens=n, tok_s=n / wall, cpu_ms_per_token=cpu / n * 1e3, fuse_ms=t_fuse / n * 1e3,
+                step_ms=wall / n * 1e3, rss_mb=peak_rss_mb())
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+def child(config: str, tokens: int, threads: int) -> None:
+    result = run_numpy(tokens, threads) if config == "numpy" else run_engine(config, tokens, threads)
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(config: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", config, "--tokens", str(args.tokens),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{config} failed:\n{out.stderr[-2000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.tokens, args.threads)
+
+    configs = args.configs.split(",")
+    best: dict[str, dict] = {}
+    for r in range(args.rounds):
+        for config in configs:
+            if config == "fused-concurrent" and args.threads < 2:
+                pass  # still meaningful: two decodes overlap on the machine's cores
+            res = run_child(config, args)
+            if config not in best or res["tok_s"] > best[config]["tok_s"]:
+                best[config] = res
+            print(f"round {r + 1}: {config:17s} {res['tok_s']:6.1f} tok/s", file=sys.stderr)
+
+    print(f"\nGemma 3 270M base + SmolLM2 135M value, {args.tokens} tokens, {args.threads} thread(s) "
+          f"per model, n_ctx {N_CTX}, best of {args.rounds} rounds, cpu_count {os.cpu_count()}")
+    rows = []
+    if "base" in best and "value" in best:
+        t_b, t_v = 1 / best["base"]["tok_s"], 1 / best["value"]["tok_s"]
+        best["ideal"] = dict(tok_s=1 / (t_b + t_v))
+    order = ["base", "value", "ideal", "fused", "fused-concurrent", "numpy"]
+    names = {"base": "base alone", "value": "value alone", "ideal": "ideal 1/(t_b+t_v)",
+             "fused": "fused, sequential", "fused-concurrent": "fused, concurrent",
+             "numpy": "numpy baseline"}
+    ref = best.get("ideal", {}).get("tok_s")
+    print(f"{'':20s} {'tok/s':>7s} {'vs ideal':>9s} {'step ms':>8s} {'fuse+sample ms':>15s} "
+          f"{'cpu ms/tok':>11s} {'peak RSS MB':>12s} {'files+KV MB':>12s}")
+    for key in order:
+        if key not in best:
+            continue
+        r = best[key]
+        ratio = f"{r['tok_s'] / ref:8.2f}x" if ref else ""
+        files_kv = f"{r['files_mb'] + r['kv_mb']:11.0f}" if "files_mb" in r else ""
+        def f(name, fmt):
+            return format(r[name], fmt) if name in r else ""
+        rows.append(key)
+        print(f"{names[key]:20s} {r['tok_s']:7.1f} {ratio:>9s} {f('step_ms', '8.1f'):>8s} "
+              f"{f('fuse_ms', '15.3f'):>15s} {f('cpu_ms_per_token', '11.1f'):>11s} "
+              f"{f('rss_mb', '12.0f'):>12s} {files_kv:>12s}")
+    if "fused" in best and "numpy" in best:
+        fz, nz = best["fused"], best["numpy"]
+        print(f"\nfused engine vs numpy baseline: {fz['tok_s'] / nz['tok_s']:.2f}x tokens/s; "
+              f"fuse+map+sample {fz['fuse_ms']:.3f} ms vs numpy {nz['fuse_ms']:.2f} ms per token "
+              f"({nz['fuse_ms'] / max(fz['fuse_ms'], 1e-9):.0f}x)")
+        print(f"fuse+sample share of a fused step: {fz['fuse_ms'] / fz['step_ms']:.2%}")
+    if "fused-concurrent" in best and "fused" in best:
+        print(f"concurrent vs sequential: {best['fused-concurrent']['tok_s'] / best['fused']['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
