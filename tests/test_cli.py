@@ -609,3 +609,52 @@ def test_real_context_overflow_is_one_line(smollm2_path):
              "--threads", "1", "-p", "tell me about it " * 80])
     assert r.exit_code == 1
     assert "context window" in one_error_line(r)
+
+
+# --- loading the models while the user types ---------------------------------------------------
+
+def test_background_load_hands_over_engine_and_warnings(monkeypatch, capsys):
+    import time
+    import warnings
+
+    from ivl_local.cli.loading import BackgroundLoad
+
+    def slow_engine():
+        time.sleep(0.2)
+        warnings.warn("v.gguf has no ivl.* metadata", UserWarning)
+        return FakeEngine(["loaded answer"])
+
+    loader = BackgroundLoad(slow_engine)
+    session, _ = session_run(monkeypatch, None, ["hi"], loader=loader)
+    captured = capsys.readouterr()
+    assert "loaded answer" in captured.out
+    assert captured.err == "warning: v.gguf has no ivl.* metadata\n"
+    loader.close()
+    assert session.engine.closed
+
+
+def test_background_load_error_ends_the_session(monkeypatch):
+    from ivl_local.cli.loading import BackgroundLoad
+
+    def broken():
+        raise ModelFileError("value file is truncated")
+
+    loader = BackgroundLoad(broken)
+    with pytest.raises(ModelFileError, match="truncated"):
+        session_run(monkeypatch, None, ["hi", "never"], loader=loader)
+    loader.close()
+
+
+def test_ctrl_d_before_loading_finished(monkeypatch):
+    import threading
+
+    from ivl_local.cli.loading import BackgroundLoad
+
+    release = threading.Event()
+    engine = FakeEngine()
+    loader = BackgroundLoad(lambda: release.wait(5) and engine)
+    session, chrome = session_run(monkeypatch, None, [], loader=loader)
+    assert "ivl-chat" in chrome and session.engine is None
+    release.set()
+    loader.close()   # joins the loading thread, then closes what it loaded
+    assert engine.closed

@@ -200,8 +200,19 @@ def chat(
 
             base_path = resolve_model(base)
             value_path = resolve_value(value)
-            engine = _load(text is None, base_path, value_path, alpha, ctx, threads, seed,
-                           token_map, verbose)
+            kwargs = dict(n_ctx=ctx, n_threads=threads, seed=seed if seed is not None else 0,
+                          token_map=token_map, verbose=verbose)
+            if text is None and not verbose:
+                # Interactive: the prompt shows at once, the models load while the user types.
+                from .loading import BackgroundLoad
+                from .session import ChatSession
+
+                engine = BackgroundLoad(lambda: make_engine(base_path, value_path, alpha, **kwargs))
+                ChatSession(None, loader=engine, base_path=base_path, value_path=value_path,
+                            system=system, sampling=sampling, max_tokens=max_tokens,
+                            verbose=verbose, debug=debug).run()
+                return
+            engine = make_engine(base_path, value_path, alpha, **kwargs)
             if text is not None:
                 messages = ([{"role": "system", "content": system}] if system else []) + \
                            [{"role": "user", "content": text}]
@@ -219,23 +230,3 @@ def chat(
     finally:
         if engine is not None:
             engine.close()
-
-
-def _load(interactive: bool, base_path, value_path, alpha, ctx, threads, seed, token_map, verbose):
-    kwargs = dict(n_ctx=ctx, n_threads=threads, seed=seed if seed is not None else 0,
-                  token_map=token_map, verbose=verbose)
-    if not interactive or not sys.stderr.isatty():
-        return make_engine(base_path, value_path, alpha, **kwargs)
-    import warnings
-
-    from rich.console import Console
-
-    # Warnings wait until the spinner is gone, so they do not land in the middle of it.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("default", UserWarning)
-        with Console(stderr=True).status("loading models...", spinner="dots"):
-            engine = make_engine(base_path, value_path, alpha, **kwargs)
-    for w in caught:
-        print_note(f"warning: {w.message}")
-    return engine

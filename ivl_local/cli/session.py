@@ -4,6 +4,9 @@
                           sampling=SamplingConfig(), max_tokens=512)
     session.run()      # returns on /quit or Ctrl-D
 
+`engine` may be None with a `loader` (BackgroundLoad) that is still loading it: the prompt
+shows at once and the first line entered waits for the engine.
+
 The conversation is a list of {"role", "content"} messages rendered with the base's chat
 template by `engine.chat_deltas`. Ctrl-C during an answer stops it and keeps the partial
 answer (marked "interrupted" in saved files); Ctrl-C at the prompt clears the line.
@@ -58,10 +61,12 @@ def stats_line(stats) -> str:
 class ChatSession:
     def __init__(self, engine, *, base_path: Path, value_path: Path | None, system: str | None,
                  sampling: SamplingConfig, max_tokens: int, verbose: bool = False,
-                 debug: bool = False, console=None, use_readline: bool = True) -> None:
+                 debug: bool = False, console=None, use_readline: bool = True,
+                 loader=None) -> None:
         from rich.console import Console
 
         self.engine = engine
+        self.loader = loader
         self.base_path = base_path
         self.value_path = value_path
         self.system = system
@@ -92,6 +97,14 @@ class ChatSession:
                 line = line.strip()
                 if not line:
                     continue
+                if self.engine is None and line.lower() in ("/quit", "/exit"):
+                    return  # no need to wait for the models just to leave
+                if self.engine is None:
+                    try:  # a loading error ends the session (the CLI prints it)
+                        self.engine = self.loader.result(self.console)
+                    except KeyboardInterrupt:
+                        print()
+                        continue
                 if line.startswith("/"):
                     if self.dispatch(line):
                         return
@@ -363,7 +376,7 @@ class ChatSession:
 
     def _banner(self) -> None:
         value = self.value_path.name if self.value_path else "none (base alone)"
-        alpha = f", alpha {self.engine.alpha:g}" if self.engine.has_value else ""
+        alpha = f", alpha {self.engine.alpha:g}" if self.engine is not None and self.engine.has_value else ""
         self.console.print(f"[bold]ivl-chat[/]  base [cyan]{self.base_path.name}[/]  "
                            f"value [cyan]{value}[/]{alpha}")
         self.console.print("[dim]/help for commands, Ctrl-C stops an answer, Ctrl-D quits[/]")
