@@ -210,6 +210,8 @@ class Engine:
     def generate(self, prompt: str, max_tokens: int | None = 256, sampling: SamplingConfig | None = None,
                  stop: list[str] | str | None = None) -> Iterator[str]:
         """Text deltas. Arguments are checked now; decoding starts at the first next()."""
+        if self._base_ctx is None:
+            raise RuntimeError("this Engine is closed")
         if not isinstance(prompt, str) or not prompt.strip():
             raise EmptyPromptError("the prompt is empty")
         if max_tokens is not None and max_tokens < 1:
@@ -301,7 +303,8 @@ class Engine:
                 if text:
                     yield text
                 if my_generation != self._generation:
-                    raise RuntimeError("this generation was superseded by a newer generate() call")
+                    raise RuntimeError("this generation was superseded by a newer generate() call "
+                                       "(or the engine was closed)")
                 if stopped:
                     stats.finish_reason = "stop"
                     break
@@ -367,7 +370,7 @@ class Engine:
                 result = base_job()
             finally:
                 stats.base_decode_s += time.perf_counter() - t0
-                value_result, value_s = future.result()  # always join: never leave it running
+                value_result, value_s = _join(future)  # never leave the value decode running
             stats.value_decode_s += value_s
             return result, value_result
         t0 = time.perf_counter()
@@ -452,6 +455,7 @@ class Engine:
     # --- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        self._generation = getattr(self, "_generation", 0) + 1  # unfinished generators stop
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is not None:
             pool.shutdown(wait=True)
@@ -472,6 +476,21 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+def _join(future):
+    """future.result(), riding out Ctrl-C: the value context must not be touched (or freed)
+    while its decode still runs on the worker thread."""
+    interrupted = None
+    while True:
+        try:
+            result = future.result()
+            break
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
+    return result
 
 
 def _timed(job):

@@ -114,8 +114,15 @@ def test_value_changes_the_distribution(smollm2_path, gemma3_path):
     with engine_with_raw_value(smollm2_path, gemma3_path, alpha=0.0) as engine:
         base_text = engine.complete(PROMPT, max_tokens=8, sampling=GREEDY)
         engine.alpha = 5.0
+        sync = engine._value  # Gemma as the value side: SentencePiece with an added BOS
+
+        def check(eng, step):
+            assert sync.tokens == sync.tokenize(sync.text) and sync.tokens[0] == eng._value_model.vocab.bos
+
+        engine._logits_hook = check
         fused_text = engine.complete(PROMPT, max_tokens=8, sampling=GREEDY)
     assert base_text != fused_text
+    assert sync.full_retokenizations == 0
 
 
 @pytest.mark.real
@@ -385,3 +392,15 @@ def test_a_newer_generation_supersedes_an_unfinished_one(smollm2_engine, smollm2
     assert smollm2_engine.complete(PROMPT, max_tokens=N, sampling=GREEDY) == smollm2_reference[0]
     with pytest.raises(RuntimeError, match="superseded"):
         list(old)
+
+
+@pytest.mark.real
+def test_closed_engine(smollm2_path):
+    engine = Engine(smollm2_path, None, **KW)
+    stream = engine.generate(PROMPT, max_tokens=N, sampling=GREEDY)
+    next(stream)
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        list(stream)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(PROMPT)
