@@ -325,13 +325,21 @@ def test_default_value_network_is_prepared_once(fake, base_file, monkeypatch, ca
         return 0
 
     monkeypatch.setattr(chat_mod, "torch_available", lambda: True)
-    monkeypatch.setattr(chat_mod.subprocess, "call", fake_call)
+    monkeypatch.setattr(chat_mod, "run_child", fake_call)
     for _ in range(2):
         r = run(["chat", "--base", str(base_file), "-p", "hi"])
         assert r.exit_code == 0, r.output
     assert len(commands) == 1
     assert commands[0][-5:] == ["train", "--recipe", "default", "--out", str(cache / "default-value")]
     assert fake.kwargs["value"] == cache / "default-value" / "value.ivl.gguf"
+
+
+def test_run_child_returns_exit_code_and_restores_sigint():
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    assert chat_mod.run_child([sys.executable, "-c", "raise SystemExit(130)"]) == 130
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # --- other commands ------------------------------------------------------------------------

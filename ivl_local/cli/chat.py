@@ -70,7 +70,7 @@ def prepare_default_value() -> Path:
             f"{sys.executable} -m pip install 'ivl-local[train]'  (or skip it with --value none)")
     cmd = [sys.executable, "-m", "ivl_local.cli.main", "train", "--recipe", "default",
            "--out", str(out_dir)]
-    rc = subprocess.call(cmd)
+    rc = run_child(cmd)
     if rc in (EXIT_INTERRUPTED, -2):
         raise KeyboardInterrupt
     found = find_default_value()
@@ -80,6 +80,22 @@ def prepare_default_value() -> Path:
             f"above, or run 'ivl train --recipe default --out {out_dir} --debug'; --value none skips it")
     print_note(f"default value network ready: {found}")
     return found
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run a child process in this terminal and return its exit code.
+
+    Ctrl-C is left to the child (a training run saves a resumable checkpoint before it
+    exits with 130); this process ignores it until the child is gone.
+    """
+    import signal
+
+    child = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def torch_available() -> bool:
