@@ -3,6 +3,7 @@
     python benchmarks/eval.py --quick              # every configuration kind, a few minutes
     python benchmarks/eval.py --limit 200          # the full plan on 200 test examples
     python benchmarks/eval.py --only smollm2 gemma3 --limit 100   # names containing these
+    python benchmarks/eval.py --steps 48 --limit 100  # a smaller full run (shared CPUs)
 
 Artifacts (trained value nets, full fine-tunes, re-quantized bases, aligned maps) are built on
 first use and cached under ivl_local.models.cache_dir()/eval.
@@ -30,9 +31,11 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None,
                         help="keep configurations whose name contains one of these words")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of every trained artifact (default: 16 quick, 150 full)")
     args = parser.parse_args()
 
-    plan = build_plan(args.quick)
+    plan = build_plan(args.quick, steps=args.steps)
     if args.only:
         plan = Plan([c for c in plan.configs if any(w in c.name for w in args.only)],
                     plan.skipped + [f"--only {' '.join(args.only)}: other configurations not run"])

@@ -226,7 +226,7 @@ def test_duplicate_names_are_refused(tmp_path):
 def test_quick_mode_real(tmp_path, smollm2_path, gemma3_path):
     """The real quick plan: trains its small artifacts on first use (cached afterwards under
     ivl_local.models.cache_dir()/eval), then answers a few test examples per configuration."""
-    report = run_eval(None, quick=True, out_dir=tmp_path, progress=False)
+    report = run_eval(None, quick=True, limit=6, out_dir=tmp_path, progress=False)
     plan = build_plan(quick=True)
     assert list(report.results) == [c.name for c in plan.configs], report.skipped
     assert {r.config.kind for r in report.results.values()} == set(KINDS) - set(OPTIONAL_KINDS)

@@ -133,7 +133,11 @@ class Workspace:
             return Path(json.loads(done.read_text())["path"])
         folder.mkdir(parents=True, exist_ok=True)
         self.log(f"training {ref.label} ({ref.steps} steps) in {folder}")
-        job = {"recipe": asdict(ref), "data": str(self.train_data), "folder": str(folder)}
+        from .runners import eval_threads
+
+        # Threads do not change the result (not in the recipe hash); 1 on a busy machine.
+        job = {"recipe": asdict(ref), "data": str(self.train_data), "folder": str(folder),
+               "threads": eval_threads()}
         result = run_job("train", job)
         done.write_text(json.dumps(result, indent=2) + "\n")
         return Path(result["path"])

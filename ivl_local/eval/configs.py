@@ -136,11 +136,12 @@ def _installed(name: str) -> bool:
         return False
 
 
-def build_plan(quick: bool = False, installed=_installed) -> Plan:
-    """The configurations of the study. `quick`: fewer steps and alphas, same kinds."""
+def build_plan(quick: bool = False, installed=_installed, steps: int | None = None) -> Plan:
+    """The configurations of the study. `quick`: fewer steps and alphas, same kinds.
+    `steps` overrides the training steps of every trained artifact (a smaller full run)."""
     # Quick recipes are a smoke test of every kind, not a measurement: 16 steps of 4 examples
     # (~1-3 s a step on 2 free cores; 5-10x that on a shared machine).
-    steps = 16 if quick else 150
+    steps = steps or (16 if quick else 150)
     # Task examples are ~40 tokens; max_len 96 never truncates one. No held-out evaluation
     # inside training (eval_fraction 0): the harness evaluates, and the trainer's default
     # 100-example evaluation cost as much as 8 training steps (measured).

@@ -128,7 +128,8 @@ def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test"
         "quick": quick, "seed": seed, "sampling": "greedy (temperature 0, argmax, ties -> lowest id)",
         "max_tokens": max_tokens, "bootstrap": "percentile, 2000 resamples, seed 0",
         "task": examples[0].task if examples else "?", "scorer": "reasoning_gym.get_score_answer_fn(task)",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                   f"load average {os.getloadavg()[0]:.1f} at start",
     }
 
     def ordered(results: dict) -> dict:

@@ -26,7 +26,8 @@ def train_job(payload: dict) -> dict:
     cfg = TrainConfig(base=recipe["base"], data=Path(payload["data"]), out_dir=folder / "checkpoint",
                       init=recipe["init"] if not recipe["full_finetune"] else "auto",
                       norm_weight=recipe["norm_weight"], full_finetune=recipe["full_finetune"],
-                      max_steps=recipe["steps"], seed=0, check_tokenizer=False, **extra)
+                      max_steps=recipe["steps"], seed=0, check_tokenizer=False,
+                      threads=int(payload.get("threads", 2)), **extra)
     started = time.time()
     ckpt = train(cfg, progress=True)
     train_s = time.time() - started
