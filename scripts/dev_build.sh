@@ -8,4 +8,4 @@ cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$($PY -c 'import sys; print(sys.executable)')" \
   -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >/dev/null
 cmake --build build/dev
-cp build/dev/_core*.so ivl_local/
+for so in build/dev/_core*.so; do cp "$so" "ivl_local/.$(basename "$so").tmp" && mv -f "ivl_local/.$(basename "$so").tmp" "ivl_local/$(basename "$so")"; done  # atomic: running processes keep the old file
