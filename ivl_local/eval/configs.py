@@ -19,7 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
-CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus" / "corpus.txt"
+from ..datasets import data_path
+
+CORPUS = data_path("corpus", "corpus.txt")
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 QWEN_SMALL, QWEN_LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"

@@ -21,9 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from ..datasets import data_dir
 from ..errors import DataError
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DATA_DIR = data_dir()
 SPLITS = {"train": "arith_train.jsonl", "test": "arith_test.jsonl"}
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 

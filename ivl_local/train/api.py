@@ -35,8 +35,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
 
 def default_data_path() -> Path:
-    """The chat demonstrations shipped in the repository's data/ folder."""
-    return Path(__file__).resolve().parents[2] / "data" / "chat_train.jsonl"
+    """The chat demonstrations shipped with ivl-local (package data or the checkout's data/)."""
+    from ..datasets import data_path
+
+    return data_path("chat_train.jsonl")
 
 
 # The default value network: teaches Gemma 3 270M *base* to answer in the fallback chat
