@@ -21,7 +21,6 @@ decodes its new suffix. An interruption (Ctrl-C) anywhere leaves the caches cons
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -34,7 +33,7 @@ import numpy as np
 
 from .backend import Context, Model
 from .chat_template import FALLBACK_STOP, render_messages
-from .config import EngineConfig, GREEDY, SamplingConfig, default_threads
+from .config import EngineConfig, SamplingConfig, default_threads
 from .detok import Detokenizer
 from .errors import ConfigError, ContextOverflowError, EmptyPromptError, InvalidLogitsError
 from .models import resolve_model

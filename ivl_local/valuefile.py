@@ -16,7 +16,6 @@ second and keeps token strings as raw bytes (exactly as stored, which is what
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 import struct
@@ -30,7 +29,6 @@ import numpy as np
 from .errors import FormatVersionError, ModelFileError
 from .gguf_keys import FORMAT_MAJOR, Keys, parse_version
 
-log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
