@@ -11,7 +11,8 @@ token with the same normalised text ('▁'/'Ġ' spaces, '<0xNN>' bytes). Normal 
 with no exact match get the first token of the value tokenizer's encoding of their text.
 Built maps are cached under cache_dir()/token-maps, keyed by both vocabulary fingerprints.
 A map file is an `.npz` with token_map, token_weights, base_fingerprint, value_fingerprint
-and builder; loading one for other vocabularies raises VocabMismatchError.
+and builder (and optionally n_exact); loading one for other vocabularies raises
+VocabMismatchError.
 """
 
 from __future__ import annotations
@@ -103,9 +104,11 @@ def save_map(path: str | os.PathLike, mapping: TokenMapping) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
+    extra = {} if mapping.n_exact is None else {"n_exact": np.int64(mapping.n_exact)}
     np.savez(tmp, token_map=mapping.token_map, token_weights=mapping.token_weights,
              base_fingerprint=np.str_(mapping.base_fingerprint),
-             value_fingerprint=np.str_(mapping.value_fingerprint), builder=np.str_(mapping.builder))
+             value_fingerprint=np.str_(mapping.value_fingerprint), builder=np.str_(mapping.builder),
+             **extra)
     os.replace(tmp, path)
 
 
@@ -118,6 +121,7 @@ def load_map(path: str | os.PathLike, base: VocabData, value: VocabData) -> Toke
             weights = np.ascontiguousarray(z["token_weights"], dtype=np.float32)
             base_fp, value_fp = str(z["base_fingerprint"]), str(z["value_fingerprint"])
             builder = str(z["builder"]) if "builder" in z else "?"
+            n_exact = int(z["n_exact"]) if "n_exact" in z else None
     except FileNotFoundError:
         raise VocabMismatchError(f"no such token map file: {path}") from None
     except (KeyError, ValueError, OSError) as e:
@@ -133,7 +137,7 @@ def load_map(path: str | os.PathLike, base: VocabData, value: VocabData) -> Toke
         raise VocabMismatchError(f"token map {path.name} points outside the value vocabulary")
     if not np.all(np.isfinite(weights)) or weights.min(initial=0) < 0 or weights.max(initial=0) > 1:
         raise VocabMismatchError(f"token map {path.name} has weights outside [0, 1]")
-    return TokenMapping(token_map, weights, base_fp, value_fp, builder)
+    return TokenMapping(token_map, weights, base_fp, value_fp, builder, n_exact)
 
 
 def build_exact_map(base: VocabData, value: VocabData,
