@@ -222,3 +222,29 @@ def test_hf_and_gguf_tokenizers_agree(smollm2_path):
 
     report = compare_tokenizers(BaseGGUF.open(str(smollm2_path)))
     assert report["mismatches"] == 0, report["first"]
+
+
+def test_auto_init_is_pretrained_for_llama_bases_else_fresh():
+    from types import SimpleNamespace
+
+    from ivl_local.train.model import resolve_init
+
+    llama = SimpleNamespace(config=SimpleNamespace(model_type="llama"))
+    gemma = SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text"))
+    assert resolve_init(TrainConfig(), llama) == "pretrained"
+    assert resolve_init(TrainConfig(), gemma) == "fresh"
+    assert resolve_init(TrainConfig(init="pruned:3"), gemma) == "pruned:3"
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_full_finetune_reference_converts_to_a_plain_gguf(tmp_path, smollm2_path):
+    from ivl_convert import convert_checkpoint, inspect_value_file
+
+    from ivl_local.train.api import train
+
+    ckpt = train(small_cfg(tmp_path, full_finetune=True, max_steps=1, learning_rate=1e-5), progress=False)
+    meta = json.loads((ckpt / "ivl_checkpoint.json").read_text())
+    assert meta["kind"] == "full_finetune" and meta["init"] == "full_finetune"
+    info = inspect_value_file(convert_checkpoint(ckpt, tmp_path / "ft.gguf", out_type="q8_0", progress=False))
+    assert not info["is_value_file"] and info["hparams"]["llama.block_count"] == 30

@@ -25,6 +25,12 @@ Q8_BLOCK = 32          # elements per q8_0 block
 Q8_BLOCK_BYTES = 34    # f16 scale + 32 int8
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class WriterStateError(RuntimeError):
     """A writer method was called out of order."""
 
@@ -103,6 +109,7 @@ class ValueFileWriter:
             w.write_tensor_data(data)
             advance(data.nbytes)
         w.close()
+        os.chmod(self._tmp, 0o666 & ~_umask())      # mkstemp makes 0600; use the usual mode
         os.replace(self._tmp, self.out_path)
         self._tmp = None
         self._stage = "done"

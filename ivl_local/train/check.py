@@ -36,5 +36,5 @@ def greedy_fused(base: str, value: str | None, prompt: str, max_tokens: int = 48
 
 def _last_logits(llm, tokens: list[int]) -> np.ndarray:
     llm.reset()
-    llm.eval(tokens)
-    return np.asarray(llm.scores[len(tokens) - 1], dtype=np.float32)
+    llm.eval(tokens)          # without logits_all only the last position has logits
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
