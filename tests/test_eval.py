@@ -175,6 +175,7 @@ def test_run_eval_with_fakes_writes_a_complete_report(tmp_path):
     rows = {row["comparison"]: row for row in comparisons(report.results)}
     recovery = rows["share of full-FT gain recovered: smol + value"]
     assert recovery["value"] == pytest.approx((0.8 - 0.2) / (0.9 - 0.2)) and recovery["met"] is False
+    assert rows["full-FT gain: smol FT vs smol"]["ci"][0] > 0
     kept = rows["share of in-distribution gain kept: q8 + value"]
     assert kept["value"] == pytest.approx((0.7 - 0.2) / (0.8 - 0.2)) and kept["met"] is False
     assert rows["gain: gemma3 + value vs gemma"]["met"] is True
@@ -190,6 +191,22 @@ def test_run_eval_with_fakes_writes_a_complete_report(tmp_path):
     assert [r["name"] for r in data["results"]] == names and data["meta"]["examples"] == 40
     for png in ("scores.png", "alpha.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_share_of_an_insignificant_gain_is_undecided():
+    from ivl_local.eval.harness import ConfigResult
+
+    v = Trained("smollm2-135m")
+    ft = Trained("smollm2-135m", full_finetune=True)
+    zeros, one = np.zeros(20), np.zeros(20)
+    one[0] = 1.0      # full FT "gains" one example of 20: its CI includes 0
+    results = {name: ConfigResult(EvalConfig(name, kind, base, value), [""] * 20, scores, scores, 0.0)
+               for name, kind, base, value, scores in [
+                   ("smol", "base", "smollm2-135m", None, zeros),
+                   ("smol + value", "in-distribution", "smollm2-135m", v, one),
+                   ("smol FT", "full-finetune", ft, None, one)]}
+    [row] = [r for r in comparisons(results) if r["comparison"].startswith("share")]
+    assert row["value"] == pytest.approx(1.0) and row["met"] is None
 
 
 def test_run_eval_skips_a_missing_model_with_a_notice(tmp_path):

@@ -164,29 +164,33 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     corpus_cap = 60_000 if quick else None
     skipped: list[str] = []
 
+    # Plan order is run order: what needs no training first, then everything that uses the
+    # SmolLM2 value net, then the Gemma value net, then the norm-0 net (a long run stopped
+    # early still has the most important comparisons).
+    q8 = Requantized(SMOL, "Q8_0")
     configs = [
         EvalConfig("smollm2", "base", SMOL),
         EvalConfig("gemma3", "base", GEMMA),
+        EvalConfig("smollm2 Q8_0", "base", q8),
         EvalConfig("smollm2 + value", "in-distribution", SMOL, v_smol),
         EvalConfig("smollm2 full-FT", "full-finetune", ft_smol),
-        EvalConfig("smollm2 Q8_0", "base", Requantized(SMOL, "Q8_0")),
     ]
-    transfer = [
-        EvalConfig("smollm2 Q8_0 + value", "other-quantization", Requantized(SMOL, "Q8_0"), v_smol),
-        EvalConfig("gemma3 + value[smollm2]", "cross-vocab", GEMMA, v_smol),
-        EvalConfig("smollm2 + value[gemma3]", "cross-vocab", SMOL, v_gemma),
-    ]
+    transfer = [EvalConfig("smollm2 Q8_0 + value", "other-quantization", q8, v_smol)]
     if not quick:
-        configs += [
-            EvalConfig("smollm2 Q4_0", "base", Requantized(SMOL, "Q4_0")),
-            EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma),
-        ]
-        transfer.insert(1, EvalConfig("smollm2 Q4_0 + value", "other-quantization",
-                                      Requantized(SMOL, "Q4_0"), v_smol))
-    configs += transfer
+        # Q8_0 from Q4_1 is nearly lossless; Q4_0 is a genuinely different quantization.
+        q4 = Requantized(SMOL, "Q4_0")
+        configs.append(EvalConfig("smollm2 Q4_0", "base", q4))
+        transfer.append(EvalConfig("smollm2 Q4_0 + value", "other-quantization", q4, v_smol))
+    cross_smol = EvalConfig("gemma3 + value[smollm2]", "cross-vocab", GEMMA, v_smol)
+    cross_gemma = EvalConfig("smollm2 + value[gemma3]", "cross-vocab", SMOL, v_gemma)
+    transfer += [cross_smol, cross_gemma]
+    configs += transfer[:-1]
+    configs.append(EvalConfig("gemma3 + value[smollm2] aligned", "cross-vocab-aligned", GEMMA, v_smol,
+                              token_map=AlignedMap(GEMMA, v_smol, max_bytes=corpus_cap)))
+    if not quick:
+        configs.append(EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma))
     configs += [
-        EvalConfig("gemma3 + value[smollm2] aligned", "cross-vocab-aligned", GEMMA, v_smol,
-                   token_map=AlignedMap(GEMMA, v_smol, max_bytes=corpus_cap)),
+        cross_gemma,
         EvalConfig("smollm2 + value[gemma3] aligned", "cross-vocab-aligned", SMOL, v_gemma,
                    token_map=AlignedMap(SMOL, v_gemma, max_bytes=corpus_cap)),
         EvalConfig("smollm2 + value norm 0", "norm-weight-0", SMOL, v_smol_norm0),
@@ -212,7 +216,7 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
             if installed(name) and not quick:
                 configs.append(EvalConfig(name.replace("qwen2.5-coder-", "qwen"), "base", name))
 
-    sweep_of = transfer if not quick else transfer[1:2]   # quick: one cross-vocab sweep
+    sweep_of = transfer if not quick else [cross_smol]   # quick: one cross-vocab sweep
     for config in sweep_of:
         configs += alpha_sweep(config, alphas)
     return Plan(configs, skipped)

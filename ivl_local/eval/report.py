@@ -59,15 +59,16 @@ def comparisons(results: dict) -> list[dict]:
                 add(f"full-FT gain: {ft.config.name} vs {alone.config.name}", "full-finetune",
                     ft_gain, flo, fhi)
                 add(f"share of full-FT gain recovered: {c.name}", c.kind, ratio, rlo, rhi,
-                    f">= {GOAL_RECOVERY:.0%}", _met(ratio, GOAL_RECOVERY))
+                    f">= {GOAL_RECOVERY:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_RECOVERY, flo))
         if c.kind == "other-quantization" and isinstance(value, Trained):
             indist = _find(results, lambda o: o.kind == "in-distribution" and o.value == value
                            and o.base == value.base)
             train_alone = _alone(results, value.base)
             if indist is not None and train_alone is not None:
                 ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, indist.scores, train_alone.scores)
+                _, ilo, _ = paired_difference(indist.scores, train_alone.scores)
                 add(f"share of in-distribution gain kept: {c.name}", c.kind, ratio, rlo, rhi,
-                    f">= {GOAL_RETENTION:.0%}", _met(ratio, GOAL_RETENTION))
+                    f">= {GOAL_RETENTION:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_RETENTION, ilo))
         if c.kind == "cross-vocab-aligned":
             exact = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base
                           and o.value == c.value and o.token_map is None)
@@ -92,8 +93,14 @@ def comparisons(results: dict) -> list[dict]:
     return rows
 
 
-def _met(value: float, goal: float):
-    return None if math.isnan(value) else bool(value >= goal)
+_DENOM_NOTE = " (judged only when the reference gain's CI is above 0)"
+
+
+def _met(value: float, goal: float, reference_gain_lo: float = 1.0):
+    """A share of a gain means nothing when the gain itself may be 0: undecided (None) then."""
+    if math.isnan(value) or not reference_gain_lo > 0:
+        return None
+    return bool(value >= goal)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -147,7 +154,7 @@ def markdown(report) -> str:
     lines += ["", "## Comparisons and goals", "",
               "| comparison | measured [95% CI] | goal | met |", "|---|---|---|---|"]
     for row in comparisons(results):
-        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        met = {True: "yes", False: "**no**", None: "undecided" if row["goal"] else ""}[row["met"]]
         lines.append(f"| {row['comparison']} | {_fmt(row['value'])} {_ci(row['ci'])} | {row['goal']} | {met} |")
     sw = sweeps(results)
     if sw:
