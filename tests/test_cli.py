@@ -565,7 +565,7 @@ def test_cli_import_is_light():
 
     code = ("import sys; from ivl_local.cli.main import app; "
             "print(sorted(m for m in ('torch', 'llama_cpp', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
@@ -605,7 +605,7 @@ def test_real_one_shot_does_not_import_torch(smollm2_path):
             f"rc = app(['chat', '--base', {str(smollm2_path)!r}, '--value', 'none', '--max-tokens', '4', "
             "'--ctx', '128', '--threads', '1', '-p', 'hi'], standalone_mode=False); "
             "print('torch' in sys.modules, rc, file=sys.stderr)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "False 0"
 
