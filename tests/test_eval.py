@@ -255,3 +255,29 @@ def test_quick_mode_real(tmp_path, smollm2_path, gemma3_path):
     md = (tmp_path / "quick" / "results.md").read_text()
     assert all(f"| {name} |" in md for name in report.results)
     assert (tmp_path / "quick" / "scores.png").exists() and (tmp_path / "quick" / "alpha.png").exists()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.train
+def test_torch_runner_matches_the_engine_on_a_full_finetune(smollm2_path):
+    """The torch path (for full fine-tunes llama.cpp cannot load) renders, tokenizes and
+    decodes like the Engine: same greedy answers from the same weights (the quick plan's
+    SmolLM2 full fine-tune, fp32 in torch vs q8_0 GGUF)."""
+    from ivl_local.eval.artifacts import Workspace
+    from ivl_local.eval.runners import EngineRunner, TorchRunner
+    from ivl_local.models import cache_dir
+
+    [ft_config] = [c for c in build_plan(quick=True).configs if c.kind == "full-finetune"]
+    ws = Workspace(cache_dir() / "eval")
+    gguf = ws.model(ft_config.base)
+    checkpoint = gguf.parent / "checkpoint"
+    conversations = [e.prompt_messages for e in load_split("test", limit=4)]
+    torch_answers = TorchRunner(checkpoint, smollm2_path, threads=1).answer_all(conversations, 12)
+    engine = EngineRunner(gguf, None, None, seed=0, threads=1)
+    try:
+        engine_answers = engine.answer_all(conversations, 12)
+    finally:
+        engine.close()
+    same = sum(a == b for a, b in zip(torch_answers, engine_answers))
+    assert same >= 3, (torch_answers, engine_answers)

@@ -12,6 +12,7 @@ generate  greedy answers from a torch checkpoint (a full fine-tune of a non-llam
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -63,16 +64,18 @@ def generate_job(payload: dict) -> dict:
     eos_text = vocab.text(vocab.eos).decode("utf-8", "replace")
     stops = [] if template else list(FALLBACK_STOP)
     model = AutoModelForCausalLM.from_pretrained(payload["checkpoint"], dtype=torch.float32).eval()
+    # transformers 5 renamed past_key_values to cache (the old name warns)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     answers = []
     for messages in payload["conversations"]:
         prompt = render_messages(messages, template, bos_token="", eos_token=eos_text)
         ids = vocab.tokenize(prompt, add_special=True, parse_special=True)
         out: list[int] = []
-        past, step_ids = None, torch.tensor([ids])
+        cache, step_ids = None, torch.tensor([ids])
         with torch.no_grad():
             for _ in range(int(payload["max_tokens"])):
-                result = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-                past = result.past_key_values
+                result = model(input_ids=step_ids, use_cache=True, **{cache_arg: cache})
+                cache = getattr(result, cache_arg)
                 token = int(result.logits[0, -1].argmax())   # greedy, ties -> lowest id
                 if vocab.is_eog(token):
                     break
