@@ -38,12 +38,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 void fuse_scalar_range(const FuseArgs& a, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
         const float b = a.base[i];
-        if (b != b) throw_nan("base", i);
+        if (b != b) throw_nan("base", i + a.index0);
         int64_t j = i;
         if (a.token_map) {
             j = a.token_map[i];
             if (j < -1 || j >= a.n_value) {
-                throw std::invalid_argument("token_map[" + std::to_string(i) + "] = " +
+                throw std::invalid_argument("token_map[" + std::to_string(i + a.index0) + "] = " +
                                             std::to_string(j) + " is outside [-1, " +
                                             std::to_string(a.n_value) + ")");
             }
@@ -53,7 +53,7 @@ void fuse_scalar_range(const FuseArgs& a, int64_t i0, int64_t i1) {
             }
         }
         const float v = a.value[j];
-        if (v != v) throw_nan("value", j);
+        if (v != v) throw_nan("value", a.token_map ? j : j + a.index0);
         const float c = a.token_weights ? a.alpha * a.token_weights[i] : a.alpha;
         if (c == 0.0f || std::isinf(b)) {  // a zero contribution adds nothing; inf base is kept
             a.out[i] = b;
@@ -177,7 +177,7 @@ int64_t first_index_ge_scalar(const float* x, int64_t n, float v) {
     return -1;
 }
 
-void top_k_scalar(const float* x, int64_t n, TopKHeap& heap) {
+void top_k_scalar(const float* x, int64_t n, int64_t id0, TopKHeap& heap) {
     constexpr int64_t kBlock = 16;
     float threshold = heap.threshold();
     int64_t i = 0;
@@ -186,12 +186,12 @@ void top_k_scalar(const float* x, int64_t n, TopKHeap& heap) {
         for (int64_t k = 0; k < kBlock; ++k) any |= (x[i + k] > threshold);
         if (!any) continue;
         for (int64_t k = 0; k < kBlock; ++k) {
-            if (x[i + k] > heap.threshold()) heap.push(static_cast<int32_t>(i + k), x[i + k]);
+            if (x[i + k] > heap.threshold()) heap.push(static_cast<int32_t>(id0 + i + k), x[i + k]);
         }
         threshold = heap.threshold();
     }
     for (; i < n; ++i) {
-        if (x[i] > heap.threshold()) heap.push(static_cast<int32_t>(i), x[i]);
+        if (x[i] > heap.threshold()) heap.push(static_cast<int32_t>(id0 + i), x[i]);
     }
 }
 
@@ -201,8 +201,18 @@ void collect_ge_scalar(const float* x, int64_t n, float threshold, std::vector<C
     }
 }
 
+double exp_weights_scalar(const Candidate* items, int64_t n, double top, double* weights) {
+    double total = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        weights[i] = std::exp(static_cast<double>(items[i].logit) - top);
+        total += weights[i];
+    }
+    return total;
+}
+
 const Kernels kScalar = {"scalar",         fuse_scalar,  first_nan_scalar,  max_value_scalar,
-                         first_index_ge_scalar, top_k_scalar, collect_ge_scalar};
+                         first_index_ge_scalar, top_k_scalar, collect_ge_scalar,
+                         exp_weights_scalar};
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA
@@ -327,7 +337,7 @@ IVL_AVX2 int64_t first_index_ge_avx2(const float* x, int64_t n, float value) {
     return -1;
 }
 
-IVL_AVX2 void top_k_avx2(const float* x, int64_t n, TopKHeap& heap) {
+IVL_AVX2 void top_k_avx2(const float* x, int64_t n, int64_t id0, TopKHeap& heap) {
     __m256 threshold = _mm256_set1_ps(heap.threshold());
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -339,36 +349,125 @@ IVL_AVX2 void top_k_avx2(const float* x, int64_t n, TopKHeap& heap) {
         if (!mask) continue;
         while (mask) {
             const int64_t k = i + __builtin_ctz(mask);
-            if (x[k] > heap.threshold()) heap.push(static_cast<int32_t>(k), x[k]);
+            if (x[k] > heap.threshold()) heap.push(static_cast<int32_t>(id0 + k), x[k]);
             mask &= mask - 1;
         }
         threshold = _mm256_set1_ps(heap.threshold());
     }
     for (; i < n; ++i) {
-        if (x[i] > heap.threshold()) heap.push(static_cast<int32_t>(i), x[i]);
+        if (x[i] > heap.threshold()) heap.push(static_cast<int32_t>(id0 + i), x[i]);
     }
 }
 
 IVL_AVX2 void collect_ge_avx2(const float* x, int64_t n, float threshold,
                               std::vector<Candidate>& out) {
+    // Two passes: count (so the output is sized once, without a push_back per survivor),
+    // then write; a block of 8 with every lane kept (the common case when the threshold is
+    // far below the max) is written without a per-lane loop.
     const __m256 t = _mm256_set1_ps(threshold);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        unsigned mask = static_cast<unsigned>(
-            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), t, _CMP_GE_OQ)));
+    const int64_t n8 = n & ~int64_t{7};
+    int64_t count = 0;
+    for (int64_t i = 0; i < n8; i += 8) {
+        count += __builtin_popcount(static_cast<unsigned>(
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), t, _CMP_GE_OQ))));
+    }
+    for (int64_t i = n8; i < n; ++i) count += x[i] >= threshold;
+    const size_t first = out.size();
+    out.resize(first + static_cast<size_t>(count));
+    Candidate* o = out.data() + first;
+    const __m256i step = _mm256_set1_epi32(8);
+    __m256i ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t i = 0; i < n8; i += 8, ids = _mm256_add_epi32(ids, step)) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_GE_OQ)));
+        if (mask == 0xFF) {  // interleave (id, logit) pairs: 8 candidates = 64 bytes
+            const __m256i lv = _mm256_castps_si256(v);
+            const __m256i lo = _mm256_unpacklo_epi32(ids, lv);  // c0 c1 | c4 c5
+            const __m256i hi = _mm256_unpackhi_epi32(ids, lv);  // c2 c3 | c6 c7
+            __m256i* dst = reinterpret_cast<__m256i*>(o);
+            _mm256_storeu_si256(dst, _mm256_permute2x128_si256(lo, hi, 0x20));
+            _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(lo, hi, 0x31));
+            o += 8;
+            continue;
+        }
         while (mask) {
             const int64_t k = i + __builtin_ctz(mask);
-            out.push_back({static_cast<int32_t>(k), x[k]});
+            *o++ = {static_cast<int32_t>(k), x[k]};
             mask &= mask - 1;
         }
     }
-    for (; i < n; ++i) {
-        if (x[i] >= threshold) out.push_back({static_cast<int32_t>(i), x[i]});
+    for (int64_t i = n8; i < n; ++i) {
+        if (x[i] >= threshold) *o++ = {static_cast<int32_t>(i), x[i]};
     }
 }
 
+// exp(x) for 4 doubles in [-708, 709]: x = n ln2 + r, |r| <= ln2 / 2 (Cody-Waite, FMA),
+// exp(r) by its Taylor series to r^13 (truncation < 2^-57), times 2^n built in the
+// exponent field. Within 1 ulp of the correctly rounded result; lanes outside the range
+// (deep underflow: subnormal or zero weights) are left to std::exp by the caller.
+IVL_AVX2 inline __m256d exp_pd_avx2(__m256d x) {
+    const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+    static constexpr double kInvFact[] = {
+        1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+        1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
+        1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
+        1.0,                1.0};
+    __m256d p = _mm256_set1_pd(kInvFact[0]);
+    for (int k = 1; k < 14; ++k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[k]));
+    // 2^n: n + 1023 lands in the low mantissa bits of (n + 1.5 * 2^52 + 1023); shift it
+    // into the exponent field.
+    const __m256d shifted = _mm256_add_pd(n, _mm256_set1_pd(6755399441055744.0 + 1023.0));
+    const __m256d scale = _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_castpd_si256(shifted), 52));
+    return _mm256_mul_pd(p, scale);
+}
+
+IVL_AVX2 double exp_weights_avx2(const Candidate* items, int64_t n, double top,
+                                 double* weights) {
+    const __m256d vtop = _mm256_set1_pd(top);
+    const __m256d lo = _mm256_set1_pd(-708.0), hi = _mm256_set1_pd(709.0);
+    const __m256i odd = _mm256_setr_epi32(1, 3, 5, 7, 0, 2, 4, 6);
+    __m256d sum0 = _mm256_setzero_pd(), sum1 = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256d w[2];
+        for (int u = 0; u < 2; ++u) {
+            // 4 candidates = 8 int32 lanes (id, logit bits): the logits are the odd lanes.
+            const __m256i raw =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(items + i + 4 * u));
+            const __m128 logits = _mm256_castps256_ps128(
+                _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(raw, odd)));
+            const __m256d x = _mm256_sub_pd(_mm256_cvtps_pd(logits), vtop);
+            const __m256d ok = _mm256_and_pd(_mm256_cmp_pd(x, lo, _CMP_GE_OQ),
+                                             _mm256_cmp_pd(x, hi, _CMP_LE_OQ));
+            if (_mm256_movemask_pd(ok) == 0xF) {
+                w[u] = exp_pd_avx2(x);
+            } else {
+                alignas(32) double lanes[4];
+                _mm256_store_pd(lanes, x);
+                for (double& v : lanes) v = std::exp(v);
+                w[u] = _mm256_load_pd(lanes);
+            }
+        }
+        _mm256_storeu_pd(weights + i, w[0]);
+        _mm256_storeu_pd(weights + i + 4, w[1]);
+        sum0 = _mm256_add_pd(sum0, w[0]);
+        sum1 = _mm256_add_pd(sum1, w[1]);
+    }
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, _mm256_add_pd(sum0, sum1));
+    double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    for (; i < n; ++i) {
+        weights[i] = std::exp(static_cast<double>(items[i].logit) - top);
+        total += weights[i];
+    }
+    return total;
+}
+
 const Kernels kAvx2 = {"avx2",         fuse_avx2,    first_nan_avx2,  max_value_avx2,
-                       first_index_ge_avx2, top_k_avx2, collect_ge_avx2};
+                       first_index_ge_avx2, top_k_avx2, collect_ge_avx2, exp_weights_avx2};
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512F: its own fuse (16 lanes, mask-register gather); the scans reuse AVX2, which every
@@ -424,7 +523,7 @@ IVL_AVX512 void fuse_avx512(const FuseArgs& a) {
 }
 
 const Kernels kAvx512 = {"avx512",        fuse_avx512,  first_nan_avx2,  max_value_avx2,
-                         first_index_ge_avx2, top_k_avx2, collect_ge_avx2};
+                         first_index_ge_avx2, top_k_avx2, collect_ge_avx2, exp_weights_avx2};
 #endif  // IVL_X86
 
 // ---------------------------------------------------------------------------------------------
@@ -480,7 +579,8 @@ void fuse_neon(const FuseArgs& a) {
 }
 
 const Kernels kNeon = {"neon",          fuse_neon,    first_nan_scalar,  max_value_scalar,
-                       first_index_ge_scalar, top_k_scalar, collect_ge_scalar};
+                       first_index_ge_scalar, top_k_scalar, collect_ge_scalar,
+                       exp_weights_scalar};
 #endif  // __aarch64__
 
 // ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ struct FuseArgs {
     float alpha;                   // != 0 (alpha == 0 is a copy, handled by the caller)
     int64_t n_base;
     int64_t n_value;
+    int64_t index0 = 0;            // added to indexes in error messages (a chunk of a larger fuse)
 };
 
 // The exact reference for out[i0..i1): SIMD levels run it on their tails and on any block
@@ -54,10 +55,14 @@ struct Kernels {
     float (*max_value)(const float* x, int64_t n);
     // First index i with x[i] >= v, or -1.
     int64_t (*first_index_ge)(const float* x, int64_t n, float v);
-    // Offers every x[i] > heap.threshold() to the heap, ids ascending.
-    void (*top_k)(const float* x, int64_t n, TopKHeap& heap);
+    // Offers every x[i] > heap.threshold() to the heap as id id0 + i, ids ascending.
+    void (*top_k)(const float* x, int64_t n, int64_t id0, TopKHeap& heap);
     // Appends every (i, x[i]) with x[i] >= threshold to out, ids ascending.
     void (*collect_ge)(const float* x, int64_t n, float threshold, std::vector<Candidate>& out);
+    // weights[i] = exp(double(items[i].logit) - top) for items whose logit <= top; returns
+    // their sum. Within 1 ulp of std::exp on every level (the vector levels use their own
+    // exp; the sum's association order is the level's own).
+    double (*exp_weights)(const Candidate* items, int64_t n, double top, double* weights);
 };
 
 const Kernels& active_kernels();

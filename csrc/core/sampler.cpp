@@ -30,23 +30,40 @@ void sort_canonical(CandidateSet& cs) {
     }
 }
 
+// Smallest and largest logit of `items` (+inf / -inf when empty). Four independent
+// accumulators: a single min/max chain is latency-bound on 262,144 candidates.
+std::pair<float, float> logit_range(const std::vector<Candidate>& items) {
+    float lo[4] = {-kNegInf, -kNegInf, -kNegInf, -kNegInf};
+    float hi[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+    const size_t n = items.size();
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (size_t k = 0; k < 4; ++k) {
+            const float x = items[i + k].logit;
+            lo[k] = x < lo[k] ? x : lo[k];
+            hi[k] = x > hi[k] ? x : hi[k];
+        }
+    }
+    for (; i < n; ++i) {
+        lo[0] = std::min(lo[0], items[i].logit);
+        hi[0] = std::max(hi[0], items[i].logit);
+    }
+    return {std::min(std::min(lo[0], lo[1]), std::min(lo[2], lo[3])),
+            std::max(std::max(hi[0], hi[1]), std::max(hi[2], hi[3]))};
+}
+
 float max_logit(const CandidateSet& cs) {
     if (cs.sorted && !cs.items.empty()) return cs.items.front().logit;
-    float best = kNegInf;
-    for (const auto& c : cs.items) best = std::max(best, c.logit);
-    return best;
+    return logit_range(cs.items).second;
 }
 
 // Unnormalised softmax weights exp(x - max) in double, and their sum.
 double softmax_weights(const CandidateSet& cs, std::vector<double>& weights) {
     const double top = max_logit(cs);
     weights.resize(cs.items.size());
-    double total = 0.0;
-    for (size_t i = 0; i < cs.items.size(); ++i) {
-        weights[i] = std::exp(static_cast<double>(cs.items[i].logit) - top);
-        total += weights[i];
-    }
-    return total;
+    return detail::active_kernels().exp_weights(cs.items.data(),
+                                                static_cast<int64_t>(cs.items.size()), top,
+                                                weights.data());
 }
 
 }  // namespace
@@ -146,7 +163,7 @@ public:
         const size_t k = static_cast<size_t>(k_);
         if (cs.dense) {
             detail::TopKHeap heap(std::min<int64_t>(k, cs.n_vocab));
-            detail::active_kernels().top_k(cs.logits, cs.n_vocab, heap);
+            detail::active_kernels().top_k(cs.logits, cs.n_vocab, 0, heap);
             cs.items = heap.take_sorted();
             if (cs.items.empty()) {
                 throw std::invalid_argument("all logits are -inf: nothing to sample");
@@ -213,11 +230,13 @@ private:
 
     void apply_by_bands(CandidateSet& cs) {
         auto& items = cs.items;
-        const double total = softmax_weights(cs, weights_);
+        const auto range = logit_range(items);
+        const double top = range.second;
+        const double bottom = range.first;
+        weights_.resize(items.size());
+        const double total = detail::active_kernels().exp_weights(
+            items.data(), static_cast<int64_t>(items.size()), top, weights_.data());
         const double target = static_cast<double>(p_) * total;
-        const double top = max_logit(cs);
-        double bottom = top;
-        for (const auto& c : items) bottom = std::min(bottom, static_cast<double>(c.logit));
         const double scale = top > bottom ? (kBuckets - 1) / (top - bottom) : 0.0;
         band_.resize(items.size());
         mass_.assign(kBuckets, 0.0);
