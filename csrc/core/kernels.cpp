@@ -402,7 +402,8 @@ IVL_AVX2 void collect_ge_avx2(const float* x, int64_t n, float threshold,
 }
 
 // exp(x) for 4 doubles in [-708, 709]: x = n ln2 + r, |r| <= ln2 / 2 (Cody-Waite, FMA),
-// exp(r) by its Taylor series to r^13 (truncation < 2^-57), times 2^n built in the
+// exp(r) by its Taylor series to r^13 (truncation < 2^-57; Estrin's scheme for the high
+// terms, Horner for the last three), times 2^n built in the
 // exponent field. Within 1 ulp of the correctly rounded result; lanes outside the range
 // (deep underflow: subnormal or zero weights) are left to std::exp by the caller.
 IVL_AVX2 inline __m256d exp_pd_avx2(__m256d x) {
@@ -415,8 +416,21 @@ IVL_AVX2 inline __m256d exp_pd_avx2(__m256d x) {
         1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
         1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
         1.0,                1.0};
-    __m256d p = _mm256_set1_pd(kInvFact[0]);
-    for (int k = 1; k < 14; ++k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[k]));
+#define c(k) _mm256_set1_pd(kInvFact[13 - (k)])  // 1 / k!
+    const __m256d r2 = _mm256_mul_pd(r, r);
+    const __m256d r4 = _mm256_mul_pd(r2, r2);
+    const __m256d p3 = _mm256_fmadd_pd(c(4), r, c(3));
+    const __m256d p5 = _mm256_fmadd_pd(c(6), r, c(5));
+    const __m256d p7 = _mm256_fmadd_pd(c(8), r, c(7));
+    const __m256d p9 = _mm256_fmadd_pd(c(10), r, c(9));
+    const __m256d p11 = _mm256_fmadd_pd(c(12), r, c(11));
+    const __m256d p13 = _mm256_fmadd_pd(c(13), r2, p11);                     // r^11..13
+    const __m256d hi = _mm256_fmadd_pd(_mm256_fmadd_pd(p13, r2, p9), r4,     // r^7..13
+                                       _mm256_fmadd_pd(p7, r2, p5));         // r^5..8
+    __m256d p = _mm256_fmadd_pd(_mm256_fmadd_pd(hi, r2, p3), r, c(2));       // r^2..13 / r^2
+    p = _mm256_fmadd_pd(p, r, c(1));
+    p = _mm256_fmadd_pd(p, r, c(0));
+#undef c
     // 2^n: n + 1023 lands in the low mantissa bits of (n + 1.5 * 2^52 + 1023); shift it
     // into the exponent field.
     const __m256d shifted = _mm256_add_pd(n, _mm256_set1_pd(6755399441055744.0 + 1023.0));

@@ -238,13 +238,11 @@ private:
             items.data(), static_cast<int64_t>(items.size()), top, weights_.data());
         const double target = static_cast<double>(p_) * total;
         const double scale = top > bottom ? (kBuckets - 1) / (top - bottom) : 0.0;
-        band_.resize(items.size());
         mass_.assign(kBuckets, 0.0);
-        for (size_t i = 0; i < items.size(); ++i) {
-            const int b = static_cast<int>((top - items[i].logit) * scale);  // 0 = best band
-            band_[i] = b;
-            mass_[b] += weights_[i];
-        }
+        const auto band_of = [top, scale](float logit) {  // 0 = best band
+            return static_cast<int>((top - logit) * scale);
+        };
+        for (size_t i = 0; i < items.size(); ++i) mass_[band_of(items[i].logit)] += weights_[i];
         int crossing = kBuckets - 1;
         double above = 0.0;  // mass of the bands before `crossing`
         for (int b = 0; b < kBuckets; ++b) {
@@ -255,14 +253,16 @@ private:
             above += mass_[b];
         }
         // Keep whole bands above the crossing one (ids ascending), then the crossing band in
-        // canonical order up to the target.
+        // canonical order up to the target. Bands are recomputed (the same arithmetic) rather
+        // than stored: cheaper than writing and re-reading one int per candidate.
         kept_.clear();
         edge_.clear();
-        for (size_t i = 0; i < items.size(); ++i) {
-            if (band_[i] < crossing) {
-                kept_.push_back(items[i]);
-            } else if (band_[i] == crossing) {
-                edge_.push_back(items[i]);
+        for (const auto& c : items) {
+            const int b = band_of(c.logit);
+            if (b < crossing) {
+                kept_.push_back(c);
+            } else if (b == crossing) {
+                edge_.push_back(c);
             }
         }
         std::sort(edge_.begin(), edge_.end(), candidate_before);
@@ -278,7 +278,6 @@ private:
 
     float p_;
     std::vector<double> weights_, mass_;
-    std::vector<int> band_;
     std::vector<Candidate> kept_, edge_;
 };
 
