@@ -46,6 +46,15 @@ private:
     std::vector<Candidate> heap_;
 };
 
+// Checks fuse_logits' arguments (sizes, finite alpha, identity sizes); throws
+// std::invalid_argument.
+void check_fuse_args(int64_t n_base, int64_t n_value, const int32_t* token_map, float alpha);
+
+// fuse_logits restricted to out[i0..i1) of an already checked fuse `args` (alpha == 0
+// included): errors name the absolute index. Lets a caller consume each fused chunk while
+// it is still in L1 (fuse_and_sample's top-k / argmax).
+void fuse_chunk(const FuseArgs& args, int64_t i0, int64_t i1);
+
 struct Kernels {
     const char* name;
     void (*fuse)(const FuseArgs& args);

@@ -112,6 +112,9 @@ public:
     std::vector<std::pair<int32_t, float>> probs(const float* logits, int64_t n_vocab);
 
 private:
+    friend int32_t fuse_and_sample(Sampler&, float*, const float*, int64_t, const float*,
+                                   int64_t, const int32_t*, float, const float*);
+    void reset_candidates(float* logits, int64_t n_vocab);
     const float* editable_copy(const float* logits, int64_t n_vocab, bool& copied);
     int32_t run(float* logits, int64_t n_vocab);
 
@@ -124,7 +127,10 @@ private:
     std::mutex mutex_;
 };
 
-// One decode step: fuse_logits into `scratch` (n_base floats), then sample it.
+// One decode step: fuse_logits into `scratch` (n_base floats), then sample it. Without
+// penalties to apply, the fuse runs in L1-sized chunks and each chunk is fed to the top-k
+// heap (or the argmax, greedy) while still in cache: one pass over the vocabulary instead of
+// two, with exactly the candidates and draws of fuse-then-sample.
 int32_t fuse_and_sample(Sampler& sampler, float* scratch, const float* base_logits,
                         int64_t n_base, const float* value_logits, int64_t n_value,
                         const int32_t* token_map, float alpha, const float* token_weights);
