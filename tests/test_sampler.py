@@ -279,3 +279,158 @@ def test_sample_ptr_and_errors():
 def test_invalid_settings_raise(bad):
     with pytest.raises(ValueError, match="invalid sampler setting"):
         _core.Sampler(**bad)
+
+
+# --- fused chunked fuse + top-k / argmax (fuse_and_sample without penalties) -------------
+
+def _fused_inputs(rng, n, mapped):
+    base = (rng.standard_normal(n) * 2).astype(np.float32)
+    base[rng.random(n) < 0.05] = -np.inf
+    # ties: repeated maxima across chunk borders (chunks are 4096 floats)
+    for i in (3, 4095, 4096, n - 1):
+        if i < n:
+            base[i] = 9.0
+    if mapped:
+        n_value = max(1, n // 3 + 5)
+        value = rng.standard_normal(n_value).astype(np.float32)
+        token_map = rng.integers(-1, n_value, n).astype(np.int32)
+        token_map[[i for i in (3, 4095, 4096, n - 1) if i < n]] = -1  # keep the ties exact
+        weights = rng.random(n).astype(np.float32)
+        return base, value, token_map, weights
+    value = (rng.standard_normal(n) * 0.5).astype(np.float32)
+    value[[i for i in (3, 4095, 4096, n - 1) if i < n]] = 0.0
+    return base, value, None, None
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 4095, 4097, 8193, 70_001])
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("config", [
+    dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.0),
+    dict(temperature=1.0, top_k=5, top_p=1.0, min_p=0.05),
+    dict(temperature=0.0),
+])
+def test_fused_top_k_matches_fuse_then_sample_every_level(n, mapped, config):
+    rng = np.random.default_rng(n + mapped)
+    base, value, token_map, weights = _fused_inputs(rng, n, mapped)
+    scratch = np.empty(n, np.float32)
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            fused = _core.fuse_logits(base, value, token_map, 0.8, weights)  # FMA or not
+            one_call, two_calls = _core.Sampler(**config, seed=5), _core.Sampler(**config, seed=5)
+            for _ in range(8):
+                token = _core.fuse_and_sample(one_call, base.ctypes.data, n, value.ctypes.data,
+                                              value.size, token_map, 0.8, weights, scratch)
+                assert token == two_calls.sample(fused)
+                np.testing.assert_array_equal(scratch, fused)  # scratch still holds the fuse
+            if config["temperature"] == 0.0:
+                finite = np.where(np.isfinite(fused), fused, -np.inf)
+                assert token == int(np.argmax(finite))  # ties -> lowest id
+    finally:
+        _core.set_simd_level("auto")
+
+
+def test_fused_top_k_candidates_match_numpy_with_ties():
+    # top-k 40 draws come only from the exact numpy top-40 (ties broken by lower id)
+    n = 10_007
+    base = np.full(n, -np.inf, np.float32)
+    base[::7] = 1.0                    # 1430 tied candidates at 1.0
+    base[[5000, 9000, 10_006]] = 2.0
+    value = np.zeros(n, np.float32)
+    scratch = np.empty(n, np.float32)
+    ids, _ = chain_reference(base, 1.0, 40, 1.0, 0.0)
+    assert ids[:3].tolist() == [5000, 9000, 10_006]
+    sampler = _core.Sampler(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0, seed=9)
+    seen = {_core.fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, None,
+                                  1.0, None, scratch) for _ in range(3000)}
+    assert seen <= set(ids.tolist()) and len(seen) > 30
+
+
+def test_fused_path_errors_name_absolute_indexes():
+    n = 20_000
+    base, value = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    scratch = np.empty(n, np.float32)
+    sampler = _core.Sampler(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0)
+    greedy = _core.Sampler(temperature=0.0)
+    value[13_000] = np.nan
+    for s in (sampler, greedy):
+        with pytest.raises(ValueError, match="NaN in value logits at index 13000"):
+            _core.fuse_and_sample(s, base.ctypes.data, n, value.ctypes.data, n, None, 1.0, None,
+                                  scratch)
+    value[13_000] = 0.0
+    base[9_001] = np.nan
+    for alpha in (1.0, 0.0):
+        with pytest.raises(ValueError, match="NaN in base logits at index 9001"):
+            _core.fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, None,
+                                  alpha, None, scratch)
+    base[9_001] = 0.0
+    token_map = np.zeros(n, np.int32)
+    token_map[17_777] = n
+    with pytest.raises(ValueError, match=r"token_map\[17777\]"):
+        _core.fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, token_map,
+                              1.0, None, scratch)
+    base[:] = -np.inf
+    for s in (sampler, greedy):
+        with pytest.raises(ValueError, match="all logits are -inf"):
+            _core.fuse_and_sample(s, base.ctypes.data, n, value.ctypes.data, n, None, 1.0, None,
+                                  scratch)
+
+
+# --- top_k = 0 on a full vocabulary: vectorised exp, counted collect, top-p bands --------
+
+@pytest.mark.parametrize("n", [5, 9, 1031, 262_144])
+@pytest.mark.parametrize("config", [
+    dict(temperature=0.8, top_k=0, top_p=0.9, min_p=0.0),
+    dict(temperature=1.5, top_k=0, top_p=0.95, min_p=0.0),
+    dict(temperature=0.7, top_k=0, top_p=1.0, min_p=0.0),
+    dict(temperature=1.0, top_k=0, top_p=0.5, min_p=0.01),
+])
+def test_top_k_off_matches_reference_every_level(n, config):
+    rng = np.random.default_rng(n)
+    # a flat body (large nucleus) plus a few strong tokens and -inf holes
+    logits = (rng.standard_normal(n) * 1.5).astype(np.float32)
+    logits[rng.random(n) < 0.03] = -np.inf
+    logits[rng.choice(n, min(n, 4), replace=False)] += 4.0
+    ids, probs = chain_reference(logits, **config)
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            got_ids, got_probs = _core.Sampler(**config).probs(logits)
+            # compared by id: logits / temperature in float32 can tie where the float64
+            # reference does not, which reorders equal-probability neighbours
+            order, got_order = np.argsort(ids), np.argsort(got_ids)
+            np.testing.assert_array_equal(got_ids[got_order], ids[order])
+            np.testing.assert_allclose(got_probs[got_order], probs[order], rtol=1e-5, atol=1e-9)
+    finally:
+        _core.set_simd_level("auto")
+
+
+def test_exp_underflow_after_top_k_every_level():
+    # top-k keeps candidates whatever their distance to the max: weights of e^-709 and
+    # below are subnormal or zero (the vector exp hands those lanes to std::exp)
+    logits = f32([0.0, -1.0, -708.5, -709.0, -720.0, -745.0, -800.0, -1e30, -2.0, -3.0,
+                  -740.0, -0.5])
+    ids, probs = chain_reference(logits, 1.0, 12, 1.0, 0.0)
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            sampler = _core.Sampler(temperature=1.0, top_k=12, top_p=1.0, min_p=0.0)
+            got_ids, got_probs = sampler.probs(logits)
+            np.testing.assert_array_equal(got_ids, ids)
+            np.testing.assert_allclose(got_probs, probs, rtol=1e-6, atol=1e-45)
+    finally:
+        _core.set_simd_level("auto")
+
+
+def test_top_k_off_draws_agree_across_levels():
+    rng = np.random.default_rng(21)
+    logits = (rng.standard_normal(262_144) * 2).astype(np.float32)
+    draws = {}
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            sampler = _core.Sampler(temperature=1.2, top_k=0, top_p=0.95, min_p=0.0, seed=77)
+            draws[level] = [sampler.sample(logits) for _ in range(20)]
+    finally:
+        _core.set_simd_level("auto")
+    assert len({tuple(d) for d in draws.values()}) == 1
