@@ -70,28 +70,41 @@ void fuse_scalar_range(const FuseArgs& a, int64_t i0, int64_t i1) {
 TopKHeap::TopKHeap(size_t k) : k_(k), threshold_(kNegInf) { heap_.reserve(k + 1); }
 
 namespace {
-// Heap order: the front is the worst kept candidate (last in canonical order).
-bool heap_less(const Candidate& a, const Candidate& b) { return candidate_before(a, b); }
+// Heap order: the front is the worst kept candidate (last in canonical order). A functor, so
+// the heap algorithms inline it.
+struct HeapLess {
+    bool operator()(const Candidate& a, const Candidate& b) const { return candidate_before(a, b); }
+};
 }  // namespace
 
 void TopKHeap::push(int32_t id, float logit) {
     if (k_ == 0) return;
+    const Candidate c{id, logit};
     if (heap_.size() < k_) {
         if (!(logit > kNegInf)) return;  // -inf (and NaN) are never candidates
-        heap_.push_back({id, logit});
-        std::push_heap(heap_.begin(), heap_.end(), heap_less);
+        heap_.push_back(c);
+        std::push_heap(heap_.begin(), heap_.end(), HeapLess{});
     } else {
-        const Candidate c{id, logit};
         if (!candidate_before(c, heap_.front())) return;
-        std::pop_heap(heap_.begin(), heap_.end(), heap_less);
-        heap_.back() = c;
-        std::push_heap(heap_.begin(), heap_.end(), heap_less);
+        // Replace the worst (the front) and sift it down: one pass instead of pop + push.
+        // The kept set, hence take_sorted() and threshold(), is the same either way.
+        const size_t n = heap_.size();
+        size_t i = 0;
+        for (;;) {
+            size_t child = 2 * i + 1;
+            if (child >= n) break;
+            if (child + 1 < n && candidate_before(heap_[child], heap_[child + 1])) ++child;
+            if (!candidate_before(c, heap_[child])) break;  // c is worse than both children
+            heap_[i] = heap_[child];
+            i = child;
+        }
+        heap_[i] = c;
     }
     if (heap_.size() == k_) threshold_ = heap_.front().logit;
 }
 
 std::vector<Candidate> TopKHeap::take_sorted() {
-    std::sort_heap(heap_.begin(), heap_.end(), heap_less);
+    std::sort_heap(heap_.begin(), heap_.end(), HeapLess{});
     std::vector<Candidate> out;
     out.swap(heap_);
     threshold_ = kNegInf;
@@ -339,21 +352,35 @@ IVL_AVX2 int64_t first_index_ge_avx2(const float* x, int64_t n, float value) {
 
 IVL_AVX2 void top_k_avx2(const float* x, int64_t n, int64_t id0, TopKHeap& heap) {
     __m256 threshold = _mm256_set1_ps(heap.threshold());
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
+    // Offers the lanes of x[i..i+16) above the threshold, ids ascending.
+    const auto offer16 = [&](int64_t i) __attribute__((target("avx2,fma"))) {
         const unsigned lo = static_cast<unsigned>(
             _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), threshold, _CMP_GT_OQ)));
         const unsigned hi = static_cast<unsigned>(_mm256_movemask_ps(
             _mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), threshold, _CMP_GT_OQ)));
         unsigned mask = lo | (hi << 8);
-        if (!mask) continue;
+        if (!mask) return;
         while (mask) {
             const int64_t k = i + __builtin_ctz(mask);
             if (x[k] > heap.threshold()) heap.push(static_cast<int32_t>(id0 + k), x[k]);
             mask &= mask - 1;
         }
         threshold = _mm256_set1_ps(heap.threshold());
+    };
+    int64_t i = 0;
+    // Blocks of 64: once the threshold has settled almost every block is below it, which one
+    // max-reduction and one compare decide.
+    for (; i + 64 <= n; i += 64) {
+        __m256 m[4];
+        for (int u = 0; u < 4; ++u) {
+            m[u] = _mm256_max_ps(_mm256_loadu_ps(x + i + 16 * u),
+                                 _mm256_loadu_ps(x + i + 16 * u + 8));
+        }
+        const __m256 all = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+        if (!_mm256_movemask_ps(_mm256_cmp_ps(all, threshold, _CMP_GT_OQ))) continue;
+        for (int u = 0; u < 4; ++u) offer16(i + 16 * u);
     }
+    for (; i + 16 <= n; i += 16) offer16(i);
     for (; i < n; ++i) {
         if (x[i] > heap.threshold()) heap.push(static_cast<int32_t>(id0 + i), x[i]);
     }
