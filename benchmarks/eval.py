@@ -2,8 +2,10 @@
 
     python benchmarks/eval.py --quick              # every configuration kind, a few minutes
     python benchmarks/eval.py --limit 200          # the full plan on 200 test examples
-    python benchmarks/eval.py --only smollm2 gemma3 --limit 100   # names containing these
+    python benchmarks/eval.py --only smollm2 --skip "norm 0" --limit 100   # names matching these
     python benchmarks/eval.py --steps 48 --limit 100  # a smaller full run (shared CPUs)
+    python benchmarks/eval.py --smollm2-init pretrained --steps 100 --limit 100 \
+        --skip 'value\[gemma3\]' 'norm 0' '^gemma3 \+ value$' --out docs/results/pretrained
 
 Artifacts (trained value nets, full fine-tunes, re-quantized bases, aligned maps) are built on
 first use and cached under ivl_local.models.cache_dir()/eval.
@@ -12,6 +14,7 @@ first use and cached under ivl_local.models.cache_dir()/eval.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -29,16 +32,23 @@ def main() -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="keep configurations whose name contains one of these words")
+                        help="keep configurations whose name matches one of these regexes")
+    parser.add_argument("--skip", nargs="*", default=None,
+                        help="drop configurations whose name matches one of these regexes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps of every trained artifact (default: 16 quick, 150 full)")
+    parser.add_argument("--smollm2-init", default="fresh",
+                        help="init of the SmolLM2 value nets: fresh | pretrained | pruned:K")
     args = parser.parse_args()
 
-    plan = build_plan(args.quick, steps=args.steps)
-    if args.only:
-        plan = Plan([c for c in plan.configs if any(w in c.name for w in args.only)],
-                    plan.skipped + [f"--only {' '.join(args.only)}: other configurations not run"])
+    plan = build_plan(args.quick, steps=args.steps, smollm2_init=args.smollm2_init)
+    if args.only or args.skip:
+        keep = [c for c in plan.configs
+                if (not args.only or any(re.search(p, c.name) for p in args.only))
+                and not any(re.search(p, c.name) for p in args.skip or [])]
+        dropped = [c.name for c in plan.configs if c not in keep]
+        plan = Plan(keep, plan.skipped + [f"{name}: not selected (--only/--skip)" for name in dropped])
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     run_eval(plan, split=args.split, limit=args.limit, quick=args.quick, out_dir=args.out,
              seed=args.seed, command=command)
