@@ -11,6 +11,7 @@ from __future__ import annotations
 import typer
 
 from ._common import OneLineErrorsCommand, OneLineErrorsGroup
+from .align_cmd import align
 from .chat import chat
 from .models_cmd import models_app
 from .produce import convert, inspect, train
@@ -29,6 +30,7 @@ app.command("chat")(chat)
 app.command("train")(train)
 app.command("convert")(convert)
 app.command("inspect")(inspect)
+app.command("align")(align)
 app.add_typer(models_app, name="models")
 
 
