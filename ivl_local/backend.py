@@ -140,7 +140,24 @@ class Vocab:
 
 # --- model --------------------------------------------------------------------------------
 
-class Model:
+class _Owned:
+    """An owner of one C resource: subclasses define close(); it runs exactly once, from a
+    `with` block, an explicit call or garbage collection, whichever comes first."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Model(_Owned):
     """An owning llama_model handle."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
@@ -177,14 +194,6 @@ class Model:
         if ptr:
             C.llama_model_free(ptr)
 
-    def __del__(self):
-        self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --- batch + context ----------------------------------------------------------------------
@@ -220,7 +229,7 @@ class Batch:
         self.close()
 
 
-class Context:
+class Context(_Owned):
     """An owning llama_context with its batch; tracks nothing but the C state."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = 512, n_threads: int = 1,
@@ -300,11 +309,3 @@ class Context:
         if ptr:
             C.llama_free(ptr)
 
-    def __del__(self):
-        self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
