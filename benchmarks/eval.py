@@ -37,9 +37,9 @@ def main() -> int:
                         help="drop configurations whose name matches one of these regexes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps of every trained artifact (default: 16 quick, 150 full)")
-    parser.add_argument("--smollm2-init", default="fresh",
-                        help="init of the SmolLM2 value nets: fresh | pretrained | pruned:K")
+                        help="training steps of every trained artifact (default: 16 quick, 100 full)")
+    parser.add_argument("--smollm2-init", default=None,
+                        help="init of the SmolLM2 value nets: pretrained (full default) | fresh (quick default) | pruned:K")
     args = parser.parse_args()
 
     plan = build_plan(args.quick, steps=args.steps, smollm2_init=args.smollm2_init)
