@@ -9,8 +9,9 @@ before anything exists and the harness builds (and caches) what is missing:
     Requantized("smollm2-135m", "Q8_0")           # another quantization of a base
     AlignedMap(base="gemma3-270m", value=Trained("smollm2-135m"))   # corpus-aligned token map
 
-    configs = quick_configs()       # a few minutes on a 2-core CPU, every kind present
-    configs = full_configs()        # everything, optional Qwen models when installed
+    plan = build_plan(quick=True)   # every kind, small recipes (a smoke test)
+    plan = build_plan()             # the study; Qwen same-family only when both are installed
+    plan.configs, plan.skipped      # what runs, and what was left out (and why)
 """
 
 from __future__ import annotations
