@@ -18,7 +18,7 @@ from ivl_local.gguf_keys import REQUIRED, Keys
 
 pytest.importorskip("gguf")
 from ivl_convert import ValueFileWriter, WriterStateError, convert_checkpoint, inspect_value_file, permute_for_llama_cpp  # noqa: E402
-from ivl_convert.checkpoint import expected_shapes, read_checkpoint, LlamaHParams  # noqa: E402
+from ivl_convert.checkpoint import expected_shapes, read_checkpoint, HParams  # noqa: E402
 
 VOCAB = 49152  # SmolLM2
 
@@ -189,3 +189,54 @@ def test_vocab_mismatch_with_base_is_refused(tmp_path, smollm2_path):
     with pytest.raises(CheckpointError, match="300 logits"):
         convert_checkpoint(ckpt, tmp_path / "v.gguf", progress=False)
     assert not (tmp_path / "v.gguf").exists()
+
+
+def tiny_qwen2_config(vocab: int = VOCAB, tied: bool = True) -> dict:
+    return {"model_type": "qwen2", "vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": tied, "use_sliding_window": False}
+
+
+def test_qwen2_checkpoint_needs_its_biases(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ck", tiny_qwen2_config(vocab=300), drop="model.layers.0.self_attn.k_proj.bias")
+    with pytest.raises(CheckpointError, match="missing tensor model.layers.0.self_attn.k_proj.bias"):
+        read_checkpoint(ckpt)
+    config = dict(tiny_qwen2_config(vocab=300), use_sliding_window=True)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="sliding-window"):
+        read_checkpoint(ckpt)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen2_value_file_matches_torch_logits(tmp_path, smollm2_path, tied):
+    """qwen2 is written without the llama q/k permutation and with q/k/v biases: llama.cpp's
+    logits of the converted file must equal transformers' Qwen2ForCausalLM on the same weights."""
+    torch = pytest.importorskip("torch")
+    import llama_cpp
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ivl_local.train.checkpoint import load_weights_into
+
+    config = tiny_qwen2_config(tied=tied)
+    ckpt = write_checkpoint(tmp_path / "ck", config, base_file=str(smollm2_path))
+    out = convert_checkpoint(ckpt, tmp_path / "v.f32.ivl.gguf", out_type="f32", progress=False)
+    info = inspect_value_file(out)
+    assert info["architecture"] == "qwen2" and info["is_value_file"]
+    assert info["hparams"]["qwen2.block_count"] == 2
+
+    llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=64, verbose=False)
+    tokens = llm.tokenize(b"Hello world, 12 + 30 = 42. How are you?", add_bos=False)
+    llm.eval(tokens)
+    got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    del llm
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in config.items() if k != "model_type"}))
+    load_weights_into(model, ckpt)
+    model.eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    scale = float(np.abs(ref).max())
+    assert scale > 0.1                      # not a degenerate all-zero comparison
+    assert float(np.abs(got - ref).max()) < 2e-3 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).all()

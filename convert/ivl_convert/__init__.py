@@ -6,8 +6,9 @@ never torch, so converting needs no training stack).
     inspect_value_file(path)["ivl"]     # {"ivl.format_version": "1.0", ...}
 """
 
+from .checkpoint import CONVERTIBLE_ARCHS
 from .convert import convert_checkpoint, inspect_value_file, permute_for_llama_cpp
 from .writer import OUT_TYPES, ValueFileWriter, WriterStateError
 
-__all__ = ["convert_checkpoint", "inspect_value_file", "permute_for_llama_cpp", "OUT_TYPES",
+__all__ = ["CONVERTIBLE_ARCHS", "convert_checkpoint", "inspect_value_file", "permute_for_llama_cpp", "OUT_TYPES",
            "ValueFileWriter", "WriterStateError"]

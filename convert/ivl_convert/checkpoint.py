@@ -1,7 +1,7 @@
 """Read and validate a training checkpoint folder without torch (json + safetensors/numpy).
 
-The layout is written by ivl_local.train.checkpoint: model.safetensors (HF llama names),
-config.json (HF LlamaConfig), ivl_checkpoint.json (training base, recipe).
+The layout is written by ivl_local.train.checkpoint: model.safetensors (HF llama or qwen2
+names), config.json (the HF config), ivl_checkpoint.json (training base, recipe).
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from ivl_local.errors import CheckpointError
 
 WEIGHTS, HF_CONFIG, META = "model.safetensors", "config.json", "ivl_checkpoint.json"
 
+# HF model types ivl-convert writes. qwen2 is llama plus q/k/v biases and NEOX-style RoPE
+# (llama.cpp's qwen2 arch takes HF's q/k layout as is).
+CONVERTIBLE_ARCHS = ("llama", "qwen2")
+
 
 @dataclass(frozen=True)
-class LlamaHParams:
+class HParams:
     vocab_size: int
     hidden: int
     layers: int
@@ -30,13 +34,14 @@ class LlamaHParams:
     rms_eps: float
     rope_theta: float
     tied: bool
+    arch: str = "llama"              # GGUF general.architecture: llama | qwen2
 
 
 @dataclass
 class Checkpoint:
     path: Path
     meta: dict                       # ivl_checkpoint.json
-    hparams: LlamaHParams
+    hparams: HParams
     tensors: dict[str, np.ndarray]   # HF name -> float32 array, validated
 
     @property
@@ -53,20 +58,22 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable JSON ({e.msg})") from None
 
 
-def _hparams(config: dict, where: Path) -> LlamaHParams:
+def _hparams(config: dict, where: Path) -> HParams:
     model_type = config.get("model_type")
-    if model_type != "llama":
+    if model_type not in CONVERTIBLE_ARCHS:
         raise CheckpointError(f"{where}: unsupported architecture {model_type!r} "
-                              "(ivl-convert writes llama-arch value networks)")
+                              f"(ivl-convert writes {' and '.join(CONVERTIBLE_ARCHS)} networks)")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", "default") not in ("default", None):
         raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
-    if config.get("attention_bias") or config.get("mlp_bias"):
+    if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
         raise CheckpointError(f"{where}: llama with biases is not supported")
+    if model_type == "qwen2" and config.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: qwen2 with sliding-window attention is not supported")
     try:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
-        return LlamaHParams(
+        return HParams(
             vocab_size=int(config["vocab_size"]), hidden=hidden,
             layers=int(config["num_hidden_layers"]), heads=heads,
             kv_heads=int(config.get("num_key_value_heads") or heads),
@@ -76,13 +83,14 @@ def _hparams(config: dict, where: Path) -> LlamaHParams:
             rms_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             tied=bool(config.get("tie_word_embeddings", False)),
+            arch=model_type,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: config.json lacks a usable {e}") from None
 
 
-def expected_shapes(h: LlamaHParams) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape, for every tensor a llama checkpoint must hold."""
+def expected_shapes(h: HParams) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for every tensor a checkpoint of this arch must hold."""
     shapes = {"model.embed_tokens.weight": (h.vocab_size, h.hidden), "model.norm.weight": (h.hidden,)}
     if not h.tied:
         shapes["lm_head.weight"] = (h.vocab_size, h.hidden)
@@ -100,6 +108,9 @@ def expected_shapes(h: LlamaHParams) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (h.intermediate, h.hidden),
             p + "mlp.down_proj.weight": (h.hidden, h.intermediate),
         })
+        if h.arch == "qwen2":
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
     return shapes
 
 

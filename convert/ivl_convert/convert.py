@@ -1,4 +1,4 @@
-"""Checkpoint folder -> `.ivl.gguf`: a plain llama.cpp llama-arch GGUF carrying the training
+"""Checkpoint folder -> `.ivl.gguf`: a plain llama.cpp llama- or qwen2-arch GGUF carrying the training
 base's tokenizer (copied key by key from the base GGUF, so the file loads on its own) and
 the `ivl.*` metadata of ivl_local.gguf_keys.
 """
@@ -16,7 +16,7 @@ from ivl_local.gguf_keys import FORMAT_MAJOR, FORMAT_MINOR, Keys
 from ivl_local.train.gguf_meta import read_header, read_metadata
 from ivl_local.vocab_fp import vocab_fingerprint
 
-from .checkpoint import Checkpoint, LlamaHParams, read_checkpoint
+from .checkpoint import Checkpoint, HParams, read_checkpoint
 from .writer import OUT_TYPES, ValueFileWriter
 
 FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}   # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
@@ -32,15 +32,23 @@ def permute_for_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_tensors(ckpt: Checkpoint):
-    """(GGUF name, array) in llama.cpp order, q/k permuted."""
+    """(GGUF name, array) in llama.cpp order; q/k permuted for llama (qwen2's NEOX RoPE takes
+    HF's layout as is, plus its q/k/v biases)."""
     h, t = ckpt.hparams, ckpt.tensors
+    llama = h.arch == "llama"
     yield "token_embd.weight", t["model.embed_tokens.weight"]
     for i in range(h.layers):
         p = f"model.layers.{i}."
+        q, k = t[p + "self_attn.q_proj.weight"], t[p + "self_attn.k_proj.weight"]
+        if llama:
+            q, k = permute_for_llama_cpp(q, h.heads), permute_for_llama_cpp(k, h.kv_heads)
         yield f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"]
-        yield f"blk.{i}.attn_q.weight", permute_for_llama_cpp(t[p + "self_attn.q_proj.weight"], h.heads)
-        yield f"blk.{i}.attn_k.weight", permute_for_llama_cpp(t[p + "self_attn.k_proj.weight"], h.kv_heads)
+        yield f"blk.{i}.attn_q.weight", q
+        yield f"blk.{i}.attn_k.weight", k
         yield f"blk.{i}.attn_v.weight", t[p + "self_attn.v_proj.weight"]
+        if not llama:
+            for proj in ("q", "k", "v"):
+                yield f"blk.{i}.attn_{proj}.bias", t[p + f"self_attn.{proj}_proj.bias"]
         yield f"blk.{i}.attn_output.weight", t[p + "self_attn.o_proj.weight"]
         yield f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"]
         yield f"blk.{i}.ffn_gate.weight", t[p + "mlp.gate_proj.weight"]
@@ -51,24 +59,25 @@ def gguf_tensors(ckpt: Checkpoint):
         yield "output.weight", t["lm_head.weight"]
 
 
-def _llama_hparams(w: ValueFileWriter, h: LlamaHParams) -> None:
+def _arch_hparams(w: ValueFileWriter, h: HParams) -> None:
+    """The `<arch>.*` keys; llama and qwen2 read the same set."""
     from gguf import GGUFValueType as V
 
     for key, value, vtype in [
-        ("llama.context_length", h.context_length, V.UINT32),
-        ("llama.embedding_length", h.hidden, V.UINT32),
-        ("llama.block_count", h.layers, V.UINT32),
-        ("llama.feed_forward_length", h.intermediate, V.UINT32),
-        ("llama.attention.head_count", h.heads, V.UINT32),
-        ("llama.attention.head_count_kv", h.kv_heads, V.UINT32),
-        ("llama.attention.layer_norm_rms_epsilon", h.rms_eps, V.FLOAT32),
-        ("llama.rope.freq_base", h.rope_theta, V.FLOAT32),
-        ("llama.rope.dimension_count", h.head_dim, V.UINT32),
-        ("llama.attention.key_length", h.head_dim, V.UINT32),
-        ("llama.attention.value_length", h.head_dim, V.UINT32),
-        ("llama.vocab_size", h.vocab_size, V.UINT32),
+        ("context_length", h.context_length, V.UINT32),
+        ("embedding_length", h.hidden, V.UINT32),
+        ("block_count", h.layers, V.UINT32),
+        ("feed_forward_length", h.intermediate, V.UINT32),
+        ("attention.head_count", h.heads, V.UINT32),
+        ("attention.head_count_kv", h.kv_heads, V.UINT32),
+        ("attention.layer_norm_rms_epsilon", h.rms_eps, V.FLOAT32),
+        ("rope.freq_base", h.rope_theta, V.FLOAT32),
+        ("rope.dimension_count", h.head_dim, V.UINT32),
+        ("attention.key_length", h.head_dim, V.UINT32),
+        ("attention.value_length", h.head_dim, V.UINT32),
+        ("vocab_size", h.vocab_size, V.UINT32),
     ]:
-        w.add_metadata(key, value, vtype)
+        w.add_metadata(f"{h.arch}.{key}", value, vtype)
 
 
 def _base_gguf(ckpt: Checkpoint, base_gguf: str | os.PathLike | None) -> Path:
@@ -153,14 +162,14 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
     out_path = Path(out_path)
     ckpt = read_checkpoint(ckpt_dir)
     base_path = _base_gguf(ckpt, base_gguf)
-    with ValueFileWriter(out_path, arch="llama") as w:
+    with ValueFileWriter(out_path, arch=ckpt.hparams.arch) as w:
         base_name = (ckpt.meta.get("training_base") or {}).get("name", "?")
         kind = "value network" if ckpt.is_value_net else "fine-tuned model"
         w.add_metadata("general.name", f"ivl {kind} for {base_name}", V.STRING)
         w.add_metadata("general.file_type", FILE_TYPE[out_type], V.UINT32)
         if out_type == "q8_0":
             w.add_metadata("general.quantization_version", 2, V.UINT32)
-        _llama_hparams(w, ckpt.hparams)
+        _arch_hparams(w, ckpt.hparams)
         fingerprint = _tokenizer(w, ckpt, base_path)
         if ckpt.is_value_net:  # a full fine-tune is an ordinary model, not a value file
             _ivl_keys(w, ckpt, fingerprint)

@@ -3,9 +3,9 @@
     python -m ivl_local.eval.jobs train    '<json payload>' result.json
     python -m ivl_local.eval.jobs generate '<json payload>' result.json
 
-train     trains a Trained recipe on the task's train split, converts llama-arch results to
+train     trains a Trained recipe on the task's train split, converts llama/qwen2 results to
           GGUF (q8_0, the runtime's default) and writes {"path", "checkpoint", ...}.
-generate  greedy answers from a torch checkpoint (a full fine-tune of a non-llama base, which
+generate  greedy answers from a torch checkpoint (a full fine-tune of another arch, which
           ivl_convert cannot write as GGUF), prompts rendered and tokenized exactly as the
           Engine does (the base GGUF's chat template and llama.cpp tokenizer).
 """
@@ -34,9 +34,9 @@ def train_job(payload: dict) -> dict:
     train_s = time.time() - started
     model_type = json.loads((ckpt / "config.json").read_text())["model_type"]
     path = ckpt
-    if model_type == "llama":
-        from ivl_convert import convert_checkpoint
+    from ivl_convert import CONVERTIBLE_ARCHS, convert_checkpoint
 
+    if model_type in CONVERTIBLE_ARCHS:
         name = "full-ft.gguf" if recipe["full_finetune"] else "value.ivl.gguf"
         path = convert_checkpoint(ckpt, folder / name, out_type="q8_0", progress=False)
     metrics = []

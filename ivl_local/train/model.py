@@ -2,9 +2,10 @@
 
 The base is loaded once from its GGUF (transformers dequantises it to fp32), frozen
 (requires_grad False, eval()) and only ever run under torch.no_grad(). The value network is
-a LlamaForCausalLM over the base's vocabulary, so its GGUF is a plain llama.cpp model:
+a causal LM over the base's vocabulary that ivl-convert can write as a plain llama.cpp model
+(COPYABLE_ARCHS: llama, qwen2):
 
-    pretrained   a trainable copy of a llama-arch model with the base's tokenizer
+    pretrained   a trainable copy of a llama- or qwen2-arch model with the base's tokenizer
                  (the base itself by default, as the paper did with TinyLlama)
     pruned:K     that copy cut to its first K decoder layers (+ embeddings, final norm, head)
     fresh        a small llama (TrainConfig.fresh_*), tied embeddings, optionally initialised
@@ -24,6 +25,9 @@ from ..errors import ConfigError, ModelFileError
 from ..models import resolve_model
 from .basefile import BaseGGUF
 from .config import TrainConfig
+
+# Architectures a pretrained/pruned value net may copy: the ones ivl-convert writes.
+COPYABLE_ARCHS = ("llama", "qwen2")
 
 
 def load_causal_lm(name_or_path: str | os.PathLike) -> nn.Module:
@@ -59,17 +63,17 @@ def freeze(model: nn.Module) -> nn.Module:
 def resolve_init(cfg: TrainConfig, base_model: nn.Module) -> str:
     if cfg.init != "auto":
         return cfg.init
-    return "pretrained" if base_model.config.model_type == "llama" else "fresh"
+    return "pretrained" if base_model.config.model_type in COPYABLE_ARCHS else "fresh"
 
 
 def build_value_net(cfg: TrainConfig, base: BaseGGUF, base_model: nn.Module) -> tuple[nn.Module, str]:
-    """-> (trainable LlamaForCausalLM, init description for the recipe metadata)."""
+    """-> (trainable causal LM, init description for the recipe metadata)."""
     init = resolve_init(cfg, base_model)
     if init == "fresh":
         return _fresh(cfg, base, base_model), "fresh"
     source = base_model if cfg.init_from is None else load_causal_lm(cfg.init_from)
-    if source.config.model_type != "llama":
-        raise ConfigError(f"init {init} needs a llama-arch model to copy, got "
+    if source.config.model_type not in COPYABLE_ARCHS:
+        raise ConfigError(f"init {init} needs a {' or '.join(COPYABLE_ARCHS)} model to copy, got "
                           f"{source.config.model_type} (use init='fresh' for this base)")
     if source.config.vocab_size != base.vocab_size:
         raise ConfigError(f"init model vocabulary ({source.config.vocab_size}) differs from the "
