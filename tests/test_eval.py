@@ -87,7 +87,9 @@ def test_plan_with_qwen_installed_adds_same_family():
     plan = build_plan(False, installed=lambda name: True)
     same = [c for c in plan.configs if c.kind == "same-family"]
     assert len(same) == 1 and same[0].base == "qwen2.5-coder-1.5b"
-    assert same[0].value.base == "qwen2.5-coder-0.5b"
+    assert same[0].value.base == "qwen2.5-coder-0.5b" and same[0].value.init == "pretrained"
+    [ref] = [c for c in plan.configs if c.kind == "full-finetune" and c.base.base == "qwen2.5-coder-1.5b"]
+    assert dict(ref.base.extra)["train_layers"] > 0 and ref.base.steps == same[0].value.steps
 
 
 # --- the pipeline with fakes -------------------------------------------------------------
@@ -207,6 +209,34 @@ def test_share_of_an_insignificant_gain_is_undecided():
                    ("smol FT", "full-finetune", ft, None, one)]}
     [row] = [r for r in comparisons(results) if r["comparison"].startswith("share")]
     assert row["value"] == pytest.approx(1.0) and row["met"] is None
+
+
+def test_same_family_rows_compare_with_the_training_base_and_the_reference():
+    from ivl_local.eval.harness import ConfigResult
+
+    v = Trained("qwen2.5-coder-0.5b", init="pretrained")
+    ref = Trained("qwen2.5-coder-1.5b", full_finetune=True, extra=(("train_layers", 4),))
+    n = 40
+
+    def scores(k):          # the first k of n examples right
+        out = np.zeros(n)
+        out[:k] = 1.0
+        return out
+
+    results = {name: ConfigResult(EvalConfig(name, kind, base, value), [""] * n, scores(k), scores(k), 0.0)
+               for name, kind, base, value, k in [
+                   ("q0.5", "base", "qwen2.5-coder-0.5b", None, 4),
+                   ("q1.5", "base", "qwen2.5-coder-1.5b", None, 10),
+                   ("q0.5 + value", "in-distribution", "qwen2.5-coder-0.5b", v, 20),
+                   ("q1.5 + value", "same-family", "qwen2.5-coder-1.5b", v, 30),
+                   ("q1.5 partial-FT", "full-finetune", ref, None, 35)]}
+    rows = {r["comparison"]: r for r in comparisons(results)}
+    more = rows["gain on q1.5 - gain on q0.5: q1.5 + value"]
+    assert more["value"] == pytest.approx((30 - 10) / n - (20 - 4) / n) and more["met"] is True
+    assert rows["reference gain: q1.5 partial-FT vs q1.5"]["value"] == pytest.approx(25 / n)
+    share = rows["share of q1.5 partial-FT gain recovered: q1.5 + value"]
+    assert share["value"] == pytest.approx(20 / 25) and share["met"] is True
+    assert Trained("qwen2.5-coder-1.5b", full_finetune=True, extra=(("train_layers", 4),)).label.endswith("partial-FT")
 
 
 def test_run_eval_skips_a_missing_model_with_a_notice(tmp_path):

@@ -93,6 +93,30 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="multiple of fresh_heads"):
         TrainConfig(fresh_hidden=100, fresh_heads=3)
     assert TrainConfig(init="pruned:4").init == "pruned:4"
+    with pytest.raises(ConfigError, match="train_layers needs full_finetune"):
+        TrainConfig(train_layers=2)
+    with pytest.raises(ConfigError, match="train_layers must be >= 0"):
+        TrainConfig(train_layers=-1, full_finetune=True)
+
+
+def test_partial_finetune_unfreezes_only_the_last_layers_and_final_norm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ivl_local.train.model import count_parameters
+    from ivl_local.train.trainer import _unfreeze_for_finetune
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=4, num_attention_heads=2,
+                                         num_key_value_heads=1, tie_word_embeddings=False))
+    _unfreeze_for_finetune(model, 2)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.2.", "model.layers.3.", "model.norm.")) for n in trainable)
+    assert any(n.startswith("model.layers.2.") for n in trainable) and "model.norm.weight" in trainable
+    assert count_parameters(model, trainable_only=True) < count_parameters(model)
+    _unfreeze_for_finetune(model, 0)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError, match="only 4 layers"):
+        _unfreeze_for_finetune(model, 5)
 
 
 def test_micro_batches_are_seeded_epochs():
@@ -248,3 +272,21 @@ def test_full_finetune_reference_converts_to_a_plain_gguf(tmp_path, smollm2_path
     assert meta["kind"] == "full_finetune" and meta["init"] == "full_finetune"
     info = inspect_value_file(convert_checkpoint(ckpt, tmp_path / "ft.gguf", out_type="q8_0", progress=False))
     assert not info["is_value_file"] and info["hparams"]["llama.block_count"] == 30
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_partial_finetune_changes_only_the_last_layers(tmp_path, smollm2_path):
+    from safetensors.numpy import load_file
+
+    from ivl_local.train.api import train
+    from ivl_local.train.model import load_causal_lm
+
+    ckpt = train(small_cfg(tmp_path, full_finetune=True, train_layers=1, max_steps=1, learning_rate=1e-3),
+                 progress=False)
+    meta = json.loads((ckpt / "ivl_checkpoint.json").read_text())
+    assert meta["kind"] == "full_finetune" and meta["init"] == "partial_finetune:1"
+    after = load_file(str(ckpt / "model.safetensors"))
+    before = {k: v.numpy() for k, v in load_causal_lm(str(smollm2_path)).state_dict().items()}
+    changed = {k for k in after if not np.array_equal(after[k], before[k])}
+    assert changed and all(k.startswith(("model.layers.29.", "model.norm.")) for k in changed), sorted(changed)[:5]

@@ -73,6 +73,7 @@ def train(
     save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (0 = at the end).", rich_help_panel="Checkpoints")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from --out's saved state.", rich_help_panel="Checkpoints")] = None,
     full_finetune: Annotated[Optional[bool], typer.Option("--full-finetune", help="Reference mode: fine-tune the base itself.", rich_help_panel="Modes")] = None,
+    train_layers: Annotated[Optional[int], typer.Option(help="With --full-finetune: train only the last N decoder layers and the final norm (partial FT, for bases too big for full AdamW).", rich_help_panel="Modes")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N].", rich_help_panel="Modes")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default 2).", rich_help_panel="Modes")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
@@ -97,6 +98,7 @@ def train(
                                  grad_accum=grad_accum, norm_weight=norm_weight, max_len=max_len,
                                  max_seconds=max_seconds, seed=seed, eval_every=eval_every,
                                  save_every=save_every, resume=resume, full_finetune=full_finetune,
+                                 train_layers=train_layers,
                                  device=device, threads=threads)
         if not cfg.data.is_file():
             raise ModelFileError(f"no such demonstrations file: {cfg.data}")

@@ -12,11 +12,14 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from .configs import KINDS, EvalConfig, Requantized, Trained, label_of
 from .stats import paired_difference, paired_ratio
 
 GOAL_RECOVERY = 0.90      # value net recovers >= 90 % of the full fine-tuning gain
 GOAL_RETENTION = 0.90     # >= 90 % of the in-distribution gain survives another quantization
+GOAL_SAME_FAMILY = 0.80   # on a larger same-family base: >= 80 % of its reference FT's gain
 
 
 def _find(results, predicate):
@@ -69,6 +72,8 @@ def comparisons(results: dict) -> list[dict]:
                 _, ilo, _ = paired_difference(indist.scores, train_alone.scores)
                 add(f"share of in-distribution gain kept: {c.name}", c.kind, ratio, rlo, rhi,
                     f">= {GOAL_RETENTION:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_RETENTION, ilo))
+        if c.kind == "same-family" and isinstance(value, Trained):
+            _same_family_rows(results, r, alone, add)
         if c.kind == "cross-vocab-aligned":
             exact = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base
                           and o.value == c.value and o.token_map is None)
@@ -94,6 +99,28 @@ def comparisons(results: dict) -> list[dict]:
 
 
 _DENOM_NOTE = " (judged only when the reference gain's CI is above 0)"
+
+
+def _same_family_rows(results, r, alone, add) -> None:
+    """A larger base of the training base's family: does the value net gain at least as much
+    there as on its training base, and how much of the larger base's own fine-tuning gain?"""
+    c, value = r.config, r.config.value
+    indist = _find(results, lambda o: o.kind == "in-distribution" and o.value == value and o.base == value.base)
+    train_alone = _alone(results, value.base)
+    if indist is not None and train_alone is not None:
+        here = np.asarray(r.scores, np.float64) - np.asarray(alone.scores, np.float64)
+        there = np.asarray(indist.scores, np.float64) - np.asarray(train_alone.scores, np.float64)
+        d, lo, hi = paired_difference(here, there)
+        add(f"gain on {alone.config.name} - gain on {train_alone.config.name}: {c.name}", c.kind,
+            d, lo, hi, ">= 0 (gains at least as much)", d >= 0)
+    ref = _find(results, lambda o: o.kind == "full-finetune" and isinstance(o.base, Trained)
+                and o.base.base == c.base)
+    if ref is not None:
+        ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, ref.scores, alone.scores)
+        ref_gain, flo, fhi = paired_difference(ref.scores, alone.scores)
+        add(f"reference gain: {ref.config.name} vs {alone.config.name}", "full-finetune", ref_gain, flo, fhi)
+        add(f"share of {ref.config.name} gain recovered: {c.name}", c.kind, ratio, rlo, rhi,
+            f">= {GOAL_SAME_FAMILY:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_SAME_FAMILY, flo))
 
 
 def _met(value: float, goal: float, reference_gain_lo: float = 1.0):

@@ -62,6 +62,9 @@ class TrainConfig:
 
     # --- modes and resources -------------------------------------------------------------------
     full_finetune: bool = False        # reference mode: fine-tune the base itself (no value net)
+    train_layers: int = 0              # full_finetune only: train just the last N decoder layers
+                                       # and the final norm (partial FT when AdamW on every
+                                       # weight does not fit in memory); 0 = every weight
     device: str = "auto"               # auto = cuda when available, else cpu
     threads: int = 2                   # torch CPU threads (shared laptops: keep it small)
     check_tokenizer: bool = True       # compare the HF tokenizer with the GGUF one on sample text
@@ -92,6 +95,8 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              "device must be auto | cpu | cuda[:N]"),
             (self.threads >= 1, "threads must be >= 1"),
+            (self.train_layers >= 0, "train_layers must be >= 0"),
+            (self.train_layers == 0 or self.full_finetune, "train_layers needs full_finetune"),
         ]
         for ok, message in checks:
             if not ok:

@@ -140,10 +140,10 @@ def _project_embeddings(base_embeddings: torch.Tensor, hidden: int, std: float) 
     return emb * (std / emb.std().clamp_min(1e-12))
 
 
-def count_parameters(model: nn.Module) -> int:
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     seen, total = set(), 0
     for p in model.parameters():
-        if id(p) not in seen:
+        if id(p) not in seen and (p.requires_grad or not trainable_only):
             seen.add(id(p))
             total += p.numel()
     return total

@@ -178,6 +178,25 @@ def _schedule(optimizer, total_steps: int, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _unfreeze_for_finetune(model: nn.Module, train_layers: int) -> None:
+    """Every weight trainable, or (train_layers > 0) only the last `train_layers` decoder
+    layers and the final norm: embeddings, head and earlier layers stay frozen, so AdamW's
+    state and the backward pass cover only those layers."""
+    model.train()
+    if not train_layers:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    layers = model.model.layers
+    if train_layers > len(layers):
+        raise ConfigError(f"train_layers {train_layers}: the model has only {len(layers)} layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in (*layers[-train_layers:], model.model.norm):
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
 def setup(cfg: TrainConfig, log=print) -> Setup:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -194,9 +213,9 @@ def setup(cfg: TrainConfig, log=print) -> Setup:
     base_model = freeze(load_causal_lm(base.path))
     if cfg.full_finetune:
         model, init = base_model, "full_finetune"
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.train()
+        _unfreeze_for_finetune(model, cfg.train_layers)
+        if cfg.train_layers:
+            init = f"partial_finetune:{cfg.train_layers}"
         base_model = None
     else:
         model, init = build_value_net(cfg, base, base_model)
@@ -269,8 +288,10 @@ def save(s: Setup, complete: bool, stats: dict) -> None:
 def run(s: Setup, progress: bool = True, log=print) -> Path:
     cfg = s.cfg
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    log(f"base {s.base.name} ({s.base.arch}, vocab {s.base.vocab_size}); value net "
-        f"{s.init}, {count_parameters(s.model) / 1e6:.1f}M params; {len(s.train_examples)} train / "
+    trainable = count_parameters(s.model, trainable_only=True)
+    what = "fine-tuning" if cfg.full_finetune else "value net"
+    log(f"base {s.base.name} ({s.base.arch}, vocab {s.base.vocab_size}); {what} "
+        f"{s.init}, {trainable / 1e6:.1f}M trainable params; {len(s.train_examples)} train / "
         f"{len(s.eval_examples)} eval examples ({s.dropped} dropped); {s.total_steps} steps on {s.device}")
     started = time.perf_counter()
     first_step, tokens = s.step, 0
