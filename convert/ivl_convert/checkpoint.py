@@ -6,15 +6,14 @@ names), config.json (the HF config), ivl_checkpoint.json (training base, recipe)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ivl_local.ckpt_layout import HF_CONFIG, META, WEIGHTS, read_json
 from ivl_local.errors import CheckpointError
 
-WEIGHTS, HF_CONFIG, META = "model.safetensors", "config.json", "ivl_checkpoint.json"
 
 # HF model types ivl-convert writes. qwen2 is llama plus q/k/v biases and NEOX-style RoPE
 # (llama.cpp's qwen2 arch takes HF's q/k layout as is).
@@ -47,15 +46,6 @@ class Checkpoint:
     @property
     def is_value_net(self) -> bool:
         return self.meta.get("kind", "value") == "value"
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: not a complete checkpoint (missing {path.name})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({e.msg})") from None
 
 
 def _hparams(config: dict, where: Path) -> HParams:
@@ -118,8 +108,8 @@ def read_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
     path = Path(ckpt_dir)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
-    meta = _read_json(path / META)
-    hparams = _hparams(_read_json(path / HF_CONFIG), path / HF_CONFIG)
+    meta = read_json(path / META)
+    hparams = _hparams(read_json(path / HF_CONFIG), path / HF_CONFIG)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (missing {WEIGHTS})")

@@ -20,14 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ckpt_layout import HF_CONFIG, META, METRICS, STATE, WEIGHTS, read_json
 from ..errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
-WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
-META = "ivl_checkpoint.json"
-STATE = "state.pt"
-METRICS = "metrics.jsonl"
 
 
 def _atomic(path: Path, write) -> None:
@@ -81,13 +77,7 @@ def save_state(out_dir: Path, state: dict) -> None:
 
 
 def load_meta(ckpt_dir: Path) -> dict:
-    path = Path(ckpt_dir) / META
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir}: not a checkpoint folder (no {META})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: unreadable ({e.msg})") from None
+    return read_json(Path(ckpt_dir) / META)
 
 
 def load_weights_into(model: nn.Module, ckpt_dir: Path) -> None:
