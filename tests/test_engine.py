@@ -44,6 +44,23 @@ def llama_cpp_greedy(path, prompt: str, n: int) -> list[int]:
 
 # --- stop strings (no model) --------------------------------------------------------------
 
+@pytest.mark.parametrize("cpus, load, expected", [(8, 0.0, 8), (8, 2.6, 5), (2, 1.2, 1), (2, 0.3, 2),
+                                                   (2, 7.0, 1), (4, 0.49, 4)])
+def test_default_threads_counts_free_cores(monkeypatch, cpus, load, expected):
+    import os
+
+    from ivl_local.config import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert default_threads() == expected
+
+    def no_loadavg():
+        raise OSError("no load average")
+    monkeypatch.setattr(os, "getloadavg", no_loadavg)
+    assert default_threads() == cpus
+
+
 def test_stop_strings_hold_back_partial_matches():
     s = _StopStrings(["\nUser:"])
     assert s.feed("Hello") == ("Hello", False)

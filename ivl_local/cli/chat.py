@@ -188,7 +188,7 @@ def chat(
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.", rich_help_panel="Sampling")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens in one answer.", rich_help_panel="Sampling")] = DEFAULT_MAX_TOKENS,
     ctx: Annotated[int, typer.Option(help="Context window (tokens) of each model.", rich_help_panel="Resources")] = DEFAULT_CTX,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: one per core).", rich_help_panel="Resources")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: one per free core, from the load average).", rich_help_panel="Resources")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
     verbose: Annotated[bool, typer.Option(help="llama.cpp logs and per-answer timings on stderr.")] = False,
 ) -> None:

@@ -9,7 +9,6 @@ fine-tune llama.cpp cannot load. Both answer a batch of conversations greedily.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -78,13 +77,10 @@ class TorchRunner:
 
 
 def eval_threads() -> int:
-    """Threads per model: all cores on an idle machine, 1 on a busy one. llama.cpp's threads
-    wait for each other at every layer, so when other processes hold the cores a second
-    thread costs far more than it brings (measured on a shared 2-core machine: 4 answers in
-    3-9 s with 1 thread, 45 s with 2)."""
-    cpus = os.cpu_count() or 1
-    busy = os.getloadavg()[0] > cpus - 0.5
-    return 1 if busy else cpus
+    """Threads per model for evaluation: the runtime's load-aware default."""
+    from ..config import default_threads
+
+    return default_threads()
 
 
 def make_runner(base: Path, value: Path | None, token_map: Path | None, seed: int,
