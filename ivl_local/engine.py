@@ -44,6 +44,7 @@ from .vocab import TokenMapping, read_vocab, resolve_mapping
 log = logging.getLogger(__name__)
 
 NO_VALUE = ("none", "off", "")
+VALUE_PROMPTS = ("own", "base")   # what a cross-vocabulary value model reads: its own chat format or the base's
 
 
 @dataclass
@@ -101,7 +102,13 @@ class Engine:
 
     def __init__(self, base, value=None, alpha: float | None = None, *, n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
-                 token_map=None, concurrent: bool | None = None, verbose: bool = False):
+                 token_map=None, concurrent: bool | None = None, verbose: bool = False,
+                 value_prompt: str = "own"):
+        if value_prompt not in VALUE_PROMPTS:
+            raise ConfigError(f"value_prompt must be one of {', '.join(VALUE_PROMPTS)}, got {value_prompt!r}")
+        self.value_prompt = value_prompt
+        self._value_template: str | None = None
+        self._value_eos_text = ""
         config = EngineConfig(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or default_threads(),
                               alpha=1.0 if alpha is None else alpha, seed=seed)
         self._config = config
@@ -173,6 +180,8 @@ class Engine:
             self._value_ctx = Context(self._value_model, n_ctx=value_n_ctx, n_batch=n_batch,
                                       n_threads=n_threads)
             self._value = TextSync(vv, self._value_ctx)
+            self._value_template = value_header.get("tokenizer.chat_template")
+            self._value_eos_text = vv.text(vv.eos).decode("utf-8", "replace") if vv.eos >= 0 else ""
         self._token_map = self.mapping.token_map
         self._token_weights = self.mapping.token_weights
 
@@ -207,8 +216,10 @@ class Engine:
     # --- generation -------------------------------------------------------------------------
 
     def generate(self, prompt: str, max_tokens: int | None = 256, sampling: SamplingConfig | None = None,
-                 stop: list[str] | str | None = None) -> Iterator[str]:
-        """Text deltas. Arguments are checked now; decoding starts at the first next()."""
+                 stop: list[str] | str | None = None, *, value_prompt: str | None = None) -> Iterator[str]:
+        """Text deltas. Arguments are checked now; decoding starts at the first next().
+        `value_prompt`: the text a cross-vocabulary value model reads instead of `prompt`
+        (chat passes the conversation in the value's own format); the answer is appended to both."""
         if self._base_ctx is None:
             raise RuntimeError("this Engine is closed")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -223,7 +234,9 @@ class Engine:
                 f"but the context window is {self.n_ctx}: shorten the prompt or the conversation, "
                 f"lower max_tokens, or raise n_ctx")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return self._run(prompt, tokens, max_tokens, sampling or SamplingConfig(), stops)
+        if value_prompt is not None and not isinstance(self._value, TextSync):
+            value_prompt = None   # a same-vocabulary value model reads the base's tokens
+        return self._run(value_prompt or prompt, tokens, max_tokens, sampling or SamplingConfig(), stops)
 
     def complete(self, prompt: str, max_tokens: int | None = 256, sampling: SamplingConfig | None = None,
                  stop: list[str] | str | None = None) -> str:
@@ -237,7 +250,7 @@ class Engine:
                              sampling.repeat_penalty, sampling.repeat_last_n,
                              sampling.presence_penalty, sampling.frequency_penalty, seed)
 
-    def _run(self, prompt: str, prompt_tokens: list[int], max_tokens: int | None,
+    def _run(self, value_text: str, prompt_tokens: list[int], max_tokens: int | None,
              sampling: SamplingConfig, stops: list[str]) -> Iterator[str]:
         from . import _core
 
@@ -266,7 +279,7 @@ class Engine:
             if value is not None:
                 value.seq.repair() if isinstance(value, TextSync) else value.repair()
 
-            stats.reused_prompt_tokens = self._prefill(prompt, prompt_tokens, value, stats)
+            stats.reused_prompt_tokens = self._prefill(value_text, prompt_tokens, value, stats)
             t_loop = time.perf_counter()
             stats.prefill_s = t_loop - t_start
             step, stopped = 0, False
@@ -334,12 +347,12 @@ class Engine:
             if stats.decode_s > 0:
                 stats.tokens_per_s = stats.completion_tokens / stats.decode_s
 
-    def _prefill(self, prompt: str, prompt_tokens: list[int], value, stats: GenerationStats) -> int:
+    def _prefill(self, value_text: str, prompt_tokens: list[int], value, stats: GenerationStats) -> int:
         """Bring both caches to the prompt, reusing common prefixes; returns base tokens reused."""
         value_job = None
         if value is not None:
             if isinstance(value, TextSync):
-                value_job = lambda: value.reset_to(prompt.encode("utf-8"))
+                value_job = lambda: value.reset_to(value_text.encode("utf-8"))
             else:
                 value_job = lambda: value.sync_to(prompt_tokens)
         reused = self._lockstep(lambda: self._base.sync_to(prompt_tokens), value_job, stats)[0]
@@ -388,11 +401,21 @@ class Engine:
             stops += [s for s in FALLBACK_STOP if s not in stops]
         return stops
 
+    def render_value_chat(self, messages: list[dict]) -> str | None:
+        """The conversation as a cross-vocabulary value model reads it: in its own chat format
+        (the template its value file carries, else the fallback), the format it was trained on.
+        None when the value model shares the base's vocabulary (it reads the base's tokens) or
+        value_prompt is "base"."""
+        if not isinstance(self._value, TextSync) or self.value_prompt != "own":
+            return None
+        return render_messages(messages, self._value_template, bos_token="", eos_token=self._value_eos_text)
+
     def chat_deltas(self, messages: list[dict], max_tokens: int | None = 256,
                     sampling: SamplingConfig | None = None, stop=None) -> Iterator[str]:
         """The assistant's answer as text deltas (what the CLI streams)."""
         prompt = self.render_chat(messages)
-        deltas = self.generate(prompt, max_tokens, sampling, self._chat_stops(stop))
+        deltas = self.generate(prompt, max_tokens, sampling, self._chat_stops(stop),
+                               value_prompt=self.render_value_chat(messages))
         return self._strip_leading(deltas) if not self._chat_template else deltas
 
     @staticmethod

@@ -11,7 +11,7 @@ import pytest
 
 from ivl_local import GREEDY, SamplingConfig
 from ivl_local.engine import Engine, _StopStrings
-from ivl_local.errors import (ContextOverflowError, EmptyPromptError, FormatVersionError,
+from ivl_local.errors import (ConfigError, ContextOverflowError, EmptyPromptError, FormatVersionError,
                               InvalidLogitsError, ModelFileError, VocabMismatchError)
 from ivl_local.valuefile import RawValueModelWarning
 
@@ -201,6 +201,27 @@ def test_cross_vocab_value_context_equals_retokenized_text(cross_engine):
     assert len(checked) >= 24 + 1
     print(f"\nvalue side: {len(sync.tokens)} SmolLM2 tokens for {len(engine._base.tokens)} Gemma "
           f"tokens; full re-tokenizations: {sync.full_retokenizations}")
+
+
+@pytest.mark.real
+def test_cross_vocab_chat_value_reads_its_own_chat_format(cross_engine):
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    own, base = cross_engine.render_value_chat(messages), cross_engine.render_chat(messages)
+    assert "<|im_start|>assistant" in own and "Assistant:" in base and own != base
+    sync = cross_engine._value
+    try:
+        for mode, expected in (("own", own), ("base", base)):
+            cross_engine.value_prompt = mode
+            answer = "".join(cross_engine.chat_deltas(messages, max_tokens=6, sampling=GREEDY))
+            assert answer and sync.text.startswith(expected.encode()), mode
+            assert sync.tokens == sync.tokenize(sync.text)
+    finally:
+        cross_engine.value_prompt = "own"
+
+
+def test_value_prompt_mode_is_checked():
+    with pytest.raises(ConfigError, match="value_prompt must be one of own, base"):
+        Engine("no-such-model.gguf", value_prompt="theirs")
 
 
 @pytest.mark.real

@@ -117,7 +117,7 @@ def make_fake_runner(table):
     """table: base file stem -> (value-less accuracy, with-value accuracy at alpha 1)."""
 
     class FakeRunner:
-        def __init__(self, base, value, token_map, seed, torch_gguf):
+        def __init__(self, base, value, token_map, seed, torch_gguf, value_prompt="own"):
             self.base, self.value, self.alpha, self.closed = Path(base).stem, value, 1.0, False
 
         def answer_all(self, conversations, max_tokens, advance=lambda: None):
@@ -152,6 +152,7 @@ def fake_configs():
             EvalConfig("gemma3 + value aligned", "cross-vocab-aligned", "gemma3-270m", v,
                        token_map=AlignedMap("gemma3-270m", v)),
             EvalConfig("smol + value norm 0", "norm-weight-0", "smollm2-135m", replace(v, norm_weight=0.0)),
+            cross.with_(name="gemma3 + value base format", value_prompt="base"),
             *alpha_sweep(cross, (0.0, 0.5))]
 
 
@@ -182,6 +183,7 @@ def test_run_eval_with_fakes_writes_a_complete_report(tmp_path):
     assert kept["value"] == pytest.approx((0.7 - 0.2) / (0.8 - 0.2)) and kept["met"] is False
     assert rows["gain: gemma3 + value vs gemma"]["met"] is True
     assert rows["aligned - exact-text map: gemma3 + value aligned"]["value"] == pytest.approx(0.0)
+    assert rows["value's own chat format - base's format: gemma3 + value"]["value"] == pytest.approx(0.0)
     assert rows["alpha 0 reproduces base alone: gemma3 + value @a=0"]["met"] is True
 
     md = (out / "results.md").read_text()

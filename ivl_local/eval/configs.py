@@ -106,14 +106,16 @@ class EvalConfig:
     alpha: float = 1.0
     token_map: AlignedMap | None = None
     note: str = ""
+    value_prompt: str = "own"       # cross-vocab: the value reads its own chat format | the base's
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
+        assert self.value_prompt in ("own", "base"), self.value_prompt
 
     @property
     def engine_key(self) -> tuple:
         """Configurations with equal keys share one loaded Engine (only alpha differs)."""
-        return (self.base, self.value, self.token_map)
+        return (self.base, self.value, self.token_map, self.value_prompt)
 
     def with_(self, **changes) -> "EvalConfig":
         return replace(self, **changes)
@@ -196,6 +198,11 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     cross_gemma = EvalConfig("smollm2 + value[gemma3]", "cross-vocab", SMOL, v_gemma)
     transfer += [cross_smol, cross_gemma]
     configs += transfer[:-1]
+    # Until 2026-11-28 the value model read the conversation in the base's format (Gemma's
+    # User:/Assistant: fallback), not the SmolLM2 chat format it was trained on; kept as a
+    # comparison for the Engine's default (value_prompt="own").
+    configs.append(cross_smol.with_(name="gemma3 + value[smollm2] base format", value_prompt="base",
+                                    note="value reads the base's prompt format"))
     configs.append(EvalConfig("gemma3 + value[smollm2] aligned", "cross-vocab-aligned", GEMMA, v_smol,
                               token_map=AlignedMap(GEMMA, v_smol, max_bytes=corpus_cap)))
     if not quick:

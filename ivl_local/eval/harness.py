@@ -70,6 +70,7 @@ class ConfigResult:
         c = self.config
         return {"name": c.name, "kind": c.kind, "base": label_of(c.base), "value": label_of(c.value),
                 "alpha": c.alpha, "token_map": "aligned" if c.token_map else ("exact-text" if c.value else "-"),
+                "value_prompt": c.value_prompt,
                 "n": self.n, "score": self.score, "score_ci": list(self.score_ci),
                 "exact": self.exact, "exact_rate": self.exact / self.n if self.n else float("nan"),
                 "exact_ci": list(self.exact_ci), "lenient_score": self.lenient_score,
@@ -214,7 +215,8 @@ def _answer_all(configs: list[EvalConfig], examples: list[Example], workspace, r
                     skipped.append(f"{c.name}: {e}")
                     log(f"skipped: {c.name}: {e}")
                 continue
-            runner = runner_factory(r0.base, r0.value, r0.token_map, seed, r0.torch_base_gguf)
+            runner = runner_factory(r0.base, r0.value, r0.token_map, seed, r0.torch_base_gguf,
+                                    value_prompt=members[0].value_prompt)
             try:
                 by_alpha: dict[float, tuple[list[str], float]] = {}
                 for c in members:

@@ -74,16 +74,24 @@ def comparisons(results: dict) -> list[dict]:
                     f">= {GOAL_RETENTION:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_RETENTION, ilo))
         if c.kind == "same-family" and isinstance(value, Trained):
             _same_family_rows(results, r, alone, add)
+        if c.kind == "cross-vocab" and c.value_prompt == "base":
+            own = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base and o.value == c.value
+                        and o.token_map == c.token_map and o.value_prompt == "own")
+            if own is not None:
+                d, dlo, dhi = paired_difference(own.scores, r.scores)
+                add(f"value's own chat format - base's format: {own.config.name}", c.kind, d, dlo, dhi)
         if c.kind == "cross-vocab-aligned":
             exact = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base
-                          and o.value == c.value and o.token_map is None)
+                          and o.value == c.value and o.token_map is None
+                          and o.value_prompt == c.value_prompt)
             if exact is not None:
                 d, dlo, dhi = paired_difference(r.scores, exact.scores)
                 add(f"aligned - exact-text map: {c.name}", c.kind, d, dlo, dhi)
         if c.kind == "norm-weight-0" and isinstance(value, Trained):
             default = replace(value, norm_weight=1.0)
             with_norm = _find(results, lambda o: o.kind != "alpha-sweep" and o.base == c.base
-                              and o.value == default and o.token_map is None)
+                              and o.value == default and o.token_map is None
+                              and o.value_prompt == c.value_prompt)
             if with_norm is not None:
                 d, dlo, dhi = paired_difference(with_norm.scores, r.scores)
                 add(f"norm penalty (weight 1 - weight 0): {with_norm.config.name}", c.kind, d, dlo, dhi)

@@ -28,11 +28,11 @@ class EngineRunner:
     """Greedy chat through ivl_local.Engine (base alone when value is None)."""
 
     def __init__(self, base: Path, value: Path | None, token_map: Path | None, seed: int, n_ctx: int = 256,
-                 threads: int | None = None):
+                 threads: int | None = None, value_prompt: str = "own"):
         from ..engine import Engine
 
         self.engine = Engine(str(base), None if value is None else str(value), alpha=1.0, n_ctx=n_ctx,
-                             n_threads=threads, seed=seed,
+                             n_threads=threads, seed=seed, value_prompt=value_prompt,
                              token_map=None if token_map is None else str(token_map))
 
     @property
@@ -84,10 +84,11 @@ def eval_threads() -> int:
 
 
 def make_runner(base: Path, value: Path | None, token_map: Path | None, seed: int,
-                torch_base_gguf: Path | None = None, threads: int | None = None) -> Runner:
+                torch_base_gguf: Path | None = None, threads: int | None = None,
+                value_prompt: str = "own") -> Runner:
     """A folder as base means a torch checkpoint (its GGUF tokenizer comes from torch_base_gguf)."""
     threads = threads or eval_threads()
     if Path(base).is_dir():
         assert value is None and torch_base_gguf is not None
         return TorchRunner(base, torch_base_gguf, threads)
-    return EngineRunner(base, value, token_map, seed, threads=threads)
+    return EngineRunner(base, value, token_map, seed, threads=threads, value_prompt=value_prompt)
