@@ -144,10 +144,10 @@ def test_flags_reach_engine_and_sampler(fake, base_file, tmp_path):
     r = run(["chat", "--base", str(base_file), "--value", str(value), "--alpha", "0.5",
              "--system", "Be brief.", "--temperature", "0", "--top-p", "0.9", "--top-k", "5",
              "--min-p", "0.1", "--repeat-penalty", "1.1", "--seed", "7", "--max-tokens", "16",
-             "--ctx", "512", "--threads", "1", "--map", str(token_map), "-p", "hi"])
+             "--ctx", "512", "--threads", "1", "--map", str(token_map), "--value-prompt", "base", "-p", "hi"])
     assert r.exit_code == 0, r.output
     assert fake.kwargs == dict(base=base_file, value=value, alpha=0.5, n_ctx=512, n_threads=1,
-                               seed=7, token_map=token_map, verbose=False)
+                               seed=7, token_map=token_map, verbose=False, value_prompt="base")
     call = fake.engine.calls[0]
     assert call["max_tokens"] == 16
     assert call["sampling"] == SamplingConfig(temperature=0.0, top_p=0.9, top_k=5, min_p=0.1,
@@ -209,6 +209,12 @@ def test_missing_value_file(fake, base_file, tmp_path):
     r = run(["chat", "--base", str(base_file), "--value", str(tmp_path / "v.ivl.gguf"), "-p", "hi"])
     assert r.exit_code == 1
     assert "v.ivl.gguf" in one_error_line(r)
+
+
+def test_bad_value_prompt_mode(fake, base_file):
+    r = run(["chat", "--base", str(base_file), "--value", "none", "--value-prompt", "theirs", "-p", "x"])
+    assert r.exit_code == 2   # a usage error, like other bad settings
+    assert "--value-prompt must be own or base" in one_error_line(r)
 
 
 def test_missing_map_file(fake, base_file, tmp_path):

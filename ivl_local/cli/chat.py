@@ -31,12 +31,13 @@ NO_VALUE = ("none", "off", "")
 
 
 def make_engine(base: Path, value: Path | None, alpha: float | None, *, n_ctx: int,
-                n_threads: int | None, seed: int, token_map: Path | None, verbose: bool):
+                n_threads: int | None, seed: int, token_map: Path | None, verbose: bool,
+                value_prompt: str = "own"):
     """The one place the CLI builds an Engine (monkeypatched by the fast tests)."""
     from ..engine import Engine  # llama.cpp loads here, not at CLI import
 
     return Engine(base, value, alpha, n_ctx=n_ctx, n_threads=n_threads, seed=seed,
-                  token_map=token_map, verbose=verbose)
+                  token_map=token_map, verbose=verbose, value_prompt=value_prompt)
 
 
 # --- resolving what to load ---------------------------------------------------------------
@@ -176,6 +177,9 @@ def chat(
     token_map: Annotated[Optional[Path], typer.Option(
         "--map", help="Token map .npz for base/value vocabularies that differ (default: built and cached).",
         rich_help_panel="Models")] = None,
+    value_prompt: Annotated[str, typer.Option(
+        help="What a value model with another vocabulary reads: 'own' = the chat in its own "
+        "format (as trained), 'base' = the base's rendering.", rich_help_panel="Models")] = "own",
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", help="Answer this prompt and exit (one-shot). Also: text piped on stdin.")] = None,
@@ -211,13 +215,15 @@ def chat(
                 raise ConfigError("--json needs a prompt: -p TEXT or text on stdin")
             if token_map is not None and not token_map.is_file():
                 raise ModelFileError(f"no such token map file: {token_map}")
+            if value_prompt not in ("own", "base"):
+                raise ConfigError(f"--value-prompt must be own or base, got {value_prompt!r}")
 
             from ..models import resolve_model
 
             base_path = resolve_model(base)
             value_path = resolve_value(value)
             kwargs = dict(n_ctx=ctx, n_threads=threads, seed=seed if seed is not None else 0,
-                          token_map=token_map, verbose=verbose)
+                          token_map=token_map, verbose=verbose, value_prompt=value_prompt)
             if text is None and not verbose:
                 # Interactive: the prompt shows at once, the models load while the user types.
                 from .loading import BackgroundLoad
