@@ -313,3 +313,23 @@ def test_torch_runner_matches_the_engine_on_a_full_finetune(smollm2_path):
         engine.close()
     same = sum(a == b for a, b in zip(torch_answers, engine_answers))
     assert same >= 3, (torch_answers, engine_answers)
+
+
+def test_a_second_run_waits_for_the_artifact_lock(tmp_path):
+    import threading
+
+    from ivl_local.eval.artifacts import _exclusive
+
+    lock, order = tmp_path / ".lock", []
+
+    def second():
+        with _exclusive(lock, on_wait=lambda: order.append("wait")):
+            order.append("second")
+
+    with _exclusive(lock):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)              # blocked: the first holder has the lock
+        order.append("first done")
+    thread.join(10)
+    assert order == ["wait", "first done", "second"]

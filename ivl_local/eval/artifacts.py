@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -132,15 +133,41 @@ class Workspace:
         if done.exists():
             return Path(json.loads(done.read_text())["path"])
         folder.mkdir(parents=True, exist_ok=True)
-        self.log(f"training {ref.label} ({ref.steps} steps) in {folder}")
-        from .runners import eval_threads
+        with _exclusive(folder / ".lock", lambda: self.log(f"waiting for another run training {ref.label}")):
+            if done.exists():      # another evaluation trained it while we waited
+                return Path(json.loads(done.read_text())["path"])
+            self.log(f"training {ref.label} ({ref.steps} steps) in {folder}")
+            from .runners import eval_threads
 
-        # Threads do not change the result (not in the recipe hash); 1 on a busy machine.
-        job = {"recipe": asdict(ref), "data": str(self.train_data), "folder": str(folder),
-               "threads": eval_threads()}
-        result = run_job("train", job)
-        done.write_text(json.dumps(result, indent=2) + "\n")
+            # Threads do not change the result (not in the recipe hash); 1 on a busy machine.
+            job = {"recipe": asdict(ref), "data": str(self.train_data), "folder": str(folder),
+                   "threads": eval_threads()}
+            result = run_job("train", job)
+            tmp = done.with_name(done.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, done)
         return Path(result["path"])
+
+
+@contextmanager
+def _exclusive(path: Path, on_wait=lambda: None):
+    """An advisory lock on `path` (POSIX flock), so two evaluations sharing a cache train an
+    artifact once: the second waits, then finds it built. No-op where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:   # Windows: no concurrent-run protection
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_job(name: str, payload: dict) -> dict:
