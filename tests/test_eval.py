@@ -333,3 +333,22 @@ def test_a_second_run_waits_for_the_artifact_lock(tmp_path):
         order.append("first done")
     thread.join(10)
     assert order == ["wait", "first done", "second"]
+
+
+def test_paired_script_compares_two_reports_on_the_same_items(tmp_path):
+    import subprocess
+    import sys
+
+    def report(path, name, scores, ids):
+        meta = {"split": "test", "example_ids": ids, "seed": 0, "max_tokens": 16}
+        path.write_text(json.dumps({"meta": meta, "results": [{"name": name, "scores": scores}]}))
+        return str(path)
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
+    a = report(tmp_path / "a.json", "x", [1.0, 1.0, 0.0, 1.0], [1, 2, 3, 4])
+    b = report(tmp_path / "b.json", "y", [0.0, 1.0, 0.0, 0.0], [1, 2, 3, 4])
+    out = subprocess.run([sys.executable, str(script), a, "x", b, "y"], capture_output=True, text=True)
+    assert out.returncode == 0 and "+0.500" in out.stdout, out.stderr
+    other = report(tmp_path / "c.json", "y", [0.0, 1.0, 0.0, 0.0], [1, 2, 3, 5])
+    out = subprocess.run([sys.executable, str(script), a, "x", other, "y"], capture_output=True, text=True)
+    assert out.returncode != 0 and "differ in example_ids" in out.stderr
