@@ -352,3 +352,32 @@ def test_paired_script_compares_two_reports_on_the_same_items(tmp_path):
     other = report(tmp_path / "c.json", "y", [0.0, 1.0, 0.0, 0.0], [1, 2, 3, 5])
     out = subprocess.run([sys.executable, str(script), a, "x", other, "y"], capture_output=True, text=True)
     assert out.returncode != 0 and "differ in example_ids" in out.stderr
+
+
+def test_map_kind_names_the_identity_map_for_a_shared_vocabulary():
+    from ivl_local.eval.harness import ConfigResult
+
+    v = Trained("qwen2.5-coder-0.5b")
+    scores = np.zeros(2)
+
+    def result(config, base_vocab, value_vocab):
+        files = {"base": {"vocab": base_vocab}, "value": {"vocab": value_vocab}}
+        return ConfigResult(config, ["", ""], scores, scores, 0.0, files)
+
+    same = EvalConfig("q", "same-family", "qwen2.5-coder-1.5b", v)
+    assert result(same, "abc", "abc").map_kind == "identity"
+    assert result(same, "abc", "xyz").map_kind == "exact-text"
+    assert result(same, None, None).map_kind == "exact-text"      # unknown: the default map
+    aligned = same.with_(token_map=AlignedMap("qwen2.5-coder-1.5b", v))
+    assert result(aligned, "abc", "xyz").map_kind == "aligned"
+    assert result(EvalConfig("b", "base", "qwen2.5-coder-1.5b"), "abc", None).map_kind == "-"
+
+
+@pytest.mark.real
+def test_vocab_of_tells_the_real_vocabularies_apart(smollm2_path, gemma3_path, tmp_path):
+    from ivl_local.eval.artifacts import vocab_of
+
+    smol, gemma = vocab_of(smollm2_path), vocab_of(gemma3_path)
+    assert smol and gemma and smol != gemma and vocab_of(smollm2_path) == smol
+    (tmp_path / "m.npz").write_bytes(b"PK")
+    assert vocab_of(tmp_path / "m.npz") is None

@@ -46,6 +46,23 @@ def sha256_of(path: Path, _cache: dict = {}) -> str:
     return _cache[key]
 
 
+def vocab_of(path: Path, _cache: dict = {}) -> str | None:
+    """The vocabulary fingerprint of a GGUF file (None for a token map or a bad header)."""
+    from ..valuefile import read_gguf_header
+    from ..vocab import read_vocab
+
+    path = Path(path)
+    if path.suffix != ".gguf":
+        return None
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _cache:
+        try:
+            _cache[key] = read_vocab(read_gguf_header(path)).fingerprint
+        except (IVLError, KeyError, ValueError):
+            _cache[key] = None
+    return _cache[key]
+
+
 def _recipe_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -98,7 +115,8 @@ class Workspace:
         if path.is_dir():  # a torch checkpoint: hash its weights
             weights = path / "model.safetensors"
             return {"file": str(path), "sha256": sha256_of(weights)[:12] if weights.exists() else "?"}
-        return {"file": str(path), "sha256": sha256_of(path)[:12], "bytes": path.stat().st_size}
+        return {"file": str(path), "sha256": sha256_of(path)[:12], "bytes": path.stat().st_size,
+                "vocab": vocab_of(path)}
 
     # --- builders ---------------------------------------------------------------------------
 

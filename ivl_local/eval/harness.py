@@ -47,6 +47,19 @@ class ConfigResult:
         return int(self.scores.size)
 
     @property
+    def map_kind(self) -> str:
+        """How value tokens reach the base: '-' (no value), 'identity' (same vocabulary),
+        'aligned' (a corpus-aligned map) or 'exact-text' (the default map)."""
+        if self.config.value is None:
+            return "-"
+        if self.config.token_map is not None:
+            return "aligned"
+        base, value = (self.files.get(role) or {} for role in ("base", "value"))
+        if base.get("vocab") and base.get("vocab") == value.get("vocab"):
+            return "identity"
+        return "exact-text"
+
+    @property
     def score(self) -> float:
         return float(self.scores.mean()) if self.n else float("nan")
 
@@ -69,7 +82,7 @@ class ConfigResult:
     def summary(self) -> dict:
         c = self.config
         return {"name": c.name, "kind": c.kind, "base": label_of(c.base), "value": label_of(c.value),
-                "alpha": c.alpha, "token_map": "aligned" if c.token_map else ("exact-text" if c.value else "-"),
+                "alpha": c.alpha, "token_map": self.map_kind,
                 "value_prompt": c.value_prompt,
                 "n": self.n, "score": self.score, "score_ci": list(self.score_ci),
                 "exact": self.exact, "exact_rate": self.exact / self.n if self.n else float("nan"),
