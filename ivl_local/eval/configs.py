@@ -231,7 +231,10 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
         configs += [EvalConfig("qwen0.5b", "base", QWEN_SMALL), EvalConfig("qwen1.5b", "base", QWEN_LARGE),
                     EvalConfig("qwen0.5b + value", "in-distribution", QWEN_SMALL, v_qwen), same,
                     EvalConfig("qwen1.5b partial-FT", "full-finetune", ref_large,
-                               note=f"last {QWEN_REF_LAYERS} layers + final norm fine-tuned")]
+                               note=f"last {QWEN_REF_LAYERS} layers + final norm fine-tuned"),
+                    # the same value net across vocabularies (Qwen's 152k BPE -> SmolLM2, Gemma)
+                    EvalConfig("smollm2 + value[qwen0.5b]", "cross-vocab", SMOL, v_qwen),
+                    EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen)]
         transfer.append(same)
     else:
         for name in (QWEN_SMALL, QWEN_LARGE):
