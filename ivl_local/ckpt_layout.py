@@ -17,6 +17,11 @@ META = "ivl_checkpoint.json"       # training base, recipe, progress
 STATE = "state.pt"                 # optimizer/scheduler/RNG state for --resume (torch)
 METRICS = "metrics.jsonl"          # one JSON line per logged step / evaluation
 
+# HF model types a checkpoint may hold for ivl-convert to write (and so the architectures a
+# pretrained value net may copy). qwen2 is llama plus q/k/v biases and NEOX-style RoPE
+# (llama.cpp's qwen2 arch takes HF's q/k layout as is).
+CONVERTIBLE_ARCHS = ("llama", "qwen2")
+
 
 def read_json(path: Path) -> dict:
     """A checkpoint JSON file as a dict; a missing or malformed file is a CheckpointError."""

@@ -11,13 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ivl_local.ckpt_layout import HF_CONFIG, META, WEIGHTS, read_json
+from ivl_local.ckpt_layout import CONVERTIBLE_ARCHS, HF_CONFIG, META, WEIGHTS, read_json
 from ivl_local.errors import CheckpointError
-
-
-# HF model types ivl-convert writes. qwen2 is llama plus q/k/v biases and NEOX-style RoPE
-# (llama.cpp's qwen2 arch takes HF's q/k layout as is).
-CONVERTIBLE_ARCHS = ("llama", "qwen2")
 
 
 @dataclass(frozen=True)

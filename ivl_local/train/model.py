@@ -3,7 +3,7 @@
 The base is loaded once from its GGUF (transformers dequantises it to fp32), frozen
 (requires_grad False, eval()) and only ever run under torch.no_grad(). The value network is
 a causal LM over the base's vocabulary that ivl-convert can write as a plain llama.cpp model
-(COPYABLE_ARCHS: llama, qwen2):
+(ivl_local.ckpt_layout.CONVERTIBLE_ARCHS: llama, qwen2):
 
     pretrained   a trainable copy of a llama- or qwen2-arch model with the base's tokenizer
                  (the base itself by default, as the paper did with TinyLlama)
@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ckpt_layout import CONVERTIBLE_ARCHS
 from ..errors import ConfigError, ModelFileError
 from ..models import resolve_model
 from .basefile import BaseGGUF
 from .config import TrainConfig
-
-# Architectures a pretrained/pruned value net may copy: the ones ivl-convert writes.
-COPYABLE_ARCHS = ("llama", "qwen2")
 
 
 def load_causal_lm(name_or_path: str | os.PathLike) -> nn.Module:
@@ -63,7 +61,7 @@ def freeze(model: nn.Module) -> nn.Module:
 def resolve_init(cfg: TrainConfig, base_model: nn.Module) -> str:
     if cfg.init != "auto":
         return cfg.init
-    return "pretrained" if base_model.config.model_type in COPYABLE_ARCHS else "fresh"
+    return "pretrained" if base_model.config.model_type in CONVERTIBLE_ARCHS else "fresh"
 
 
 def build_value_net(cfg: TrainConfig, base: BaseGGUF, base_model: nn.Module) -> tuple[nn.Module, str]:
@@ -72,8 +70,8 @@ def build_value_net(cfg: TrainConfig, base: BaseGGUF, base_model: nn.Module) -> 
     if init == "fresh":
         return _fresh(cfg, base, base_model), "fresh"
     source = base_model if cfg.init_from is None else load_causal_lm(cfg.init_from)
-    if source.config.model_type not in COPYABLE_ARCHS:
-        raise ConfigError(f"init {init} needs a {' or '.join(COPYABLE_ARCHS)} model to copy, got "
+    if source.config.model_type not in CONVERTIBLE_ARCHS:
+        raise ConfigError(f"init {init} needs a {' or '.join(CONVERTIBLE_ARCHS)} model to copy, got "
                           f"{source.config.model_type} (use init='fresh' for this base)")
     if source.config.vocab_size != base.vocab_size:
         raise ConfigError(f"init model vocabulary ({source.config.vocab_size}) differs from the "
