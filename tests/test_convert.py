@@ -240,3 +240,24 @@ def test_qwen2_value_file_matches_torch_logits(tmp_path, smollm2_path, tied):
     assert scale > 0.1                      # not a degenerate all-zero comparison
     assert float(np.abs(got - ref).max()) < 2e-3 * scale
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_move_into_place_gives_the_usual_file_mode(tmp_path):
+    import os
+    import tempfile
+
+    from ivl_local.atomic import move_into_place
+
+    old = os.umask(0o022)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=tmp_path)
+        os.write(fd, b"data")
+        os.close(fd)
+        assert os.stat(tmp).st_mode & 0o777 == 0o600          # what mkstemp makes
+        move_into_place(tmp, tmp_path / "final.bin")
+    finally:
+        os.umask(old)
+    final = tmp_path / "final.bin"
+    assert final.read_bytes() == b"data" and not Path(tmp).exists()
+    assert final.stat().st_mode & 0o777 == 0o644
+    assert os.umask(old) == old                                # the umask is left as it was

@@ -18,17 +18,12 @@ from typing import Callable
 
 import numpy as np
 
+from ivl_local.atomic import move_into_place
 from ivl_local.errors import ModelFileError
 
 OUT_TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32          # elements per q8_0 block
 Q8_BLOCK_BYTES = 34    # f16 scale + 32 int8
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class WriterStateError(RuntimeError):
@@ -109,8 +104,7 @@ class ValueFileWriter:
             w.write_tensor_data(data)
             advance(data.nbytes)
         w.close()
-        os.chmod(self._tmp, 0o666 & ~_umask())      # mkstemp makes 0600; use the usual mode
-        os.replace(self._tmp, self.out_path)
+        move_into_place(self._tmp, self.out_path)
         self._tmp = None
         self._stage = "done"
         return self.out_path

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import move_into_place
 from ..ckpt_layout import HF_CONFIG, META, METRICS, STATE, WEIGHTS, read_json
 from ..errors import CheckpointError
 
@@ -31,10 +32,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)                # mkstemp makes 0600; use the usual mode
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
