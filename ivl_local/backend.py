@@ -94,6 +94,11 @@ class Vocab:
         """The token's text as stored in the GGUF (with '▁' / 'Ġ' markers)."""
         return C.llama_vocab_get_text(self.ptr, token) or b""
 
+    @property
+    def eos_text(self) -> str:
+        """EOS as text (for chat templates that write it); '' when there is no EOS."""
+        return self.text(self.eos).decode("utf-8", "replace") if self.eos >= 0 else ""
+
     def attr(self, token: int) -> int:
         return C.llama_vocab_get_attr(self.ptr, token)
 

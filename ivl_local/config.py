@@ -57,6 +57,11 @@ class SamplingConfig:
 GREEDY = SamplingConfig(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0)
 
 
+# What a value model with another vocabulary reads in chat: the conversation in its own chat
+# format (the one it was trained on) or the base's rendering.
+VALUE_PROMPTS = ("own", "base")
+
+
 def default_threads() -> int:
     """One thread per *free* core: the core count minus the 1-minute load average (rounded),
     at least 1. llama.cpp's (and torch's) threads wait for each other at every layer, so a

@@ -33,7 +33,7 @@ import numpy as np
 
 from .backend import Context, Model
 from .chat_template import FALLBACK_STOP, render_messages
-from .config import EngineConfig, SamplingConfig, default_threads
+from .config import VALUE_PROMPTS, EngineConfig, SamplingConfig, default_threads
 from .detok import Detokenizer
 from .errors import ConfigError, ContextOverflowError, EmptyPromptError, InvalidLogitsError
 from .models import resolve_model
@@ -44,7 +44,6 @@ from .vocab import TokenMapping, read_vocab, resolve_mapping
 log = logging.getLogger(__name__)
 
 NO_VALUE = ("none", "off", "")
-VALUE_PROMPTS = ("own", "base")   # what a cross-vocabulary value model reads: its own chat format or the base's
 
 
 @dataclass
@@ -138,7 +137,7 @@ class Engine:
         self._base_ctx = Context(self._base_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=config.n_threads)
         self._base = KVSequence(self._base_ctx)
         self._chat_template = base_header.get("tokenizer.chat_template")
-        self._eos_text = self._base_vocab.text(self._base_vocab.eos).decode("utf-8", "replace")
+        self._eos_text = self._base_vocab.eos_text
 
         self.value_path: Path | None = None
         self.value_info: ValueFileInfo | None = None
@@ -181,7 +180,7 @@ class Engine:
                                       n_threads=n_threads)
             self._value = TextSync(vv, self._value_ctx)
             self._value_template = value_header.get("tokenizer.chat_template")
-            self._value_eos_text = vv.text(vv.eos).decode("utf-8", "replace") if vv.eos >= 0 else ""
+            self._value_eos_text = vv.eos_text
         self._token_map = self.mapping.token_map
         self._token_weights = self.mapping.token_weights
 
@@ -234,8 +233,7 @@ class Engine:
                 f"but the context window is {self.n_ctx}: shorten the prompt or the conversation, "
                 f"lower max_tokens, or raise n_ctx")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if value_prompt is not None and not isinstance(self._value, TextSync):
-            value_prompt = None   # a same-vocabulary value model reads the base's tokens
+        # (a same-vocabulary value model reads the base's tokens; value_prompt is unused then)
         return self._run(value_prompt or prompt, tokens, max_tokens, sampling or SamplingConfig(), stops)
 
     def complete(self, prompt: str, max_tokens: int | None = 256, sampling: SamplingConfig | None = None,

@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import EngineConfig, SamplingConfig, default_threads
+from ..config import VALUE_PROMPTS, EngineConfig, SamplingConfig, default_threads
 from ..errors import ConfigError, EmptyPromptError, ModelFileError, ModelNotFoundError
 from ._common import EXIT_INTERRUPTED, one_line_warnings, print_note, user_errors
 
@@ -215,8 +215,8 @@ def chat(
                 raise ConfigError("--json needs a prompt: -p TEXT or text on stdin")
             if token_map is not None and not token_map.is_file():
                 raise ModelFileError(f"no such token map file: {token_map}")
-            if value_prompt not in ("own", "base"):
-                raise ConfigError(f"--value-prompt must be own or base, got {value_prompt!r}")
+            if value_prompt not in VALUE_PROMPTS:
+                raise ConfigError(f"--value-prompt must be {' or '.join(VALUE_PROMPTS)}, got {value_prompt!r}")
 
             from ..models import resolve_model
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from ..config import default_threads
 from ..errors import IVLError, ModelFileError
 from ..models import resolve_model
 from .configs import AlignedMap, ModelRef, Requantized, Trained
@@ -155,11 +156,9 @@ class Workspace:
             if done.exists():      # another evaluation trained it while we waited
                 return Path(json.loads(done.read_text())["path"])
             self.log(f"training {ref.label} ({ref.steps} steps) in {folder}")
-            from .runners import eval_threads
-
             # Threads do not change the result (not in the recipe hash); 1 on a busy machine.
             job = {"recipe": asdict(ref), "data": str(self.train_data), "folder": str(folder),
-                   "threads": eval_threads()}
+                   "threads": default_threads()}
             result = run_job("train", job)
             tmp = done.with_name(done.name + ".tmp")
             tmp.write_text(json.dumps(result, indent=2) + "\n")

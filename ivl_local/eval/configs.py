@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
+from ..config import VALUE_PROMPTS
 from ..datasets import data_path
 
 CORPUS = data_path("corpus", "corpus.txt")
@@ -110,7 +111,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
-        assert self.value_prompt in ("own", "base"), self.value_prompt
+        assert self.value_prompt in VALUE_PROMPTS, self.value_prompt
 
     @property
     def engine_key(self) -> tuple:

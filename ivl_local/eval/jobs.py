@@ -61,7 +61,7 @@ def generate_job(payload: dict) -> dict:
     template = read_gguf_header(base_path).get("tokenizer.chat_template")
     vocab_model = Model(base_path, vocab_only=True)
     vocab = vocab_model.vocab
-    eos_text = vocab.text(vocab.eos).decode("utf-8", "replace")
+    eos_text = vocab.eos_text
     stops = [] if template else list(FALLBACK_STOP)
     model = AutoModelForCausalLM.from_pretrained(payload["checkpoint"], dtype=torch.float32).eval()
     # transformers 5 renamed past_key_values to cache (the old name warns)

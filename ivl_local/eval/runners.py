@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..config import GREEDY
+from ..config import GREEDY, default_threads
 
 
 class Runner(Protocol):
@@ -76,18 +76,11 @@ class TorchRunner:
         pass
 
 
-def eval_threads() -> int:
-    """Threads per model for evaluation: the runtime's load-aware default."""
-    from ..config import default_threads
-
-    return default_threads()
-
-
 def make_runner(base: Path, value: Path | None, token_map: Path | None, seed: int,
                 torch_base_gguf: Path | None = None, threads: int | None = None,
                 value_prompt: str = "own") -> Runner:
     """A folder as base means a torch checkpoint (its GGUF tokenizer comes from torch_base_gguf)."""
-    threads = threads or eval_threads()
+    threads = threads or default_threads()
     if Path(base).is_dir():
         assert value is None and torch_base_gguf is not None
         return TorchRunner(base, torch_base_gguf, threads)
