@@ -54,20 +54,14 @@ def comparisons(results: dict) -> list[dict]:
             (lo > 0) if positive_goal else None)
         value = c.value
         if c.kind == "in-distribution" and isinstance(value, Trained):
-            ft = _find(results, lambda o: o.kind == "full-finetune" and isinstance(o.base, Trained)
-                       and o.base.base == value.base)
+            ft = _reference_for(results, value.base)
             if ft is not None:
-                ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, ft.scores, alone.scores)
-                ft_gain, flo, fhi = paired_difference(ft.scores, alone.scores)
-                add(f"full-FT gain: {ft.config.name} vs {alone.config.name}", "full-finetune",
-                    ft_gain, flo, fhi)
-                add(f"share of full-FT gain recovered: {c.name}", c.kind, ratio, rlo, rhi,
-                    f">= {GOAL_RECOVERY:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_RECOVERY, flo))
+                _reference_rows(add, r, alone, ft, GOAL_RECOVERY,
+                                f"full-FT gain: {ft.config.name} vs {alone.config.name}",
+                                f"share of full-FT gain recovered: {c.name}")
         if c.kind == "other-quantization" and isinstance(value, Trained):
-            indist = _find(results, lambda o: o.kind == "in-distribution" and o.value == value
-                           and o.base == value.base)
-            train_alone = _alone(results, value.base)
-            if indist is not None and train_alone is not None:
+            indist, train_alone = _in_distribution(results, value)
+            if indist is not None:
                 ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, indist.scores, train_alone.scores)
                 _, ilo, _ = paired_difference(indist.scores, train_alone.scores)
                 add(f"share of in-distribution gain kept: {c.name}", c.kind, ratio, rlo, rhi,
@@ -113,22 +107,40 @@ def _same_family_rows(results, r, alone, add) -> None:
     """A larger base of the training base's family: does the value net gain at least as much
     there as on its training base, and how much of the larger base's own fine-tuning gain?"""
     c, value = r.config, r.config.value
-    indist = _find(results, lambda o: o.kind == "in-distribution" and o.value == value and o.base == value.base)
-    train_alone = _alone(results, value.base)
-    if indist is not None and train_alone is not None:
+    indist, train_alone = _in_distribution(results, value)
+    if indist is not None:
         here = np.asarray(r.scores, np.float64) - np.asarray(alone.scores, np.float64)
         there = np.asarray(indist.scores, np.float64) - np.asarray(train_alone.scores, np.float64)
         d, lo, hi = paired_difference(here, there)
         add(f"gain on {alone.config.name} - gain on {train_alone.config.name}: {c.name}", c.kind,
             d, lo, hi, ">= 0 (gains at least as much)", d >= 0)
-    ref = _find(results, lambda o: o.kind == "full-finetune" and isinstance(o.base, Trained)
-                and o.base.base == c.base)
+    ref = _reference_for(results, c.base)
     if ref is not None:
-        ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, ref.scores, alone.scores)
-        ref_gain, flo, fhi = paired_difference(ref.scores, alone.scores)
-        add(f"reference gain: {ref.config.name} vs {alone.config.name}", "full-finetune", ref_gain, flo, fhi)
-        add(f"share of {ref.config.name} gain recovered: {c.name}", c.kind, ratio, rlo, rhi,
-            f">= {GOAL_SAME_FAMILY:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_SAME_FAMILY, flo))
+        _reference_rows(add, r, alone, ref, GOAL_SAME_FAMILY,
+                        f"reference gain: {ref.config.name} vs {alone.config.name}",
+                        f"share of {ref.config.name} gain recovered: {c.name}")
+
+
+def _in_distribution(results, value: Trained):
+    """(value net on its own training base, that base alone), or (None, None)."""
+    indist = _find(results, lambda o: o.kind == "in-distribution" and o.value == value and o.base == value.base)
+    train_alone = _alone(results, value.base)
+    return (indist, train_alone) if indist is not None and train_alone is not None else (None, None)
+
+
+def _reference_for(results, base):
+    """The fine-tuning reference (full or partial) of `base`, if it was run."""
+    return _find(results, lambda o: o.kind == "full-finetune" and isinstance(o.base, Trained)
+                 and o.base.base == base)
+
+
+def _reference_rows(add, r, alone, ref, goal: float, gain_label: str, share_label: str) -> None:
+    """The reference's gain over the base alone, and the share of it `r` recovers (judged
+    against `goal` only when the reference's gain is clearly above 0)."""
+    ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, ref.scores, alone.scores)
+    ref_gain, flo, fhi = paired_difference(ref.scores, alone.scores)
+    add(gain_label, "full-finetune", ref_gain, flo, fhi)
+    add(share_label, r.config.kind, ratio, rlo, rhi, f">= {goal:.0%}" + _DENOM_NOTE, _met(ratio, goal, flo))
 
 
 def _met(value: float, goal: float, reference_gain_lo: float = 1.0):
