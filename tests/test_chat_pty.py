@@ -36,7 +36,7 @@ def session(smollm2_path, tmp_path):
     child = pexpect.spawn(
         sys.executable,
         ["-m", "ivl_local.cli.main", "chat", "--base", str(smollm2_path), "--value", str(smollm2_path),
-         "--temperature", "0", "--max-tokens", "48", "--ctx", "1024", "--threads", "1"],
+         "--temperature", "0", "--max-tokens", "256", "--ctx", "1024", "--threads", "1"],
         env=env, cwd=str(tmp_path), dimensions=(40, 120), encoding="utf-8", timeout=60)
     yield child
     if child.isalive():
@@ -65,12 +65,14 @@ def test_interactive_session(session, tmp_path):
     child.send("half typed")
     child.sendintr()
     child.expect(PROMPT)
+    assert "half typed^C" in screen(child.before)   # shown like a shell shows it, then dropped
     assert "alpha = 0" in answer_to(child, "/alpha 0")
 
     shown = answer_to(child, "/compare")
     assert "with value (alpha 0)" in shown and "base alone" in shown
 
-    # Ctrl-C during an answer: stops it, keeps the session.
+    # Ctrl-C during an answer: stops it, keeps the session. (--max-tokens 256 keeps this
+    # answer going for seconds, so the Ctrl-C lands in it even on a loaded machine.)
     child.sendline("Count from 1 to 200, separated by commas.")
     child.expect(r"commas\.\r\n")      # the echo of the typed line...
     child.expect(r"\w")                 # ...then the first streamed text: stop it there
@@ -92,3 +94,5 @@ def test_interactive_session(session, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    history = (tmp_path / "cache" / "chat_history").read_text()
+    assert "What is the capital of France?" in history and "half typed" not in history

@@ -25,6 +25,7 @@ from typing import Callable
 from ..config import SamplingConfig
 from ..errors import ConfigError, ContextOverflowError, IVLError
 from ._common import print_error
+from .prompt_keys import CTRL_C_MARK, bind_ctrl_c, ctrl_c_as_key, forget_last_history_item
 
 SAVE_FORMAT = "ivl-chat/1"
 HISTORY_FILE = "chat_history"   # typed prompts, under models.cache_dir()
@@ -76,6 +77,7 @@ class ChatSession:
         self.debug = debug
         self.console = console or Console(highlight=False)
         self.use_readline = use_readline
+        self._ctrl_c_bound = False     # set by _start_readline: Ctrl-C read as a key at the prompt
         self.messages: list[dict] = []       # user/assistant turns (system kept apart)
         self.commands = {c.name: c for c in self._command_table()}
 
@@ -87,32 +89,47 @@ class ChatSession:
         try:
             while True:
                 try:
-                    line = input(self._prompt_text())
-                except KeyboardInterrupt:      # Ctrl-C at the prompt: drop the line
-                    print()
-                    continue
-                except EOFError:               # Ctrl-D
-                    print()
-                    return
-                line = line.strip()
-                if not line:
-                    continue
-                if self.engine is None and line.lower() in ("/quit", "/exit"):
-                    return  # no need to wait for the models just to leave
-                if self.engine is None:
-                    try:  # a loading error ends the session (the CLI prints it)
-                        self.engine = self.loader.result(self.console)
-                    except KeyboardInterrupt:
-                        print()
-                        continue
-                if line.startswith("/"):
-                    if self.dispatch(line):
+                    if self._turn():
                         return
-                else:
-                    self.ask(line)
+                except KeyboardInterrupt:  # Ctrl-C between an answer and the prompt
+                    print()
         finally:
             if history is not None:
                 history()
+
+    def _turn(self) -> bool:
+        """Read one line and act on it; True ends the session."""
+        try:
+            line = self._read_line()
+        except EOFError:               # Ctrl-D
+            print()
+            return True
+        if line is None:               # Ctrl-C at the prompt: the line is dropped
+            return False
+        line = line.strip()
+        if not line:
+            return False
+        if self.engine is None and line.lower() in ("/quit", "/exit"):
+            return True  # no need to wait for the models just to leave
+        if self.engine is None:  # a loading error ends the session (the CLI prints it)
+            self.engine = self.loader.result(self.console)
+        if line.startswith("/"):
+            return self.dispatch(line)
+        self.ask(line)
+        return False
+
+    def _read_line(self) -> str | None:
+        """The next typed line, or None when Ctrl-C dropped it."""
+        try:
+            with ctrl_c_as_key(sys.stdin, self._ctrl_c_bound):
+                line = input(self._prompt_text())
+        except KeyboardInterrupt:      # Ctrl-C as a signal (no readline, or libedit)
+            print()
+            return None
+        if not line.endswith(CTRL_C_MARK):
+            return line
+        forget_last_history_item(CTRL_C_MARK)   # the dropped line stays out of the history
+        return None
 
     def dispatch(self, line: str) -> bool:
         name, _, arg = line[1:].partition(" ")
@@ -403,6 +420,7 @@ class ChatSession:
         except OSError:
             pass
         readline.set_history_length(HISTORY_LENGTH)
+        self._ctrl_c_bound = bind_ctrl_c(readline)
 
         def save() -> None:
             try:
