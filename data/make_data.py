@@ -2,8 +2,9 @@
 
     python data/make_data.py            # rewrites data/*.jsonl
 
-arith_{train,test}.jsonl  reasoning-gym `chain_sum` (2-3 terms, 1-2 digits): exact answers,
-                          scored with the task's own score_answer (see data/README.md).
+arith_{train,valid,test}.jsonl  reasoning-gym `chain_sum` (2-3 terms, 1-2 digits): exact
+                          answers, scored with the task's own score_answer (see data/README.md).
+                          valid is for choosing settings (alpha), test only for reporting.
 chat_{train,test}.jsonl   short helpful-assistant answers in the fallback chat format, built
                           here from templates and facts written by hand (no model involved).
 """
@@ -18,11 +19,11 @@ HERE = Path(__file__).resolve().parent
 
 ARITH_TASK = "chain_sum"
 ARITH_CONFIG = dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2, allow_negation=False)
-ARITH_TRAIN_SEED, ARITH_TEST_SEED = 1234, 5678
-ARITH_TRAIN_SIZE, ARITH_TEST_SIZE = 2000, 800
+ARITH_TRAIN_SEED, ARITH_TEST_SEED, ARITH_VALID_SEED = 1234, 5678, 9012
+ARITH_TRAIN_SIZE, ARITH_TEST_SIZE, ARITH_VALID_SIZE = 2000, 800, 800
 
 
-def arithmetic() -> tuple[list[dict], list[dict]]:
+def arithmetic() -> tuple[list[dict], list[dict], list[dict]]:
     import reasoning_gym
 
     def rows(seed: int, size: int) -> list[dict]:
@@ -44,7 +45,11 @@ def arithmetic() -> tuple[list[dict], list[dict]]:
     seen = {r["metadata"]["expression"] for r in train}
     # The test set never repeats a training expression (several hundred items remain).
     test = [r for r in rows(ARITH_TEST_SEED, ARITH_TEST_SIZE) if r["metadata"]["expression"] not in seen]
-    return train, test
+    # Validation (added later, so train and test are unchanged): repeats neither, and is
+    # where settings such as alpha are chosen, so the test split is only ever reported on.
+    seen |= {r["metadata"]["expression"] for r in test}
+    valid = [r for r in rows(ARITH_VALID_SEED, ARITH_VALID_SIZE) if r["metadata"]["expression"] not in seen]
+    return train, valid, test
 
 
 # --------------------------------------------------------------------------------------
@@ -197,8 +202,9 @@ def write(name: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    train, test = arithmetic()
+    train, valid, test = arithmetic()
     write("arith_train.jsonl", train)
+    write("arith_valid.jsonl", valid)
     write("arith_test.jsonl", test)
     train, test = chat()
     write("chat_train.jsonl", train)

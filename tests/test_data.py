@@ -58,22 +58,25 @@ def test_split_is_seeded_and_disjoint():
 
 
 def test_shipped_datasets_are_well_formed():
-    for name, minimum in [("arith_train.jsonl", 1000), ("arith_test.jsonl", 300),
+    for name, minimum in [("arith_train.jsonl", 1000), ("arith_valid.jsonl", 300), ("arith_test.jsonl", 300),
                           ("chat_train.jsonl", 250), ("chat_test.jsonl", 20)]:
         rows = [r for _, r in read_jsonl(DATA / name)]
         assert len(rows) >= minimum, name
     arith_train = [r for _, r in read_jsonl(DATA / "arith_train.jsonl")]
     arith_test = [r for _, r in read_jsonl(DATA / "arith_test.jsonl")]
-    assert {r["metadata"]["expression"] for r in arith_train}.isdisjoint(
-        {r["metadata"]["expression"] for r in arith_test})
+    arith_valid = [r for _, r in read_jsonl(DATA / "arith_valid.jsonl")]
+    train_x, valid_x, test_x = ({r["metadata"]["expression"] for r in rows}
+                                for rows in (arith_train, arith_valid, arith_test))
+    assert train_x.isdisjoint(test_x) and valid_x.isdisjoint(train_x | test_x)
     chat_train = [r for _, r in read_jsonl(DATA / "chat_train.jsonl")]
     chat_test = [r for _, r in read_jsonl(DATA / "chat_test.jsonl")]
     assert {r["group"] for r in chat_train}.isdisjoint({r["group"] for r in chat_test})
 
 
-def test_arith_answers_score_with_reasoning_gym():
+@pytest.mark.parametrize("name", ["arith_valid.jsonl", "arith_test.jsonl"])
+def test_arith_answers_score_with_reasoning_gym(name):
     reasoning_gym = pytest.importorskip("reasoning_gym")
-    rows = [r for _, r in read_jsonl(DATA / "arith_test.jsonl")][:50]
+    rows = [r for _, r in read_jsonl(DATA / name)][:50]
     dataset = reasoning_gym.create_dataset(rows[0]["task"], **rows[0]["task_config"])
     for row in rows:
         assert row["messages"][-1]["content"] == row["answer"]

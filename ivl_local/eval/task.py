@@ -25,7 +25,7 @@ from ..datasets import data_dir
 from ..errors import DataError
 
 DATA_DIR = data_dir()
-SPLITS = {"train": "arith_train.jsonl", "test": "arith_test.jsonl"}
+SPLITS = {"train": "arith_train.jsonl", "valid": "arith_valid.jsonl", "test": "arith_test.jsonl"}
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 
 
