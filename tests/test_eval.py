@@ -381,3 +381,77 @@ def test_vocab_of_tells_the_real_vocabularies_apart(smollm2_path, gemma3_path, t
     assert smol and gemma and smol != gemma and vocab_of(smollm2_path) == smol
     (tmp_path / "m.npz").write_bytes(b"PK")
     assert vocab_of(tmp_path / "m.npz") is None
+
+
+# --- alpha chosen on the validation split -------------------------------------------------
+
+def sweep_report(split: str, scores: dict[float, float], name: str = "smol + value") -> dict:
+    results = [{"name": name if a == 1.0 else f"{name} @a={a:g}", "alpha": a, "score": s}
+               for a, s in scores.items()]
+    results.append({"name": "smol", "alpha": 1.0, "score": 0.01})   # not swept: no choice
+    return {"meta": {"split": split, "examples": 300}, "results": results}
+
+
+def test_best_alpha_is_the_highest_score_and_ties_go_to_the_default():
+    from ivl_local.eval.alpha_select import best_alphas
+
+    got = best_alphas(sweep_report("valid", {0.5: 0.10, 1.0: 0.18, 1.25: 0.21, 1.5: 0.19}))
+    assert list(got) == ["smol + value"]
+    choice = got["smol + value"]
+    assert choice.alpha == 1.25 and choice.score == pytest.approx(0.21)
+    assert "alpha 1.25 chosen on split 'valid' (300 examples; 0.5: 0.100, 1: 0.180, 1.25: 0.210" in choice.note()
+    tie = best_alphas(sweep_report("valid", {0.75: 0.2, 1.0: 0.2, 1.5: 0.2}))["smol + value"]
+    assert tie.alpha == 1.0
+    assert best_alphas(sweep_report("valid", {0.5: 0.3, 1.0: 0.2, 1.5: 0.3}))["smol + value"].alpha == 0.5
+
+
+def test_applied_alpha_keeps_name_and_kind_and_refuses_the_evaluated_split():
+    from ivl_local.errors import ConfigError
+    from ivl_local.eval.alpha_select import apply_alphas, best_alphas
+
+    plan = Plan(fake_configs())
+    choices = best_alphas(sweep_report("valid", {1.0: 0.18, 1.25: 0.21}))
+    new = apply_alphas(plan, choices, report_split="valid", eval_split="test")
+    by = {c.name: c for c in new.configs}
+    assert by["smol + value"].alpha == 1.25 and by["smol + value"].kind == "in-distribution"
+    assert "chosen on split 'valid'" in by["smol + value"].note
+    assert [c for c in new.configs if c.name != "smol + value"] == [c for c in plan.configs if c.name != "smol + value"]
+    with pytest.raises(ConfigError, match="tuning|the split being evaluated"):
+        apply_alphas(plan, choices, report_split="test", eval_split="test")
+    with pytest.raises(ConfigError, match="no alpha sweep"):
+        apply_alphas(plan, {}, report_split="valid", eval_split="test")
+
+
+def test_alpha_report_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from ivl_local.errors import ConfigError
+    from ivl_local.eval.alpha_select import load_sweep
+
+    with pytest.raises(ConfigError, match="no such report"):
+        load_sweep(tmp_path / "absent.json")
+    (tmp_path / "foreign.json").write_text('{"hello": 1}')
+    with pytest.raises(ConfigError, match="not an evaluation report"):
+        load_sweep(tmp_path / "foreign.json")
+    on_test = tmp_path / "test-sweep.json"
+    on_test.write_text(json.dumps(sweep_report("test", {1.0: 0.18, 1.25: 0.21}, name="smollm2 + value")))
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "eval.py"), "--alpha-from", str(on_test),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "error: the alphas were chosen on split 'test', the split being evaluated; "
+        "choose them on another split (benchmarks/eval.py --split valid)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_notes_are_in_the_markdown_report(tmp_path):
+    configs = [EvalConfig("smol", "base", "smollm2-135m"),
+               EvalConfig("smol + value", "in-distribution", "smollm2-135m", Trained("smollm2-135m", init="fresh"),
+                          alpha=1.25, note="alpha 1.25 chosen on split 'valid'")]
+    run_eval(Plan(configs), limit=10, quick=True, out_dir=tmp_path, workspace=FakeWorkspace(tmp_path),
+             runner_factory=make_fake_runner({"smollm2-135m": (0.2, 0.8)}), command="pytest fake",
+             log=lambda _: None, progress=False)
+    md = (tmp_path / "quick" / "results.md").read_text()
+    assert "## Notes" in md and "- smol + value: alpha 1.25 chosen on split 'valid'" in md

@@ -182,11 +182,12 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     # SmolLM2 value net, then the Gemma value net, then the norm-0 net (a long run stopped
     # early still has the most important comparisons).
     q8 = Requantized(SMOL, "Q8_0")
+    in_dist = EvalConfig("smollm2 + value", "in-distribution", SMOL, v_smol)
     configs = [
         EvalConfig("smollm2", "base", SMOL),
         EvalConfig("gemma3", "base", GEMMA),
         EvalConfig("smollm2 Q8_0", "base", q8),
-        EvalConfig("smollm2 + value", "in-distribution", SMOL, v_smol),
+        in_dist,
         EvalConfig("smollm2 full-FT", "full-finetune", ft_smol),
     ]
     transfer = [EvalConfig("smollm2 Q8_0 + value", "other-quantization", q8, v_smol)]
@@ -249,7 +250,8 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
             if installed(name) and not quick:
                 configs.append(EvalConfig(name.replace("qwen2.5-coder-", "qwen"), "base", name))
 
-    sweep_of = transfer if not quick else [cross_smol]   # quick: one cross-vocab sweep
+    # The in-distribution sweep is where its alpha is chosen (on --split valid; --alpha-from).
+    sweep_of = [in_dist] + transfer if not quick else [cross_smol]   # quick: one cross-vocab sweep
     for config in sweep_of:
         configs += alpha_sweep(config, alphas)
     return Plan(configs, skipped)

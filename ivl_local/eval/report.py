@@ -212,6 +212,9 @@ def markdown(report) -> str:
         for parent, points in sw.items():
             by = {a: r for a, r in points}
             lines.append(f"| {parent} | " + " | ".join(_fmt(by[a].score) if a in by else "" for a in alphas) + " |")
+    notes = [f"- {r.config.name}: {r.config.note}" for r in results.values() if r.config.note]
+    if notes:
+        lines += ["", "## Notes", ""] + notes
     lines += ["", "## Files", "", "| role | file | sha256 (first 12) |", "|---|---|---|"]
     seen = set()
     for r in results.values():
