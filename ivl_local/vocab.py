@@ -7,8 +7,9 @@
     mapping.token_weights  # float32[n_base] in [0, 1]
 
 The exact-text builder runs in C++ (`_core.build_token_map`): a base token maps to the value
-token with the same normalised text ('▁'/'Ġ' spaces, '<0xNN>' bytes). Normal base tokens
-with no exact match get the first token of the value tokenizer's encoding of their text.
+token with the same normalised text ('▁'/'Ġ' spaces, '<0xNN>' bytes), a control token to the
+value's control token of identical text (ChatML's <|im_end|> in SmolLM2 and Qwen). Normal base
+tokens with no exact match get the first token of the value tokenizer's encoding of their text.
 Built maps are cached under cache_dir()/token-maps, keyed by both vocabulary fingerprints.
 A map file is an `.npz` with token_map, token_weights, base_fingerprint, value_fingerprint
 and builder (and optionally n_exact); loading one for other vocabularies raises
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 # tokenizer.ggml.model -> the normalisation the map builder applies
 KINDS = {"llama": "spm", "gpt2": "bpe"}
 TYPE_NORMAL, TYPE_BYTE = 1, 6
-EXACT_BUILDER = "exact-text/1"
+EXACT_BUILDER = "exact-text/2"   # /2: control tokens of identical text match; older cached maps are rebuilt
 
 
 @dataclass(frozen=True)

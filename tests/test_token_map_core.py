@@ -120,9 +120,25 @@ def test_same_vocab_maps_to_itself():
     vocab = [("<s>", CONTROL)] + [(bpe_text(bytes([b])), NORMAL) for b in range(256)]
     vocab += [(bpe_text(w.encode()), NORMAL) for w in (" hello", " world", "ing", "\n\n")]
     token_map, token_weights, unmatched = build(vocab, vocab, "bpe", "bpe")
-    assert token_map.tolist() == [-1] + list(range(1, len(vocab)))
+    assert token_map.tolist() == list(range(len(vocab)))   # the control token "<s>" too
     assert unmatched.size == 0
-    assert token_weights[1:].min() == 1.0
+    assert token_weights.min() == 1.0
+
+
+def test_control_tokens_map_only_to_control_tokens_of_identical_text():
+    # Two ChatML vocabularies (SmolLM2 and Qwen share <|im_start|>/<|im_end|>/<|endoftext|>):
+    # without this the value's end-of-turn never reaches the base's, and answers run on.
+    base = [("<|im_end|>", CONTROL), ("<|endoftext|>", CONTROL), ("<end_of_turn>", CONTROL),
+            ("<|im_start|>", CONTROL), ("hi", NORMAL), ("<s>", CONTROL)]
+    value = [("hi", NORMAL), ("<|endoftext|>", CONTROL), ("<|im_end|>", CONTROL),
+             ("<|im_start|>", NORMAL), ("<end_of_turn>", USER), ("<|im_end|>", CONTROL),
+             ("<s>", NORMAL)]
+    token_map, token_weights, unmatched = build(base, value, "bpe", "bpe")
+    # <|im_end|>: the lowest of two control ids; <end_of_turn>, <|im_start|>, <s>: the value's
+    # tokens of that text are not control tokens, so no match (and never "unmatched")
+    assert token_map.tolist() == [2, 1, -1, -1, 0, -1]
+    assert token_weights.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert unmatched.size == 0
 
 
 def test_rejects_bad_inputs():

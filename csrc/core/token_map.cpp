@@ -127,12 +127,30 @@ TokenMap build_token_map(const std::vector<std::string>& base_tokens, const int3
         }
     }
 
+    // Control tokens match only control tokens with the very same stored text (ChatML's
+    // <|im_end|> in two BPE vocabularies): the value's "end the turn" then reaches the
+    // base's end-of-turn token. Lowest id wins.
+    std::unordered_map<std::string_view, int32_t> control_by_text;
+    for (size_t j = 0; j < value_tokens.size(); ++j) {
+        if (value_types[j] == kTokenControl && !value_tokens[j].empty()) {
+            control_by_text.emplace(value_tokens[j], static_cast<int32_t>(j));
+        }
+    }
+
     TokenMap map;
     const size_t n = base_tokens.size();
     map.token_map.assign(n, -1);
     map.token_weights.assign(n, 0.0f);
     for (size_t i = 0; i < n; ++i) {
         const int32_t type = base_types[i];
+        if (type == kTokenControl) {
+            const auto it = control_by_text.find(base_tokens[i]);
+            if (it != control_by_text.end()) {
+                map.token_map[i] = it->second;
+                map.token_weights[i] = 1.0f;
+            }
+            continue;
+        }
         if (excluded_type(type)) continue;
         const std::string key = normalize_token(base_tokens[i], base_kind, type);
         if (key.empty()) continue;

@@ -19,8 +19,10 @@
 //     bytes for U+0100 + their rank, so 'Ġ' = ' ' and 'Ċ' = '\n'); a character outside the
 //     table keeps its UTF-8 bytes;
 //   - user-defined tokens (4) are literal text in both kinds.
-// Matching: base tokens of type 2/3/5 map to -1 and are not "unmatched"; value tokens of
-// those types are never targets; a base token whose normalised bytes equal a value token's
+// Matching: a control token (3) maps to the value's control token with the identical stored
+// text (e.g. "<|im_end|>" in two ChatML vocabularies), else to -1; base tokens of type 2/3/5
+// are never "unmatched"; value tokens of those types are never targets of other types; a
+// base token whose normalised bytes equal a value token's
 // maps to it with weight 1. Several value tokens with the same bytes: a normal one first,
 // then the lowest id. Base tokens that normalise to no bytes map to -1 and are not listed.
 #pragma once

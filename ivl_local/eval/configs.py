@@ -236,7 +236,10 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
                                note=f"last {QWEN_REF_LAYERS} layers + final norm fine-tuned"),
                     # the same value net across vocabularies (Qwen's 152k BPE -> SmolLM2, Gemma)
                     EvalConfig("smollm2 + value[qwen0.5b]", "cross-vocab", SMOL, v_qwen),
-                    EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen)]
+                    EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen),
+                    # and the SmolLM2 value net on a base that can already add (the 1.5B):
+                    # whether a cross-vocabulary value net carries the format to it
+                    EvalConfig("qwen1.5b + value[smollm2]", "cross-vocab", QWEN_LARGE, v_smol)]
         transfer.append(same)
     else:
         for name in (QWEN_SMALL, QWEN_LARGE):
