@@ -77,11 +77,25 @@ def test_known_pairs(vocabs, gemma_to_smollm2):
 
 
 def test_control_tokens_map_to_nothing(vocabs, gemma_to_smollm2):
+    """Gemma's control tokens (<end_of_turn>, <eos>, ...) share no text with SmolLM2's."""
     base, _ = vocabs
     control = np.flatnonzero(base.types == 3)
     assert len(control) > 0
     assert (gemma_to_smollm2.token_map[control] == -1).all()
     assert (gemma_to_smollm2.token_weights[control] == 0).all()
+
+
+def test_chatml_control_tokens_map_by_text(vocabs, smollm2_model):
+    """Built (not the identity shortcut) from SmolLM2 onto itself, every control token,
+    <|im_end|> included, maps to itself: what lets a ChatML value net end a ChatML base's turn."""
+    _, smol = vocabs
+    vv = smollm2_model.vocab
+    mapping = build_exact_map(smol, smol, lambda t: vv.tokenize(t, add_special=False, parse_special=False))
+    control = np.flatnonzero(smol.types == 3)
+    names = {smol.tokens[i] for i in control}
+    assert b"<|im_end|>" in names and b"<|im_start|>" in names
+    assert (mapping.token_map[control] == control).all()
+    assert (mapping.token_weights[control] == 1).all()
 
 
 def test_unmatched_tokens_take_the_first_value_token(vocabs, gemma_to_smollm2, smollm2_model):
