@@ -25,7 +25,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from ivl_local.eval import build_plan, run_eval  # noqa: E402
 from ivl_local.errors import IVLError  # noqa: E402
-from ivl_local.eval.alpha_select import apply_alphas, best_alphas, load_sweep  # noqa: E402
+from ivl_local.eval.alpha_select import apply_alphas, best_alphas  # noqa: E402
+from ivl_local.eval.report import load_report  # noqa: E402
 from ivl_local.eval.configs import Plan  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main() -> int:
         plan = Plan(keep, plan.skipped + [f"{name}: not selected (--only/--skip)" for name in dropped])
     try:
         if args.alpha_from:
-            sweep = load_sweep(args.alpha_from)
+            sweep = load_report(args.alpha_from)
             choices = best_alphas(sweep)
             plan = apply_alphas(plan, choices, sweep["meta"]["split"], args.split)
             for name, choice in choices.items():

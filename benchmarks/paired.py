@@ -9,17 +9,21 @@ checking that both reports scored the same test items (example ids), seed and to
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ivl_local.errors import IVLError  # noqa: E402
+from ivl_local.eval.report import load_report  # noqa: E402
 from ivl_local.eval.stats import paired_difference  # noqa: E402
 
 
 def scores(report: str, name: str) -> tuple[list[float], dict]:
-    data = json.loads(Path(report).read_text())
+    try:
+        data = load_report(report)   # any results.json; one error line if it is not one
+    except IVLError as e:
+        raise SystemExit(f"error: {e}") from None
     for r in data["results"]:
         if r["name"] == name:
             return r["scores"], data["meta"]

@@ -352,6 +352,10 @@ def test_paired_script_compares_two_reports_on_the_same_items(tmp_path):
     other = report(tmp_path / "c.json", "y", [0.0, 1.0, 0.0, 0.0], [1, 2, 3, 5])
     out = subprocess.run([sys.executable, str(script), a, "x", other, "y"], capture_output=True, text=True)
     assert out.returncode != 0 and "differ in example_ids" in out.stderr
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "absent.json"), "x", b, "y"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        f"error: no such report: {tmp_path / 'absent.json'} (benchmarks/eval.py writes results.json)"]
 
 
 def test_map_kind_names_the_identity_map_for_a_shared_vocabulary():
@@ -427,13 +431,13 @@ def test_alpha_report_errors_are_one_line(tmp_path):
     import sys
 
     from ivl_local.errors import ConfigError
-    from ivl_local.eval.alpha_select import load_sweep
+    from ivl_local.eval.report import load_report
 
     with pytest.raises(ConfigError, match="no such report"):
-        load_sweep(tmp_path / "absent.json")
+        load_report(tmp_path / "absent.json")
     (tmp_path / "foreign.json").write_text('{"hello": 1}')
     with pytest.raises(ConfigError, match="not an evaluation report"):
-        load_sweep(tmp_path / "foreign.json")
+        load_report(tmp_path / "foreign.json")
     on_test = tmp_path / "test-sweep.json"
     on_test.write_text(json.dumps(sweep_report("test", {1.0: 0.18, 1.25: 0.21}, name="smollm2 + value")))
     root = Path(__file__).resolve().parents[1]

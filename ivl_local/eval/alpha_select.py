@@ -1,6 +1,6 @@
 """Choosing a value network's alpha on the validation split, never on the one reported.
 
-    report = load_sweep("docs/results/valid-alpha/results.json")   # run with --split valid
+    report = load_report("docs/results/valid-alpha/results.json")   # run with --split valid
     choices = best_alphas(report)               # {"smollm2 + value": AlphaChoice(1.25, ...)}
     plan = apply_alphas(plan, choices, report_split="valid", eval_split="test")
 
@@ -13,12 +13,13 @@ in its note where the alpha came from.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import ConfigError
 from .configs import Plan
+from .report import load_report
+
+__all__ = ["AlphaChoice", "apply_alphas", "best_alphas", "load_report"]
 
 SWEEP_SEP = " @a="
 
@@ -34,19 +35,6 @@ class AlphaChoice:
     def note(self) -> str:
         tried = ", ".join(f"{a:g}: {s:.3f}" for a, s in self.tried)
         return f"alpha {self.alpha:g} chosen on split {self.split!r} ({self.examples} examples; {tried})"
-
-
-def load_sweep(path: str | Path) -> dict:
-    """A results.json written by run_eval; one clear error if it is not one."""
-    path = Path(path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        report["meta"]["split"], report["results"]
-    except FileNotFoundError:
-        raise ConfigError(f"no such report: {path} (write one with benchmarks/eval.py --split valid)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path} is not an evaluation report (results.json): {e}") from None
-    return report
 
 
 def best_alphas(report: dict) -> dict[str, AlphaChoice]:

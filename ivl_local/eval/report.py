@@ -285,6 +285,21 @@ def to_json(report) -> dict:
             "comparisons": comparisons(report.results)}
 
 
+def load_report(path) -> dict:
+    """A results.json written by run_eval; one clear ConfigError if it is not one."""
+    from ..errors import ConfigError
+
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        report["meta"]["split"], report["results"]
+    except FileNotFoundError:
+        raise ConfigError(f"no such report: {path} (benchmarks/eval.py writes results.json)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not an evaluation report (results.json): {e}") from None
+    return report
+
+
 def write_report(report) -> None:
     report.out_dir.mkdir(parents=True, exist_ok=True)
     report.plot_paths = plot(report)
