@@ -231,7 +231,7 @@ def build_aligned_map(base_path, value_path, corpus_path, out_path, progress: bo
     tokenizer). max_bytes: use only the corpus's first bytes (cut at a line end)."""
     from .progress import step_progress
     from .valuefile import read_gguf_header
-    from .vocab import TYPE_BYTE, TYPE_NORMAL, read_vocab
+    from .vocab import TYPE_BYTE, TYPE_NORMAL, map_end_tokens, read_vocab
 
     base_file, value_file = resolve_model(base_path), resolve_model(value_path)
     base_vocab = read_vocab(read_gguf_header(base_file))
@@ -258,6 +258,7 @@ def build_aligned_map(base_path, value_path, corpus_path, out_path, progress: bo
     v = np.concatenate(all_v) if all_v else np.empty(0, np.int64)
     c = np.concatenate(all_c) if all_c else np.empty(0)
     token_map, weights = map_from_pairs(b, v, len(base_vocab), len(value_vocab), c)
+    map_end_tokens(base_vocab, value_vocab, token_map, weights)   # a corpus never shows them
 
     normal = np.isin(base_vocab.types, (TYPE_NORMAL, TYPE_BYTE))
     mapped = token_map >= 0

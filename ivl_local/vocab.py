@@ -10,7 +10,8 @@ The exact-text builder runs in C++ (`_core.build_token_map`): a base token maps 
 token with the same normalised text ('▁'/'Ġ' spaces, '<0xNN>' bytes), a control token to the
 value's control token of identical text (ChatML's <|im_end|> in SmolLM2 and Qwen). Normal base
 tokens with no exact match get the first token of the value tokenizer's encoding of their text.
-Built maps are cached under cache_dir()/token-maps, keyed by both vocabulary fingerprints.
+The base's end tokens (eos/eot/eom) that no text matched map to the value's turn end by role
+(`map_end_tokens`): that is how "the answer is done" crosses vocabularies. Built maps are cached under cache_dir()/token-maps, keyed by both vocabulary fingerprints.
 A map file is an `.npz` with token_map, token_weights, base_fingerprint, value_fingerprint
 and builder (and optionally n_exact); loading one for other vocabularies raises
 VocabMismatchError.
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 # tokenizer.ggml.model -> the normalisation the map builder applies
 KINDS = {"llama": "spm", "gpt2": "bpe"}
 TYPE_NORMAL, TYPE_BYTE = 1, 6
-EXACT_BUILDER = "exact-text/2"   # /2: control tokens of identical text match; older cached maps are rebuilt
+# /2: control tokens of identical text match; /3: end tokens by role. Older cached maps are rebuilt.
+EXACT_BUILDER = "exact-text/3"
+END_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eom_token_id")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class VocabData:
     types: np.ndarray         # int32[n], GGUF token types (1 normal, 3 control, 6 byte, ...)
     tokenizer_model: str      # tokenizer.ggml.model: "llama", "gpt2", ...
     fingerprint: str
+    end_ids: tuple[int, ...] = ()   # tokenizer.ggml.{eot,eos,eom}_token_id present, eot first
+
+    @property
+    def turn_end(self) -> int | None:
+        """The token that ends a turn: end-of-turn if the file names one, else end-of-sequence."""
+        return self.end_ids[0] if self.end_ids else None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -69,7 +78,12 @@ def read_vocab(header: GGUFHeader) -> VocabData:
     if len(types) != len(tokens):
         raise VocabMismatchError(f"{header.path.name}: {len(tokens)} tokens but {len(types)} token types")
     fp = vocab_fingerprint(tokens, types.tolist())
-    return VocabData(tokens, types, str(header.get("tokenizer.ggml.model", "?")), fp)
+    ends = []
+    for key in END_KEYS:
+        tid = header.get(key)
+        if isinstance(tid, int) and 0 <= tid < len(tokens) and tid not in ends:
+            ends.append(tid)
+    return VocabData(tokens, types, str(header.get("tokenizer.ggml.model", "?")), fp, tuple(ends))
 
 
 @dataclass(frozen=True)
@@ -162,9 +176,30 @@ def build_exact_map(base: VocabData, value: VocabData,
             token_map[i], weights[i] = ids[0], 1.0
             filled += 1
     n_exact = int((token_map >= 0).sum()) - filled
-    log.info("token map: %d exact, %d via the value tokenizer, %d unmapped",
-             n_exact, filled, int((token_map < 0).sum()))
+    ends = map_end_tokens(base, value, token_map, weights)
+    log.info("token map: %d exact, %d via the value tokenizer, %d end tokens by role, %d unmapped",
+             n_exact, filled, ends, int((token_map < 0).sum()))
     return TokenMapping(token_map, weights, base.fingerprint, value.fingerprint, EXACT_BUILDER, n_exact)
+
+
+def map_end_tokens(base: VocabData, value: VocabData, token_map: np.ndarray, weights: np.ndarray) -> int:
+    """Map the base's end tokens (eos/eot/eom) that text did not match onto the value's
+    turn end, in place; returns how many.
+
+    A value net learns "the answer is done" on its own end-of-turn token. When the base's end
+    token has other text (Gemma's <eos> vs SmolLM2's <|im_end|>), a text map leaves it at
+    value contribution 0 and the base never hears it: measured on 30 validation items, Gemma +
+    SmolLM2 value net ran on ('67-52-31-36-45-') and scored 0.031; with this, it stopped
+    ('67-52-31', '100') and scored 0.122."""
+    target = value.turn_end
+    if target is None:
+        return 0
+    n = 0
+    for i in base.end_ids:
+        if token_map[i] < 0:
+            token_map[i], weights[i] = target, 1.0
+            n += 1
+    return n
 
 
 def cached_map_path(base: VocabData, value: VocabData) -> Path:

@@ -152,3 +152,23 @@ def test_rejects_bad_inputs():
         _core.build_token_map([b"a", b"b"], types, "spm", [b"a", b"b"], np.ones(2), "bpe")
     with pytest.raises(ValueError, match="'spm' or 'bpe'"):
         _core.build_token_map([b"a", b"b"], types, "sp", [b"a", b"b"], types, "bpe")
+
+
+def test_end_tokens_map_by_role_where_text_does_not():
+    from ivl_local.vocab import VocabData, map_end_tokens
+
+    def vocab(tokens, types, ends):
+        return VocabData([t.encode() for t in tokens], np.array(types, np.int32), "gpt2", "fp", ends)
+
+    base = vocab(["<eos>", "<|im_end|>", "a", "<end_of_turn>"], [CONTROL, CONTROL, NORMAL, CONTROL], (3, 0, 1))
+    value = vocab(["a", "<|im_end|>", "<|endoftext|>"], [NORMAL, CONTROL, CONTROL], (1, 2))
+    assert value.turn_end == 1                      # end-of-turn first, then end-of-sequence
+    token_map = np.array([-1, 1, 0, -1], np.int32)  # <|im_end|> already matched by text
+    weights = (token_map >= 0).astype(np.float32)
+    assert map_end_tokens(base, value, token_map, weights) == 2
+    assert token_map.tolist() == [1, 1, 0, 1] and weights.tolist() == [1.0, 1.0, 1.0, 1.0]
+    # a value file that names no end token: nothing to map to
+    lone = vocab(["a"], [NORMAL], ())
+    token_map = np.array([-1, -1, 0, -1], np.int32)
+    assert map_end_tokens(base, lone, token_map, np.zeros(4, np.float32)) == 0
+    assert token_map.tolist() == [-1, -1, 0, -1]

@@ -40,7 +40,8 @@ def test_builder_is_deterministic_on_a_slice(vocabs, smollm2_model, gemma_to_smo
     """A fresh build over the first 20k Gemma tokens agrees with the (cached) full map."""
     base, value = vocabs
     vv = smollm2_model.vocab
-    head = type(base)(base.tokens[:20000], base.types[:20000], base.tokenizer_model, "head")
+    head = type(base)(base.tokens[:20000], base.types[:20000], base.tokenizer_model, "head",
+                      base.end_ids)
     fresh = build_exact_map(head, value, lambda t: vv.tokenize(t, add_special=False, parse_special=False))
     assert np.array_equal(fresh.token_map, gemma_to_smollm2.token_map[:20000])
     assert np.array_equal(fresh.token_weights, gemma_to_smollm2.token_weights[:20000])
@@ -76,13 +77,18 @@ def test_known_pairs(vocabs, gemma_to_smollm2):
         assert weights[i] == 1.0
 
 
-def test_control_tokens_map_to_nothing(vocabs, gemma_to_smollm2):
-    """Gemma's control tokens (<end_of_turn>, <eos>, ...) share no text with SmolLM2's."""
-    base, _ = vocabs
+def test_control_tokens_map_to_nothing_but_the_end_token(vocabs, gemma_to_smollm2):
+    """Gemma's control tokens share no text with SmolLM2's; only its end token (<eos>, the
+    file's eos id) maps, by role, to SmolLM2's turn end <|im_end|>."""
+    base, value = vocabs
+    assert base.end_ids == (1,) and base.tokens[1] == b"<eos>"
+    assert value.tokens[value.turn_end] == b"<|im_end|>"
     control = np.flatnonzero(base.types == 3)
-    assert len(control) > 0
-    assert (gemma_to_smollm2.token_map[control] == -1).all()
-    assert (gemma_to_smollm2.token_weights[control] == 0).all()
+    assert len(control) > 100
+    others = control[control != 1]
+    assert (gemma_to_smollm2.token_map[others] == -1).all()
+    assert (gemma_to_smollm2.token_weights[others] == 0).all()
+    assert gemma_to_smollm2.token_map[1] == value.turn_end and gemma_to_smollm2.token_weights[1] == 1
 
 
 def test_chatml_control_tokens_map_by_text(vocabs, smollm2_model):
