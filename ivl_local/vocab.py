@@ -11,7 +11,8 @@ token with the same normalised text ('▁'/'Ġ' spaces, '<0xNN>' bytes), a contr
 value's control token of identical text (ChatML's <|im_end|> in SmolLM2 and Qwen). Normal base
 tokens with no exact match get the first token of the value tokenizer's encoding of their text.
 The base's end tokens (eos/eot/eom) that no text matched map to the value's turn end by role
-(`map_end_tokens`): that is how "the answer is done" crosses vocabularies. Built maps are cached under cache_dir()/token-maps, keyed by both vocabulary fingerprints.
+(`map_end_tokens`): that is how "the answer is done" crosses vocabularies. Built maps are
+cached under cache_dir()/token-maps, keyed by both vocabulary fingerprints.
 A map file is an `.npz` with token_map, token_weights, base_fingerprint, value_fingerprint
 and builder (and optionally n_exact); loading one for other vocabularies raises
 VocabMismatchError.

@@ -19,6 +19,7 @@ answer streams) Ctrl-C is a signal again.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import IO, Iterator
 
@@ -76,8 +77,6 @@ def _interrupt_off(stream: IO) -> tuple[int, list] | None:
 def forget_last_history_item(mark: str) -> None:
     """Remove the newest readline history entry if it ends with `mark` (input() adds every
     non-empty line, the Ctrl-C'd ones included)."""
-    import sys
-
     readline = sys.modules.get("readline")
     if readline is None:
         return

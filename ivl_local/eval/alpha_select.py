@@ -1,7 +1,7 @@
 """Choosing a value network's alpha on the validation split, never on the one reported.
 
-    report = load_report("docs/results/valid-alpha/results.json")   # run with --split valid
-    choices = best_alphas(report)               # {"smollm2 + value": AlphaChoice(1.25, ...)}
+    sweep = load_report("docs/results/valid-alpha/results.json")   # eval.report; a --split valid run
+    choices = best_alphas(sweep)               # {"smollm2 + value": AlphaChoice(1.25, ...)}
     plan = apply_alphas(plan, choices, report_split="valid", eval_split="test")
 
 A sweep is a configuration's result at alpha 1 ("NAME") plus its "NAME @a=X" results. The
@@ -16,12 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .configs import Plan
-from .report import load_report
-
-__all__ = ["AlphaChoice", "apply_alphas", "best_alphas", "load_report"]
-
-SWEEP_SEP = " @a="
+from .configs import Plan, sweep_parent
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,7 @@ def best_alphas(report: dict) -> dict[str, AlphaChoice]:
     """For each configuration the report swept (two alphas or more), the best alpha."""
     points: dict[str, list[tuple[float, float]]] = {}
     for r in report["results"]:
-        parent = r["name"].split(SWEEP_SEP, 1)[0]
+        parent = sweep_parent(r["name"])
         points.setdefault(parent, []).append((float(r["alpha"]), float(r["score"])))
     meta = report["meta"]
     choices = {}

@@ -122,10 +122,18 @@ class EvalConfig:
         return replace(self, **changes)
 
 
+SWEEP_SEP = " @a="    # "NAME @a=0.5": NAME at another alpha
+
+
 def alpha_sweep(config: EvalConfig, alphas=ALPHAS) -> list[EvalConfig]:
     """The same configuration at each alpha (alpha 1 is the configuration itself)."""
-    return [config.with_(name=f"{config.name} @a={a:g}", kind="alpha-sweep", alpha=a)
+    return [config.with_(name=f"{config.name}{SWEEP_SEP}{a:g}", kind="alpha-sweep", alpha=a)
             for a in alphas if a != config.alpha]
+
+
+def sweep_parent(name: str) -> str:
+    """The swept configuration's name: "NAME @a=0.5" -> "NAME" (other names unchanged)."""
+    return name.rsplit(SWEEP_SEP, 1)[0]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .configs import KINDS, EvalConfig, Requantized, Trained, label_of
+from .configs import KINDS, EvalConfig, Requantized, Trained, label_of, sweep_parent
 from .stats import paired_difference, paired_ratio
 
 GOAL_RECOVERY = 0.90      # value net recovers >= 90 % of the full fine-tuning gain
@@ -166,7 +166,7 @@ def sweeps(results: dict) -> dict[str, list]:
         c = r.config
         if c.kind != "alpha-sweep":
             continue
-        parent = c.name.rsplit(" @a=", 1)[0]
+        parent = sweep_parent(c.name)
         out.setdefault(parent, []).append((c.alpha, r))
     for parent, points in out.items():
         if parent in results:
