@@ -7,10 +7,59 @@ not deep inside the decode loop.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
+
+# --- one rule per user-settable value (API, CLI flags, /alpha, /load all call these) ----------
+
+# Value logits are O(10); at alpha 100 the value network already drowns the base, and far
+# beyond it fused float32 logits overflow to inf (alpha 1e38 sampled garbage).
+ALPHA_MAX = 100.0
+SEED_MAX = 2**64 - 1   # the C++ sampler's seed is a uint64
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_alpha(value, name: str = "alpha") -> float:
+    """A value network's scale: a number in [0, ALPHA_MAX]."""
+    if not _is_number(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    alpha = float(value)
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= ALPHA_MAX):
+        raise ConfigError(f"{name} must be between 0 and {ALPHA_MAX:g}, got {value!r}")
+    return alpha
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """A sampling seed: an integer in [0, 2^64 - 1]."""
+    if not _is_int(value) or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{name} must be an integer in [0, 2^64 - 1], got {value!r}")
+    return int(value)
+
+
+def check_flag(value, name: str) -> bool:
+    """A switch: True or False, nothing that merely looks like one ('no' is truthy)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_max_tokens(value, name: str = "max_tokens") -> int | None:
+    """How many tokens an answer may have: None (up to the context window) or an int >= 1."""
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -32,13 +81,24 @@ class SamplingConfig:
     seed: int | None = None    # None: a fresh seed per Engine; an int: reproducible draws
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"invalid sampling setting: {name} must be a number, "
+                                  f"got {getattr(self, name)!r}")
+        for name in ("top_k", "repeat_last_n"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"invalid sampling setting: {name} must be an integer, "
+                                  f"got {getattr(self, name)!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0 <= self.top_k < 2**31, "top_k must be in [0, 2^31) (0 disables it)"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1)"),
             (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (0 <= self.repeat_last_n < 2**31, "repeat_last_n must be in [0, 2^31)"),
             (math.isfinite(self.presence_penalty), "presence_penalty must be finite"),
             (math.isfinite(self.frequency_penalty), "frequency_penalty must be finite"),
         ]
@@ -84,11 +144,14 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("n_ctx", "n_batch", "n_threads"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        check_alpha(self.alpha)
+        check_seed(self.seed)
         if self.n_ctx < 16:
             raise ConfigError("n_ctx must be at least 16")
         if self.n_batch < 1:
             raise ConfigError("n_batch must be >= 1")
         if self.n_threads < 1:
             raise ConfigError("n_threads must be >= 1")
-        if not math.isfinite(self.alpha):
-            raise ConfigError("alpha must be a finite number")
