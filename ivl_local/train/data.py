@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat_template import split_for_training
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, ContextOverflowError, DataError
 from .basefile import BaseGGUF
 
 IGNORE = -100  # label of a token the loss does not see (prompt, padding)
@@ -35,27 +35,72 @@ class Example:
     source_line: int
 
 
+# One demonstration is a conversation, not a corpus: 1 MiB is ~250K tokens, far past any
+# --max-len. A longer line is refused before it is read whole (a 50 MB line would otherwise
+# be held several times over while it is decoded and parsed).
+MAX_LINE_BYTES = 1 << 20
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, record) for every non-blank line; DataError names file:line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such demonstration file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(_lines(f, path), 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            record = _parse_line(path, lineno, line)
             _check_shape(path, lineno, record)
             records.append((lineno, record))
     if not records:
         raise DataError(f"{path}: no demonstrations (the file is empty)")
     return records
+
+
+def _lines(f, path: Path):
+    """The file's lines as bytes, none longer than MAX_LINE_BYTES (DataError naming it)."""
+    lineno = 0
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB "
+                            "(one demonstration per line)")
+        yield line
+
+
+def _parse_line(path: Path, lineno: int, line: bytes) -> dict:
+    try:
+        text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at "
+                        f"offset {e.start})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{path}:{lineno}: not usable JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _is_text(value) -> bool:
+    """A str that can be tokenized (JSON can carry lone surrogates such as \\ud800)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_shape(path: Path, lineno: int, record: dict) -> None:
@@ -65,15 +110,21 @@ def _check_shape(path: Path, lineno: int, record: dict) -> None:
             raise DataError(f"{path}:{lineno}: 'messages' must be a list")
         for i, m in enumerate(messages):
             if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                    or not isinstance(m.get("content"), str)):
+                    or not _is_text(m.get("content"))):
                 raise DataError(f"{path}:{lineno}: message {i} must be "
-                                "{'role': system|user|assistant, 'content': str}")
+                                "{'role': system|user|assistant, 'content': UTF-8 text}")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise DataError(f"{path}:{lineno}: message {i} is an empty assistant message "
+                                "(nothing to learn from; drop it or write the answer)")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{path}:{lineno}: no assistant message to learn from")
     elif "prompt" in record or "response" in record:
         if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
             raise DataError(f"{path}:{lineno}: 'prompt' and 'response' must both be strings")
-        if not record["response"]:
+        if not _is_text(record["prompt"]) or not _is_text(record["response"]):
+            raise DataError(f"{path}:{lineno}: 'prompt' or 'response' is not UTF-8 text "
+                            "(a lone surrogate such as \\ud800)")
+        if not record["response"].strip():
             raise DataError(f"{path}:{lineno}: empty 'response'")
     else:
         raise DataError(f"{path}:{lineno}: expected a 'messages' list or 'prompt'/'response' strings")
@@ -110,7 +161,7 @@ def load_examples(path: Path, base: BaseGGUF, max_len: int) -> tuple[list[Exampl
     for lineno, record in read_jsonl(path):
         try:
             example = tokenize_record(record, base, max_len, lineno)
-        except ConfigError as e:  # a chat template that cannot render this conversation
+        except (ConfigError, ContextOverflowError) as e:  # a template that cannot render it
             raise DataError(f"{path}:{lineno}: {e}") from None
         # A label at position 0 is never predicted (nothing precedes it).
         if any(label != IGNORE for label in example.labels[1:]):
@@ -137,5 +188,9 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 
 def data_digest(path: Path) -> str:
     """'name sha256:abcdef012345' for the recipe metadata."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    digest = sha.hexdigest()
     return f"{Path(path).name} sha256:{digest[:12]}"
