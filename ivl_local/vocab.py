@@ -115,44 +115,128 @@ def identity_mapping(fingerprint: str) -> TokenMapping:
     return TokenMapping(None, None, fingerprint, fingerprint, "identity")
 
 
-def save_map(path: str | os.PathLike, mapping: TokenMapping) -> None:
+def save_map(path: str | os.PathLike, mapping: TokenMapping, extra: dict | None = None) -> None:
+    """Write a map file atomically; `extra` adds arrays (an aligned map's corpus digest)."""
+    from .atomic import atomic_temp
+
     assert mapping.token_map is not None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    extra = {} if mapping.n_exact is None else {"n_exact": np.int64(mapping.n_exact)}
-    np.savez(tmp, token_map=mapping.token_map, token_weights=mapping.token_weights,
-             base_fingerprint=np.str_(mapping.base_fingerprint),
-             value_fingerprint=np.str_(mapping.value_fingerprint), builder=np.str_(mapping.builder),
-             **extra)
-    os.replace(tmp, path)
+    arrays = dict(token_map=mapping.token_map, token_weights=mapping.token_weights,
+                  base_fingerprint=np.str_(mapping.base_fingerprint),
+                  value_fingerprint=np.str_(mapping.value_fingerprint),
+                  builder=np.str_(mapping.builder), **(extra or {}))
+    if mapping.n_exact is not None:
+        arrays["n_exact"] = np.int64(mapping.n_exact)
+    with atomic_temp(path) as tmp, open(tmp, "wb") as f:   # a file object: no '.npz' appended
+        np.savez(f, **arrays)
+
+
+# What a map file may hold: member -> (dtype kinds accepted, shape; "n" = the base's size).
+# Everything is checked from the member's .npy header before a byte of data is read, so a
+# hostile file cannot make us allocate what its header declares.
+MAP_MEMBERS = {
+    "base_fingerprint": ("U", ()),
+    "value_fingerprint": ("U", ()),
+    "builder": ("U", ()),
+    "n_exact": ("iu", ()),
+    "token_map": ("iu", ("n",)),
+    "token_weights": ("f", ("n",)),
+}
+MAP_REQUIRED = ("token_map", "token_weights", "base_fingerprint", "value_fingerprint")
+MAX_MAP_STRING = 1024    # characters of a fingerprint or builder name (they are ~20)
+
+
+def _read_member(zf, member: str, name: str, kinds: str, shape: tuple) -> np.ndarray:
+    """One .npy member of the zip, after its header passed the checks."""
+    fmt = np.lib.format
+    with zf.open(member) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            found_shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            found_shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"'{name}' has .npy format version {version}")
+        if dtype.kind not in kinds or dtype.hasobject or dtype.fields is not None:
+            raise ValueError(f"'{name}' has dtype {dtype}, expected "
+                             + {"iu": "integers", "f": "floats", "U": "text"}[kinds])
+        if found_shape != shape:
+            expected = "a scalar" if shape == () else f"a 1-D array of {shape[0]} entries"
+            raise ValueError(f"'{name}' has shape {found_shape}, expected {expected}")
+        if dtype.kind == "U" and dtype.itemsize > 4 * MAX_MAP_STRING:
+            raise ValueError(f"'{name}' is longer than {MAX_MAP_STRING} characters")
+        n_bytes = dtype.itemsize * (shape[0] if shape else 1)
+        data = f.read(n_bytes)
+        if len(data) != n_bytes:
+            raise ValueError(f"'{name}' is truncated")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _read_map_file(path: Path, base: VocabData, value: VocabData) -> dict[str, np.ndarray]:
+    """The members of a map file, checked from their headers; the fingerprints are compared
+    before the arrays are read (VocabMismatchError names both pairs)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise ValueError("it is a single .npy array; a map is an .npz with token_map, "
+                         "token_weights and the two vocabulary fingerprints")
+    if not magic.startswith(b"PK"):
+        raise ValueError("empty file" if not magic else "not an .npz (zip) file")
+    with zipfile.ZipFile(path) as zf:
+        members = {name[:-4]: name for name in zf.namelist() if name.endswith(".npy")}
+        missing = [name for name in MAP_REQUIRED if name not in members]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        arrays = {}
+        for name, (kinds, shape) in MAP_MEMBERS.items():   # scalars first, then the arrays
+            if name not in members:
+                continue
+            if name == "token_map":
+                found = str(arrays["base_fingerprint"]), str(arrays["value_fingerprint"])
+                if found != (base.fingerprint, value.fingerprint):
+                    raise VocabMismatchError(
+                        f"token map {path.name} is for vocabularies {found[0]} -> {found[1]}, these "
+                        f"models have {base.fingerprint} -> {value.fingerprint}; rebuild it (or omit "
+                        "token_map)")
+            shape = tuple(len(base) if n == "n" else n for n in shape)
+            arrays[name] = _read_member(zf, members[name], name, kinds, shape)
+    return arrays
 
 
 def load_map(path: str | os.PathLike, base: VocabData, value: VocabData) -> TokenMapping:
-    """Read a `.npz` map and check it is for these two vocabularies."""
+    """Read a `.npz` map and check it is for these two vocabularies: VocabMismatchError for
+    anything else (a missing, empty, truncated or foreign file, a wrong dtype or shape)."""
+    import zipfile
+    import zlib
+
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            token_map = np.ascontiguousarray(z["token_map"], dtype=np.int32)
-            weights = np.ascontiguousarray(z["token_weights"], dtype=np.float32)
-            base_fp, value_fp = str(z["base_fingerprint"]), str(z["value_fingerprint"])
-            builder = str(z["builder"]) if "builder" in z else "?"
-            n_exact = int(z["n_exact"]) if "n_exact" in z else None
+        z = _read_map_file(path, base, value)
     except FileNotFoundError:
         raise VocabMismatchError(f"no such token map file: {path}") from None
-    except (KeyError, ValueError, OSError) as e:
+    except (ValueError, KeyError, EOFError, OSError, RecursionError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError) as e:   # NotImplementedError: a zip compression we lack
         raise VocabMismatchError(f"{path} is not a token map file ({e})") from None
-    if (base_fp, value_fp) != (base.fingerprint, value.fingerprint):
-        raise VocabMismatchError(
-            f"token map {path.name} is for vocabularies {base_fp} -> {value_fp}, these models have "
-            f"{base.fingerprint} -> {value.fingerprint}; rebuild it (or omit token_map)")
-    if token_map.shape != (len(base),) or weights.shape != (len(base),):
-        raise VocabMismatchError(f"token map {path.name} has {token_map.shape[0]} entries, "
-                                 f"the base vocabulary has {len(base)}")
-    if token_map.min(initial=0) < -1 or token_map.max(initial=-1) >= len(value):
-        raise VocabMismatchError(f"token map {path.name} points outside the value vocabulary")
-    if not np.all(np.isfinite(weights)) or weights.min(initial=0) < 0 or weights.max(initial=0) > 1:
+    base_fp, value_fp = str(z["base_fingerprint"]), str(z["value_fingerprint"])
+    raw_map, raw_weights = z["token_map"], z["token_weights"]
+    # Checked in the file's own dtypes, so no value changes when cast (int64 2^32 + 5 is not 5).
+    if raw_map.size and (raw_map.min() < -1 or raw_map.max() >= len(value)):
+        raise VocabMismatchError(f"token map {path.name} points outside the value vocabulary "
+                                 f"(entries must be -1 or in [0, {len(value)}))")
+    if not np.all(np.isfinite(raw_weights)):
+        raise VocabMismatchError(f"token map {path.name} has NaN or infinite weights")
+    if raw_weights.size and (raw_weights.min() < 0 or raw_weights.max() > 1):
         raise VocabMismatchError(f"token map {path.name} has weights outside [0, 1]")
+    weights = np.ascontiguousarray(raw_weights, dtype=np.float32)
+    if not np.array_equal(weights, raw_weights):
+        raise VocabMismatchError(f"token map {path.name} has weights that float32 cannot hold "
+                                 "exactly (store them as float32)")
+    token_map = np.ascontiguousarray(raw_map, dtype=np.int32)
+    builder = str(z["builder"]) if "builder" in z else "?"
+    n_exact = int(z["n_exact"]) if "n_exact" in z else None
     return TokenMapping(token_map, weights, base_fp, value_fp, builder, n_exact)
 
 
