@@ -121,6 +121,89 @@ def test_missing_output_folder_is_a_clear_error(tmp_path):
         ValueFileWriter(tmp_path / "missing" / "v.gguf")
 
 
+def _write_tiny(out: Path) -> Path:
+    from gguf import GGUFValueType as V
+
+    with ValueFileWriter(out) as w:
+        w.add_metadata("general.name", "x", V.STRING)
+        w.add_tensor("a.weight", np.ones((2, 32), np.float32), "f16")
+        return w.write()
+
+
+def test_a_full_disk_is_one_error_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    import gguf
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
+    with pytest.raises(ModelFileError, match=r"cannot write .*v\.gguf: No space left on device"):
+        _write_tiny(tmp_path / "v.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_written_is_one_error(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):   # what mkstemp raises in a read-only folder (tests run as root)
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(ModelFileError, match=r"cannot write .*v\.gguf: Permission denied"):
+        _write_tiny(tmp_path / "v.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_file_of_a_killed_conversion_is_removed_by_the_next(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".v.gguf.{dead.pid}.x1y2z3.tmp"
+    stale.write_bytes(b"GGUF half written")
+    _write_tiny(tmp_path / "v.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gguf"]
+
+
+def test_ivl_convert_onto_a_full_disk_prints_one_error_line(tmp_path, monkeypatch):
+    """The CLI: ModelFileError from the writer -> one line; an OSError from elsewhere in the
+    conversion (reading the checkpoint) is one line too."""
+    import errno
+
+    import ivl_convert
+    from typer.testing import CliRunner
+
+    from ivl_local.cli.main import app
+
+    (tmp_path / "ck").mkdir()
+
+    def convert(ckpt, out, out_type, progress, base_gguf):
+        _write_tiny(Path(out))
+
+    import gguf
+
+    monkeypatch.setattr(ivl_convert, "convert_checkpoint", convert)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "ck"), "-o", str(out / "v.ivl.gguf")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.stderr.strip().splitlines() == [f"error: cannot write {out / 'v.ivl.gguf'}: No space left on device"]
+    assert list(out.iterdir()) == []
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "ck" / "model.safetensors"))
+
+    monkeypatch.setattr(ivl_convert, "convert_checkpoint", unreadable)
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "ck"), "-o", str(out / "v.ivl.gguf")])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == [f"error: Input/output error: {tmp_path / 'ck' / 'model.safetensors'}"]
+
+
 # --------------------------------------------------------------------------------------
 # with the real SmolLM2 GGUF (its tokenizer is copied into the value file)
 

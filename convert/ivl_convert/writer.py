@@ -7,18 +7,19 @@
     # any exception (or Ctrl-C) inside the block removes the temp file; nothing is left behind
 
 Calls out of that order raise WriterStateError (a programming error, not a user error).
+A folder that cannot be written to, or a disk that fills up, is a ModelFileError naming
+out_path. Temp files of an earlier, killed write to out_path are removed
+(ivl_local.atomic).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ivl_local.atomic import move_into_place
+from ivl_local.atomic import TempFile
 from ivl_local.errors import ModelFileError
 
 OUT_TYPES = ("f32", "f16", "q8_0")
@@ -72,7 +73,7 @@ class ValueFileWriter:
         self.arch = arch
         self._stage = "metadata"
         self._tensors: list[tuple[str, np.ndarray, object]] = []
-        self._tmp: Path | None = None
+        self._temp: TempFile | None = None   # while the file is being written
         self._writer = None
 
     # -- 1. metadata -------------------------------------------------------------------
@@ -96,16 +97,20 @@ class ValueFileWriter:
         self._expect("tensors", "write")
         self._stage = "writing"
         w = self._gguf()
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for name, array, ggml_type in self._tensors:
-            data = encode(array, ggml_type)
-            w.write_tensor_data(data)
-            advance(data.nbytes)
-        w.close()
-        move_into_place(self._tmp, self.out_path)
-        self._tmp = None
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for name, array, ggml_type in self._tensors:
+                data = encode(array, ggml_type)
+                w.write_tensor_data(data)
+                advance(data.nbytes)
+            w.close()
+            self._temp.commit()
+        except OSError as e:                          # disk full, quota, I/O error
+            self.__exit__(None, None, None)           # removes the temp file
+            raise self._cannot_write(e) from None
+        self._temp = None
         self._stage = "done"
         return self.out_path
 
@@ -115,15 +120,18 @@ class ValueFileWriter:
             raise WriterStateError(f"{call}() called while {self._stage}; order is metadata, "
                                    "tensors, write")
 
+    def _cannot_write(self, e: OSError) -> ModelFileError:
+        return ModelFileError(f"cannot write {self.out_path}: {e.strerror or e}")
+
     def _gguf(self):
         if self._writer is None:
             import gguf
 
-            fd, tmp = tempfile.mkstemp(dir=self.out_path.parent, prefix=f".{self.out_path.name}.",
-                                       suffix=".tmp")
-            os.close(fd)
-            self._tmp = Path(tmp)
-            self._writer = gguf.GGUFWriter(self._tmp, self.arch)
+            try:
+                self._temp = TempFile(self.out_path)
+            except OSError as e:                      # a read-only folder
+                raise self._cannot_write(e) from None
+            self._writer = gguf.GGUFWriter(self._temp.path, self.arch)
         return self._writer
 
     def __enter__(self) -> "ValueFileWriter":
@@ -131,7 +139,10 @@ class ValueFileWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._writer is not None:
-            self._writer.close()
-        if self._tmp is not None:               # not completed: leave nothing behind
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+            try:
+                self._writer.close()
+            except OSError:
+                pass                                  # the temp file is removed below anyway
+        if self._temp is not None:                   # not completed: leave nothing behind
+            self._temp.discard()
+            self._temp = None

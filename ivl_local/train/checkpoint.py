@@ -7,35 +7,23 @@
     metrics.jsonl        one JSON line per logged step / evaluation
 
 Every file is written to a temporary name in the folder, then moved into place, so an
-interrupted save never leaves a half-written checkpoint.
+interrupted save never leaves a half-written checkpoint (ivl_local.atomic; the next save
+removes what a killed one left).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..atomic import move_into_place
+from ..atomic import atomic_write
 from ..ckpt_layout import HF_CONFIG, META, METRICS, STATE, WEIGHTS, read_json
 from ..errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        move_into_place(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -43,7 +31,7 @@ def _write_json(path: Path, data: dict) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def weights_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +51,7 @@ def save_model(out_dir: Path, model: nn.Module, meta: dict) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = weights_for_saving(model)
-    _atomic(out_dir / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     _write_json(out_dir / HF_CONFIG, config)
@@ -71,7 +59,7 @@ def save_model(out_dir: Path, model: nn.Module, meta: dict) -> None:
 
 
 def save_state(out_dir: Path, state: dict) -> None:
-    _atomic(out_dir / STATE, lambda tmp: torch.save(state, tmp))
+    atomic_write(out_dir / STATE, lambda tmp: torch.save(state, tmp))
 
 
 def load_meta(ckpt_dir: Path) -> dict:
