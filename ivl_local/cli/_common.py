@@ -44,9 +44,19 @@ def print_note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def describe_os_error(e: OSError) -> str:
+    """'No space left on device: out.gguf' rather than '[Errno 28] ...'."""
+    text = e.strerror or str(e) or type(e).__name__
+    return f"{text}: {e.filename}" if e.filename else text
+
+
 @contextmanager
 def user_errors(debug: bool = False) -> Iterator[None]:
-    """Translate library errors into one line and an exit code; tracebacks only with --debug."""
+    """Translate library errors into one line and an exit code; tracebacks only with --debug.
+
+    Also one line: an OSError (a full disk, a folder that cannot be written) and an EOFError
+    that reaches this far (a truncated file read by a library: click would otherwise take it
+    for Ctrl-D and exit 130 without a word; the session handles the real Ctrl-D itself)."""
     try:
         yield
     except IVLError as e:
@@ -54,6 +64,16 @@ def user_errors(debug: bool = False) -> Iterator[None]:
             traceback.print_exc()
         print_error(str(e))
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        print_error(describe_os_error(e))
+        raise typer.Exit(1) from None
+    except EOFError as e:
+        if debug:
+            traceback.print_exc()
+        print_error(f"unexpected end of a file{': ' + str(e) if str(e) else ''}")
+        raise typer.Exit(1) from None
 
 
 @contextmanager

@@ -19,7 +19,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import VALUE_PROMPTS, EngineConfig, SamplingConfig, default_threads
+from ..config import (VALUE_PROMPTS, EngineConfig, SamplingConfig, check_alpha, check_max_tokens,
+                      check_seed, default_threads)
 from ..errors import ConfigError, EmptyPromptError, ModelFileError, ModelNotFoundError
 from ._common import EXIT_INTERRUPTED, one_line_warnings, print_note, user_errors
 
@@ -204,12 +205,13 @@ def chat(
     try:
         with user_errors(debug), one_line_warnings():
             # Everything cheap first: a typo fails in milliseconds, not after loading models.
+            if seed is not None:
+                check_seed(seed, "--seed")
             sampling = build_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed)
-            if max_tokens < 1:
-                raise ConfigError("--max-tokens must be >= 1")
+            check_max_tokens(max_tokens, "--max-tokens")
             EngineConfig(n_ctx=ctx, n_threads=threads or default_threads())
-            if alpha is not None and alpha < 0:
-                raise ConfigError("--alpha must be >= 0")
+            if alpha is not None:
+                check_alpha(alpha, "--alpha")
             text = read_one_shot_prompt(prompt)
             if as_json and text is None:
                 raise ConfigError("--json needs a prompt: -p TEXT or text on stdin")

@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from ..config import SamplingConfig
+from ..config import SamplingConfig, check_alpha, check_flag, check_max_tokens
 from ..errors import ConfigError, ContextOverflowError, IVLError
-from ._common import print_error
+from ._common import describe_os_error, print_error
 from .prompt_keys import CTRL_C_MARK, bind_ctrl_c, ctrl_c_as_key, forget_last_history_item
 
 SAVE_FORMAT = "ivl-chat/1"
+MAX_SAVE_BYTES = 64 << 20       # a saved conversation far past any context window is not one
 HISTORY_FILE = "chat_history"   # typed prompts, under models.cache_dir()
 HISTORY_LENGTH = 1000
 
@@ -57,6 +58,47 @@ def stats_line(stats) -> str:
     if get("context_used") is not None and get("n_ctx"):
         parts.append(f"context {get('context_used')}/{get('n_ctx')}")
     return "[" + ", ".join(parts) + "]" if parts else "[no statistics yet]"
+
+
+def read_saved_conversation(path: Path) -> tuple[str | None, list[dict], dict]:
+    """(system prompt, user/assistant turns, settings) of a file written by /save, checked:
+    ConfigError for anything else (not JSON, not UTF-8, nested too deeply, wrong shapes)."""
+    from ..chat_template import validate_messages
+
+    not_saved = f"{path} is not a conversation saved with /save"
+    with open(path, "rb") as f:                       # OSError: reported by dispatch
+        raw = f.read(MAX_SAVE_BYTES + 1)
+    if len(raw) > MAX_SAVE_BYTES:
+        raise ConfigError(f"{not_saved} (larger than {MAX_SAVE_BYTES >> 20} MiB)")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{not_saved} (not UTF-8 text)") from None
+    except RecursionError:
+        raise ConfigError(f"{not_saved} (JSON nested too deeply)") from None
+    except ValueError:
+        raise ConfigError(not_saved) from None
+    if (not isinstance(data, dict) or data.get("format", SAVE_FORMAT) != SAVE_FORMAT
+            or not isinstance(data.get("messages"), list)
+            or not isinstance(data.get("settings", {}), (dict, type(None)))):
+        raise ConfigError(not_saved)
+    messages, settings = data["messages"], data.get("settings") or {}
+    if messages:
+        try:
+            validate_messages(messages)
+            for m in messages:
+                m["content"].encode("utf-8")          # JSON can carry lone surrogates
+                if not isinstance(m.get("interrupted", False), bool):
+                    raise ConfigError("'interrupted' must be true or false")
+        except (ConfigError, UnicodeEncodeError) as e:
+            raise ConfigError(f"{not_saved} ({e})") from None
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    if any(m["role"] == "system" for m in messages):
+        raise ConfigError(f"{path}: only the first message may be a system message")
+    turns = [{k: m[k] for k in ("role", "content", "interrupted") if k in m} for m in messages]
+    return system, turns, settings
 
 
 class ChatSession:
@@ -144,7 +186,7 @@ class ChatSession:
         except IVLError as e:
             self._report(e)
         except OSError as e:
-            print_error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+            print_error(describe_os_error(e))
         return False
 
     def ask(self, text: str) -> None:
@@ -252,9 +294,7 @@ class ChatSession:
                 alpha = float(arg)
             except ValueError:
                 raise ConfigError(f"/alpha needs a number, got {arg!r}") from None
-            if alpha < 0:
-                raise ConfigError("alpha must be >= 0")
-            self.engine.alpha = alpha
+            self.engine.alpha = check_alpha(alpha)
         note = "" if self.engine.has_value else " (no value network loaded: it has no effect)"
         self.console.print(f"alpha = {self.engine.alpha:g}{note}")
 
@@ -300,13 +340,16 @@ class ChatSession:
         self.console.print(table)
 
     def cmd_save(self, arg: str) -> None:
+        from ..atomic import atomic_write
+
         path = Path(arg).expanduser() if arg else Path(time.strftime("chat-%Y%m%d-%H%M%S.json"))
         data = {
             "format": SAVE_FORMAT,
             "messages": ([{"role": "system", "content": self.system}] if self.system else []) + self.messages,
             "settings": self.settings(),
         }
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         self.console.print(f"[dim]saved {len(self.messages)} messages to {path}[/]")
 
     def settings(self) -> dict:
@@ -320,40 +363,40 @@ class ChatSession:
         }
 
     def cmd_load(self, arg: str) -> None:
-        from ..chat_template import validate_messages
-
+        """Everything in the file is checked before anything is applied: a file with one bad
+        setting changes nothing."""
         if not arg:
             raise ConfigError("/load needs a file name")
         path = Path(arg).expanduser()
+        system, messages, settings = read_saved_conversation(path)
+        sampling, max_tokens = self.sampling, self.max_tokens
+        alpha = value_enabled = None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            messages = data["messages"]
-            settings = data.get("settings") or {}
-            assert isinstance(messages, list) and isinstance(settings, dict)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise ConfigError(f"{path} is not a conversation saved with /save") from None
-        system = None
-        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
-            system, messages = messages[0]["content"], messages[1:]
-        if messages:
-            validate_messages(messages)
-        if any(m["role"] == "system" for m in messages):
-            raise ConfigError(f"{path}: only the first message may be a system message")
-        # Settings first (they may be invalid), then the conversation.
-        sampling = self.sampling
-        if isinstance(settings.get("sampling"), dict):
-            known = {f.name for f in fields(SamplingConfig)}
-            sampling = SamplingConfig(**{k: v for k, v in settings["sampling"].items() if k in known})
-        self.sampling = sampling
-        if isinstance(settings.get("max_tokens"), int) and settings["max_tokens"] >= 1:
-            self.max_tokens = settings["max_tokens"]
+            if settings.get("sampling") is not None:
+                if not isinstance(settings["sampling"], dict):
+                    raise ConfigError("sampling must be an object")
+                known = {f.name for f in fields(SamplingConfig)}
+                sampling = SamplingConfig(**{k: v for k, v in settings["sampling"].items() if k in known})
+            if "max_tokens" in settings:
+                max_tokens = check_max_tokens(settings["max_tokens"])
+            if settings.get("alpha") is not None:
+                alpha = check_alpha(settings["alpha"])
+            if settings.get("value_enabled") is not None:
+                value_enabled = check_flag(settings["value_enabled"], "value_enabled")
+            for key in ("base", "value"):
+                if not isinstance(settings.get(key), (str, type(None))):
+                    raise ConfigError(f"{key} must be a file name")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: invalid setting: {e}") from None
+        # All checked: apply.
+        self.sampling, self.max_tokens = sampling, max_tokens
         if self.engine.has_value:
-            if isinstance(settings.get("alpha"), (int, float)):
-                self.engine.alpha = float(settings["alpha"])
-            if isinstance(settings.get("value_enabled"), bool):
-                self.engine.value_enabled = settings["value_enabled"]
+            if alpha is not None:
+                self.engine.alpha = alpha
+            if value_enabled is not None:
+                self.engine.value_enabled = value_enabled
         self.system = system
-        self.messages = [dict(m) for m in messages]
+        self.messages = messages
         self.console.print(f"[dim]loaded {len(self.messages)} messages from {path}[/]")
         if settings.get("base") and settings["base"] != str(self.base_path):
             self.console.print(f"[dim]note: it was saved with base {settings['base']}[/]")
