@@ -256,8 +256,10 @@ class Context(_Owned):
             self.ptr = None
             raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for "
                                  f"{model.path.name} (out of memory?)")
+        # What llama.cpp allocated, not what was asked: it rounds n_ctx up (to 256) and caps
+        # n_batch at the n_ctx asked for; a decode of more than n_batch tokens aborts it.
         self.n_ctx: int = C.llama_n_ctx(self.ptr)
-        self.n_batch = n_batch
+        self.n_batch: int = min(n_batch, C.llama_n_batch(self.ptr))
         self.n_vocab = model.vocab.n_tokens
         self.n_threads = n_threads
         self._mem = C.llama_get_memory(self.ptr)
@@ -269,7 +271,9 @@ class Context(_Owned):
 
     def decode(self, tokens: list[int], start_pos: int, logits_last: bool = True) -> None:
         """Decode tokens at positions start_pos.. in n_batch chunks; logits for the last one."""
-        if start_pos + len(tokens) > self.n_ctx:
+        if self.ptr is None:
+            raise IVLError("this context was freed")
+        if start_pos < 0 or start_pos + len(tokens) > self.n_ctx:
             raise ContextOverflowError(f"{start_pos + len(tokens)} tokens do not fit in the context "
                                        f"window of {self.n_ctx}")
         for lo in range(0, len(tokens), self.n_batch):
@@ -284,6 +288,8 @@ class Context(_Owned):
 
     def logits_ptr(self, i: int = -1) -> int:
         """Address of the logits (float32[n_vocab]) of output i of the last decode; zero-copy."""
+        if self.ptr is None:
+            raise IVLError("this context was freed")
         ptr = C.llama_get_logits_ith(self.ptr, i)
         address = ctypes.cast(ptr, ctypes.c_void_p).value
         if not address:

@@ -16,26 +16,33 @@ One step of `generate`:
 `value=None` (or alpha 0) runs the very same path with a zero contribution. Both KV caches
 persist between calls: a new prompt that extends the previous one (multi-turn chat) only
 decodes its new suffix. An interruption (Ctrl-C) anywhere leaves the caches consistent.
+
+Threads (ivl_local/guard.py): one generation at a time per Engine — another thread starting
+one meanwhile gets EngineBusyError; `close()` from any thread stops a generation at its next
+token (or prefill chunk) before anything is freed; every call after `close()` raises
+EngineClosedError.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from .backend import Context, Model
 from .chat_template import FALLBACK_STOP, render_messages
-from .config import VALUE_PROMPTS, EngineConfig, SamplingConfig, default_threads
+from .config import (VALUE_PROMPTS, EngineConfig, SamplingConfig, check_alpha, check_flag,
+                     check_max_tokens, default_threads)
 from .detok import Detokenizer
-from .errors import ConfigError, ContextOverflowError, EmptyPromptError, InvalidLogitsError
+from .errors import (ConfigError, ContextOverflowError, EmptyPromptError, EngineClosedError,
+                     GenerationSuperseded, InvalidLogitsError)
+from .guard import Guard
 from .models import resolve_model
 from .sync import KVSequence, TextSync
 from .valuefile import ValueFileInfo, read_gguf_header, value_info_from_header
@@ -59,7 +66,7 @@ class GenerationStats:
     time_to_first_token_s: float = 0.0
     context_used: int = 0
     n_ctx: int = 0
-    finish_reason: str | None = None  # "stop" | "length" | "interrupted"
+    finish_reason: str | None = None  # "stop" | "length" | "interrupted" (Ctrl-C, closed, superseded)
     reused_prompt_tokens: int = 0   # prompt tokens already in the base cache
 
     def as_dict(self) -> dict:
@@ -113,12 +120,10 @@ class Engine:
         self._config = config
         self._seed = seed
         self._calls = 0
-        self._lock = threading.Lock()
-        self._generation = 0                 # bumps when a newer generate() starts
+        self._guard = Guard("this Engine")
         self._pool: ThreadPoolExecutor | None = None
         self._base_model = self._value_model = None
         self._base_ctx = self._value_ctx = None
-        self._logits_hook: Callable[["Engine", int], None] | None = None  # tests: (engine, step)
         self._last_completion_tokens: list[int] = []
         self.stats = GenerationStats(n_ctx=n_ctx)
 
@@ -135,7 +140,10 @@ class Engine:
         self._base_model = Model(self.base_path, verbose=verbose)
         self._base_vocab = self._base_model.vocab
         self._base_ctx = Context(self._base_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=config.n_threads)
-        self._base = KVSequence(self._base_ctx)
+        # llama.cpp rounds the window up (to 256); the engine keeps to the one asked for
+        self._n_ctx = min(n_ctx, self._base_ctx.n_ctx)
+        self.stats.n_ctx = self._n_ctx
+        self._base = KVSequence(self._base_ctx, checkpoint=self._guard.check)
         self._chat_template = base_header.get("tokenizer.chat_template")
         self._eos_text = self._base_vocab.eos_text
 
@@ -147,7 +155,7 @@ class Engine:
             self._load_value(value, base_header, n_ctx, n_batch, config.n_threads, token_map, verbose)
 
         default_alpha = self.value_info.default_alpha if self.value_info else 1.0
-        self.alpha = float(default_alpha if alpha is None else alpha)
+        self.alpha = default_alpha if alpha is None else alpha
         self.value_enabled = self.has_value
         self._scratch = np.empty(self._base_vocab.n_tokens, dtype=np.float32)
         self.concurrent = bool(concurrent) and self.has_value
@@ -172,13 +180,13 @@ class Engine:
             map_path=token_map)
         if self.mapping.identity:
             self._value_ctx = Context(self._value_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
-            self._value = KVSequence(self._value_ctx)
+            self._value = KVSequence(self._value_ctx, checkpoint=self._guard.check)
         else:
             # The value tokenization of the same text may be longer than the base's.
             value_n_ctx = min(2 * n_ctx, max(n_ctx, self._value_model.n_ctx_train))
             self._value_ctx = Context(self._value_model, n_ctx=value_n_ctx, n_batch=n_batch,
                                       n_threads=n_threads)
-            self._value = TextSync(vv, self._value_ctx)
+            self._value = TextSync(vv, self._value_ctx, checkpoint=self._guard.check)
             self._value_template = value_header.get("tokenizer.chat_template")
             self._value_eos_text = vv.eos_text
         self._token_map = self.mapping.token_map
@@ -204,12 +212,38 @@ class Engine:
 
     @property
     def n_ctx(self) -> int:
-        return self._base_ctx.n_ctx
+        """The context window in tokens (a number: still readable after close())."""
+        return self._n_ctx
+
+    @property
+    def alpha(self) -> float:
+        """The value network's scale, in [0, ALPHA_MAX]; read at every token, so it can be
+        changed live (from any thread)."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value) -> None:
+        self._alpha = check_alpha(value)
+
+    @property
+    def value_enabled(self) -> bool:
+        """False runs the base alone (the value model's cache catches up when re-enabled)."""
+        return self._value_enabled
+
+    @value_enabled.setter
+    def value_enabled(self, value) -> None:
+        self._value_enabled = check_flag(value, "value_enabled")
+
+    @property
+    def closed(self) -> bool:
+        return self._guard.closed
 
     def tokenize(self, text: str) -> list[int]:
-        return self._base_vocab.tokenize(text, add_special=True, parse_special=True)
+        with self._guard.work():
+            return self._base_vocab.tokenize(text, add_special=True, parse_special=True)
 
     def render_chat(self, messages: list[dict]) -> str:
+        self._guard.check()
         return render_messages(messages, self._chat_template, bos_token="", eos_token=self._eos_text)
 
     # --- generation -------------------------------------------------------------------------
@@ -218,13 +252,15 @@ class Engine:
                  stop: list[str] | str | None = None, *, value_prompt: str | None = None) -> Iterator[str]:
         """Text deltas. Arguments are checked now; decoding starts at the first next().
         `value_prompt`: the text a cross-vocabulary value model reads instead of `prompt`
-        (chat passes the conversation in the value's own format); the answer is appended to both."""
-        if self._base_ctx is None:
-            raise RuntimeError("this Engine is closed")
+        (chat passes the conversation in the value's own format); the answer is appended to both.
+        Raises EngineClosedError after close(), EngineBusyError while another thread's
+        generation is in progress (checked again when decoding starts)."""
+        self._guard.check_available()
         if not isinstance(prompt, str) or not prompt.strip():
             raise EmptyPromptError("the prompt is empty")
-        if max_tokens is not None and max_tokens < 1:
-            raise ConfigError("max_tokens must be >= 1")
+        max_tokens = check_max_tokens(max_tokens)
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            raise ConfigError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         tokens = self.tokenize(prompt)
         limit = self.n_ctx if max_tokens is None else len(tokens) + max_tokens
         if len(tokens) >= self.n_ctx or limit > self.n_ctx:
@@ -232,7 +268,7 @@ class Engine:
                 f"the prompt is {len(tokens)} tokens; with max_tokens={max_tokens} it needs {limit} "
                 f"but the context window is {self.n_ctx}: shorten the prompt or the conversation, "
                 f"lower max_tokens, or raise n_ctx")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_list(stop)
         # (a same-vocabulary value model reads the base's tokens; value_prompt is unused then)
         return self._run(value_prompt or prompt, tokens, max_tokens, sampling or SamplingConfig(), stops)
 
@@ -250,12 +286,18 @@ class Engine:
 
     def _run(self, value_text: str, prompt_tokens: list[int], max_tokens: int | None,
              sampling: SamplingConfig, stops: list[str]) -> Iterator[str]:
-        from . import _core
+        ticket = self._guard.claim()   # at the first next(): EngineBusyError / EngineClosedError
+        try:
+            yield from self._decode_loop(ticket, value_text, prompt_tokens, max_tokens, sampling, stops)
+        finally:
+            self._guard.release(ticket)
 
-        with self._lock:
-            self._generation += 1
-            self._calls += 1
-            my_generation = self._generation
+    def _decode_loop(self, ticket: int, value_text: str, prompt_tokens: list[int],
+                     max_tokens: int | None, sampling: SamplingConfig, stops: list[str]) -> Iterator[str]:
+        """The token loop. llama.cpp runs only inside `work(ticket)` blocks; text is yielded
+        outside them, so close() from another thread never waits on a slow consumer."""
+        work = self._guard.work
+        self._calls += 1
         stats = GenerationStats(prompt_tokens=len(prompt_tokens), n_ctx=self.n_ctx)
         self.stats = stats
         # alpha 0 at the start: the value model is not run (its cache catches up next call)
@@ -269,52 +311,32 @@ class Engine:
         stopper = _StopStrings(stops)
         completion: list[int] = []
         self._last_completion_tokens = completion
-        n_base = vocab.n_tokens
         t_start = time.perf_counter()
         try:
-            # Interrupted calls may leave decoded-but-unrecorded positions: trim them first.
-            self._base.repair()
-            if value is not None:
-                value.seq.repair() if isinstance(value, TextSync) else value.repair()
-
-            stats.reused_prompt_tokens = self._prefill(value_text, prompt_tokens, value, stats)
+            with work(ticket):
+                # Interrupted calls may leave decoded-but-unrecorded positions: trim them first.
+                self._base.repair()
+                if value is not None:
+                    value.seq.repair() if isinstance(value, TextSync) else value.repair()
+                stats.reused_prompt_tokens = self._prefill(value_text, prompt_tokens, value, stats)
             t_loop = time.perf_counter()
             stats.prefill_s = t_loop - t_start
             step, stopped = 0, False
             while True:
-                if self._logits_hook is not None:
-                    self._logits_hook(self, step)
-                t0 = time.perf_counter()
-                base_ptr = self._base_ctx.logits_ptr()
-                if value is not None:
-                    value_ptr, n_value = self._value_ctx.logits_ptr(), self._value_ctx.n_vocab
-                    token_map, weights, alpha = self._token_map, self._token_weights, self.alpha
-                else:  # same path, zero contribution
-                    value_ptr, n_value, token_map, weights, alpha = base_ptr, n_base, None, None, 0.0
-                try:
-                    token = _core.fuse_and_sample(sampler, base_ptr, n_base, value_ptr, n_value,
-                                                  token_map, alpha, weights, self._scratch)
-                except ValueError as e:
-                    raise InvalidLogitsError(f"cannot sample: {e} (step {step}); the model file may "
-                                             f"be corrupt or alpha too large") from None
-                sampler.accept(token)
-                stats.fuse_sample_s += time.perf_counter() - t0
-                if step == 0:
-                    stats.time_to_first_token_s = time.perf_counter() - t_start
-                step += 1
-
-                if vocab.is_eog(token):
-                    stats.finish_reason = "stop"
-                    break
-                completion.append(token)
-                stats.completion_tokens = len(completion)
-                released = detok.push(token)
+                with work(ticket):
+                    token = self._sample(sampler, value, step, stats)
+                    if step == 0:
+                        stats.time_to_first_token_s = time.perf_counter() - t_start
+                    step += 1
+                    if vocab.is_eog(token):
+                        stats.finish_reason = "stop"
+                        break
+                    completion.append(token)
+                    stats.completion_tokens = len(completion)
+                    released = detok.push(token)
                 text, stopped = stopper.feed(released)
                 if text:
                     yield text
-                if my_generation != self._generation:
-                    raise RuntimeError("this generation was superseded by a newer generate() call "
-                                       "(or the engine was closed)")
                 if stopped:
                     stats.finish_reason = "stop"
                     break
@@ -324,18 +346,19 @@ class Engine:
                 if len(self._base) + 1 > self.n_ctx:
                     stats.finish_reason = "length"
                     break
-                try:
-                    self._advance(token, value, released, stats)
-                except ContextOverflowError:  # the value side filled its window first
-                    stats.finish_reason = "length"
-                    break
+                with work(ticket):
+                    try:
+                        self._advance(token, value, released, stats)
+                    except ContextOverflowError:  # the value side filled its window first
+                        stats.finish_reason = "length"
+                        break
             stats.decode_s = time.perf_counter() - t_loop
             if not stopped:  # EOG or length: release what the stop check held back
                 tail, _ = stopper.feed(detok.flush())
                 tail += stopper.flush()
                 if tail:
                     yield tail
-        except (KeyboardInterrupt, GeneratorExit):
+        except (KeyboardInterrupt, GeneratorExit, EngineClosedError, GenerationSuperseded):
             stats.finish_reason = stats.finish_reason or "interrupted"
             raise
         finally:
@@ -344,6 +367,28 @@ class Engine:
                 stats.decode_s = time.perf_counter() - t_start - stats.prefill_s
             if stats.decode_s > 0:
                 stats.tokens_per_s = stats.completion_tokens / stats.decode_s
+
+    def _sample(self, sampler, value, step: int, stats: GenerationStats) -> int:
+        """Fuse the current logits of base and value and draw a token (accepted into the
+        sampler's penalty history)."""
+        from . import _core
+
+        t0 = time.perf_counter()
+        base_ptr, n_base = self._base_ctx.logits_ptr(), self._base_vocab.n_tokens
+        if value is not None:
+            value_ptr, n_value = self._value_ctx.logits_ptr(), self._value_ctx.n_vocab
+            token_map, weights, alpha = self._token_map, self._token_weights, self.alpha
+        else:  # same path, zero contribution
+            value_ptr, n_value, token_map, weights, alpha = base_ptr, n_base, None, None, 0.0
+        try:
+            token = _core._fuse_and_sample(sampler, base_ptr, n_base, value_ptr, n_value,
+                                           token_map, alpha, weights, self._scratch)
+        except ValueError as e:
+            raise InvalidLogitsError(f"cannot sample: {e} (step {step}); the model file may "
+                                     f"be corrupt or alpha too large") from None
+        sampler.accept(token)
+        stats.fuse_sample_s += time.perf_counter() - t0
+        return token
 
     def _prefill(self, value_text: str, prompt_tokens: list[int], value, stats: GenerationStats) -> int:
         """Bring both caches to the prompt, reusing common prefixes; returns base tokens reused."""
@@ -394,7 +439,7 @@ class Engine:
     # --- chat -------------------------------------------------------------------------------
 
     def _chat_stops(self, stop) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_list(stop)
         if not self._chat_template:
             stops += [s for s in FALLBACK_STOP if s not in stops]
         return stops
@@ -404,6 +449,7 @@ class Engine:
         (the template its value file carries, else the fallback), the format it was trained on.
         None when the value model shares the base's vocabulary (it reads the base's tokens) or
         value_prompt is "base"."""
+        self._guard.check()
         if not isinstance(self._value, TextSync) or self.value_prompt != "own":
             return None
         return render_messages(messages, self._value_template, bos_token="", eos_token=self._value_eos_text)
@@ -468,15 +514,24 @@ class Engine:
         Logits of a prompt decoded in one batch and of the same prompt decoded in pieces
         (prefix reuse) can differ in the last bits (llama.cpp's batched kernels), which may
         flip a greedy near-tie; clear the cache for bit-reproducible runs."""
-        self._base.reset()
-        if self._value is not None:
-            (self._value.seq if isinstance(self._value, TextSync) else self._value).reset()
+        with self._guard.work():
+            self._guard.check_available()  # not under another thread's generation
+            self._base.reset()
+            if self._value is not None:
+                (self._value.seq if isinstance(self._value, TextSync) else self._value).reset()
 
     # --- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._generation = getattr(self, "_generation", 0) + 1  # unfinished generators stop
-        pool, self._pool = getattr(self, "_pool", None), None
+        """Free both models. Safe from any thread and more than once: a generation running
+        on another thread stops at its next token (its next() raises EngineClosedError)
+        before anything is freed; every later call raises EngineClosedError."""
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.close(self._free)
+
+    def _free(self) -> None:
+        pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
         for name in ("_value_ctx", "_base_ctx", "_value_model", "_base_model"):
@@ -496,6 +551,15 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+def _stop_list(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is None:
+        return []
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}")
+    return list(stops)
 
 
 def _join(future):

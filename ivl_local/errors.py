@@ -56,3 +56,15 @@ class CheckpointError(IVLError):
 
 class GenerationCancelled(IVLError):
     """Generation was stopped by the user (Ctrl-C); the partial answer is kept."""
+
+
+class EngineBusyError(IVLError):
+    """Another thread's generation is in progress on this Engine (one generation at a time)."""
+
+
+class EngineClosedError(IVLError):
+    """The Engine was closed: it runs nothing more (a generation stops at the next token)."""
+
+
+class GenerationSuperseded(IVLError):
+    """A newer generate() on the same thread took over the engine from this unfinished one."""

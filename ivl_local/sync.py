@@ -21,6 +21,8 @@ up to a full re-tokenization.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .backend import Context, Vocab
 from .errors import ContextOverflowError
 
@@ -34,10 +36,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class KVSequence:
-    """The tokens held by one context's KV cache, kept in step with the C state."""
+    """The tokens held by one context's KV cache, kept in step with the C state.
 
-    def __init__(self, ctx: Context):
+    `checkpoint` runs between the chunks of a long decode and may raise to stop it (the
+    engine's close() from another thread stops a prefill there, not after all of it)."""
+
+    def __init__(self, ctx: Context, checkpoint: Callable[[], None] | None = None):
         self.ctx = ctx
+        self.checkpoint = checkpoint
         self.tokens: list[int] = []
         self.logits_valid = False  # logits of the last decode belong to tokens[-1]
         self.decoded = 0           # tokens decoded by the last sync_to/append (stats)
@@ -87,6 +93,8 @@ class KVSequence:
         self.decoded = len(tokens)
         step = self.ctx.n_batch
         for lo in range(0, len(tokens), step):
+            if lo and self.checkpoint is not None:
+                self.checkpoint()
             chunk = tokens[lo:lo + step]
             self.logits_valid = False
             self.ctx.decode(chunk, len(self.tokens), logits_last=lo + step >= len(tokens))
@@ -97,9 +105,10 @@ class KVSequence:
 class TextSync:
     """The value model's context, fed the base model's text (cross-vocabulary)."""
 
-    def __init__(self, vocab: Vocab, ctx: Context, window: int = 4):
+    def __init__(self, vocab: Vocab, ctx: Context, window: int = 4,
+                 checkpoint: Callable[[], None] | None = None):
         self.vocab = vocab
-        self.seq = KVSequence(ctx)
+        self.seq = KVSequence(ctx, checkpoint)
         self.window = window
         self.text = b""
         self._ends: list[int] = []  # byte offset in `text` where each token's text ends

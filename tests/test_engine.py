@@ -11,13 +11,33 @@ import pytest
 
 from ivl_local import GREEDY, SamplingConfig
 from ivl_local.engine import Engine, _StopStrings
-from ivl_local.errors import (ConfigError, ContextOverflowError, EmptyPromptError, FormatVersionError,
-                              InvalidLogitsError, ModelFileError, VocabMismatchError)
+from ivl_local.errors import (ConfigError, ContextOverflowError, EmptyPromptError, EngineClosedError,
+                              FormatVersionError, GenerationSuperseded, InvalidLogitsError,
+                              ModelFileError, VocabMismatchError)
 from ivl_local.valuefile import RawValueModelWarning
 
 PROMPT = "The capital of France is"
 N = 12
 KW = dict(n_ctx=256, n_threads=1)
+
+
+def on_each_step(monkeypatch, engine: Engine, hook) -> None:
+    """Run hook(engine, step) before each token is sampled: the seam is the base context's
+    logits read, which every step makes exactly once."""
+    real = engine._base_ctx.logits_ptr
+    step = {"n": 0, "in_hook": False}
+
+    def logits_ptr(*args):
+        if not step["in_hook"]:          # the hook itself may read the logits
+            step["in_hook"] = True
+            try:
+                hook(engine, step["n"])
+            finally:
+                step["in_hook"] = False
+            step["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(engine._base_ctx, "logits_ptr", logits_ptr)
 
 
 def engine_with_raw_value(base, value, **kw) -> Engine:
@@ -126,7 +146,7 @@ def test_same_model_as_value_alpha0_and_alpha1_keep_base_greedy_tokens(smollm2_p
 
 
 @pytest.mark.real
-def test_value_changes_the_distribution(smollm2_path, gemma3_path):
+def test_value_changes_the_distribution(smollm2_path, gemma3_path, monkeypatch):
     """A value model with a large alpha does change what is sampled (the fusion is live)."""
     with engine_with_raw_value(smollm2_path, gemma3_path, alpha=0.0) as engine:
         base_text = engine.complete(PROMPT, max_tokens=8, sampling=GREEDY)
@@ -136,7 +156,7 @@ def test_value_changes_the_distribution(smollm2_path, gemma3_path):
         def check(eng, step):
             assert sync.tokens == sync.tokenize(sync.text) and sync.tokens[0] == eng._value_model.vocab.bos
 
-        engine._logits_hook = check
+        on_each_step(monkeypatch, engine, check)
         fused_text = engine.complete(PROMPT, max_tokens=8, sampling=GREEDY)
     assert base_text != fused_text
     assert sync.full_retokenizations == 0
@@ -172,7 +192,7 @@ def cross_engine(gemma3_path, smollm2_path):
 
 
 @pytest.mark.real
-def test_cross_vocab_value_context_equals_retokenized_text(cross_engine):
+def test_cross_vocab_value_context_equals_retokenized_text(cross_engine, monkeypatch):
     engine = cross_engine
     assert not engine.identity_vocab
     sync = engine._value
@@ -184,7 +204,7 @@ def test_cross_vocab_value_context_equals_retokenized_text(cross_engine):
         assert eng._base_ctx.pos_max() == len(eng._base.tokens) - 1
         checked.append(step)
 
-    engine._logits_hook = check
+    on_each_step(monkeypatch, engine, check)
     try:
         prompt = "Numbers: 12345, 3.14159; café — naïve 🚀\nList:"
         sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
@@ -197,7 +217,7 @@ def test_cross_vocab_value_context_equals_retokenized_text(cross_engine):
         last = engine._base_vocab.piece(engine._last_completion_tokens[-1])
         assert (prompt + text + " and" + text2).encode() == sync.text + last
     finally:
-        engine._logits_hook = None
+        monkeypatch.undo()
     assert len(checked) >= 24 + 1
     print(f"\nvalue side: {len(sync.tokens)} SmolLM2 tokens for {len(engine._base.tokens)} Gemma "
           f"tokens; full re-tokenizations: {sync.full_retokenizations}")
@@ -360,34 +380,31 @@ def test_generation_stops_at_a_full_context(smollm2_engine, smollm2_reference):
 
 
 @pytest.mark.real
-def test_nan_logits_raise_and_the_engine_recovers(smollm2_engine, smollm2_reference):
+def test_nan_logits_raise_and_the_engine_recovers(smollm2_engine, smollm2_reference, monkeypatch):
     def poison(engine, step):
         if step == 2:
             engine._base_ctx.logits_array()[5] = np.nan
 
-    smollm2_engine._logits_hook = poison
-    try:
-        with pytest.raises(InvalidLogitsError, match="NaN"):
-            smollm2_engine.complete(PROMPT, max_tokens=N, sampling=GREEDY)
-    finally:
-        smollm2_engine._logits_hook = None
+    on_each_step(monkeypatch, smollm2_engine, poison)
+    with pytest.raises(InvalidLogitsError, match="NaN"):
+        smollm2_engine.complete(PROMPT, max_tokens=N, sampling=GREEDY)
+    monkeypatch.undo()
     assert smollm2_engine.complete(PROMPT, max_tokens=N, sampling=GREEDY) == smollm2_reference[0]
 
 
 # --- interruption -----------------------------------------------------------------------------------
 
 @pytest.mark.real
-def test_keyboard_interrupt_mid_generation_then_generate_again(smollm2_engine, smollm2_reference):
+def test_keyboard_interrupt_mid_generation_then_generate_again(smollm2_engine, smollm2_reference,
+                                                               monkeypatch):
     def ctrl_c(engine, step):
         if step == 3:
             raise KeyboardInterrupt
 
-    smollm2_engine._logits_hook = ctrl_c
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            smollm2_engine.complete(PROMPT + " (a)", max_tokens=N, sampling=GREEDY)
-    finally:
-        smollm2_engine._logits_hook = None
+    on_each_step(monkeypatch, smollm2_engine, ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        smollm2_engine.complete(PROMPT + " (a)", max_tokens=N, sampling=GREEDY)
+    monkeypatch.undo()
     assert smollm2_engine.stats.finish_reason == "interrupted"
     assert smollm2_engine.complete(PROMPT, max_tokens=N, sampling=GREEDY) == smollm2_reference[0]
 
@@ -428,7 +445,7 @@ def test_a_newer_generation_supersedes_an_unfinished_one(smollm2_engine, smollm2
     old = smollm2_engine.generate(PROMPT + " (d)", max_tokens=N, sampling=GREEDY)
     next(old)
     assert smollm2_engine.complete(PROMPT, max_tokens=N, sampling=GREEDY) == smollm2_reference[0]
-    with pytest.raises(RuntimeError, match="superseded"):
+    with pytest.raises(GenerationSuperseded):
         list(old)
 
 
@@ -438,7 +455,7 @@ def test_closed_engine(smollm2_path):
     stream = engine.generate(PROMPT, max_tokens=N, sampling=GREEDY)
     next(stream)
     engine.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(EngineClosedError, match="closed"):
         list(stream)
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(EngineClosedError, match="closed"):
         engine.generate(PROMPT)
