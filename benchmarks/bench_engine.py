@@ -9,7 +9,7 @@ temperature 0.8, top-p 0.95, min-p 0.05). Rows:
   base alone            Engine(gemma) - llama_decode of one model per token
   value alone           Engine(smollm2)
   ideal sequential      1 / (t_base + t_value): both decodes back to back, nothing else
-  fused, sequential     Engine(gemma, smollm2): decode both + text sync + _core.fuse_and_sample
+  fused, sequential     Engine(gemma, smollm2): decode both + text sync + _core._fuse_and_sample
   fused, concurrent     the same with concurrent=True (the two decodes on two threads)
   numpy baseline        llama-cpp-python high-level Llama.eval for both models, the same text
                         sync, and a numpy logits processor: fuse + map, argsort, the same chain

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_kernels.py [--vocab 262144] [--iters 300]
 
-For every SIMD level this CPU has, times `_core.fuse_and_sample` (identity map and a random
+For every SIMD level this CPU has, times `_core._fuse_and_sample` (identity map and a random
 cross-vocabulary map with weights; top-k 40 / top-p 0.9 / temperature 0.8, and greedy) on
 raw pointers, as the engine calls it, and prints the ratio to two numpy baselines:
   - "numpy argsort": what a Python logits_processor typically does (fuse, softmax over the
@@ -144,7 +144,7 @@ def main() -> None:
                     sampler = _core.Sampler(temperature=0.0 if greedy else TEMPERATURE,
                                             top_k=TOP_K, top_p=TOP_P, min_p=0.0, seed=1)
                     cxx = timed_us(
-                        lambda: _core.fuse_and_sample(sampler, base.ctypes.data, base.size,
+                        lambda: _core._fuse_and_sample(sampler, base.ctypes.data, base.size,
                                                       vals.ctypes.data, vals.size, tmap,
                                                       ALPHA, tw, scratch),
                         args.iters,
@@ -157,7 +157,7 @@ def main() -> None:
             sampler = _core.Sampler(temperature=TEMPERATURE, top_k=0, top_p=TOP_P, min_p=0.0,
                                     seed=1)
             cxx = timed_us(
-                lambda: _core.fuse_and_sample(sampler, base.ctypes.data, base.size,
+                lambda: _core._fuse_and_sample(sampler, base.ctypes.data, base.size,
                                               vals.ctypes.data, vals.size, tmap, ALPHA, tw,
                                               scratch),
                 max(args.iters // 10, 10),
@@ -167,22 +167,22 @@ def main() -> None:
         # Parts of the step, at the best level, to show where the time goes.
         _core.set_simd_level("auto")
         out = np.empty_like(base)
-        fuse_id = timed_us(lambda: _core.fuse_logits_ptr(out.ctypes.data, base.ctypes.data,
+        fuse_id = timed_us(lambda: _core._fuse_logits_ptr(out.ctypes.data, base.ctypes.data,
                                                          base.size, value_same.ctypes.data,
                                                          value_same.size, None, ALPHA, None),
                            args.iters)
-        fuse_map = timed_us(lambda: _core.fuse_logits_ptr(out.ctypes.data, base.ctypes.data,
+        fuse_map = timed_us(lambda: _core._fuse_logits_ptr(out.ctypes.data, base.ctypes.data,
                                                           base.size, value.ctypes.data,
                                                           value.size, token_map, ALPHA,
                                                           token_weights),
                             args.iters)
-        fuse_real = timed_us(lambda: _core.fuse_logits_ptr(out.ctypes.data, base.ctypes.data,
+        fuse_real = timed_us(lambda: _core._fuse_logits_ptr(out.ctypes.data, base.ctypes.data,
                                                            base.size, real_value.ctypes.data,
                                                            real_value.size, real_tmap, ALPHA,
                                                            real_tw),
                              args.iters)
         sampler = _core.Sampler(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=0.0)
-        sample_only = timed_us(lambda: sampler.sample_ptr(out.ctypes.data, out.size), args.iters)
+        sample_only = timed_us(lambda: sampler._sample_ptr(out.ctypes.data, out.size), args.iters)
         print(f"\nparts at {_core.simd_level()}: fuse identity {fuse_id:.1f} µs, fuse mapped "
               f"{fuse_map:.1f} µs, fuse real map {fuse_real:.1f} µs, sample_ptr (NaN check + "
               f"top-k 40/top-p 0.9) {sample_only:.1f} µs")

@@ -110,6 +110,19 @@ void check_length(int64_t n, const char* name) {
     }
 }
 
+// Weights are data: checked where they enter (here, and the map loader in Python), not on
+// the per-token path.
+void check_weights(const MapArgs& map, int64_t n_base) {
+    if (!map.token_weights) return;
+    for (int64_t i = 0; i < n_base; ++i) {
+        const float w = map.token_weights[i];
+        if (!(w >= 0.0f && w <= 1.0f)) {  // NaN fails both
+            throw py::value_error("token_weights[" + std::to_string(i) + "] is " +
+                                  std::to_string(w) + ", must be in [0, 1]");
+        }
+    }
+}
+
 template <class T>
 T* pointer(uintptr_t address, const char* name) {
     if (address == 0) throw py::value_error(std::string(name) + " is a null pointer");
@@ -124,6 +137,7 @@ py::array_t<float> fuse_logits_py(const py::object& base_logits, const py::objec
     const int64_t n_base = base.shape(0), n_value = value.shape(0);
     const MapArgs map = checked_map(token_map, token_weights, n_base);
     check_identity(map, n_base, n_value);
+    check_weights(map, n_base);
     py::array_t<float> out(n_base);
     float* out_ptr = out.mutable_data();
     {
@@ -141,6 +155,7 @@ void fuse_logits_ptr_py(uintptr_t out_ptr, uintptr_t base_ptr, int64_t n_base, u
     check_length(n_value, "n_value");
     const MapArgs map = checked_map(token_map, token_weights, n_base);
     check_identity(map, n_base, n_value);
+    check_weights(map, n_base);
     float* out = pointer<float>(out_ptr, "out_ptr");
     const float* base = pointer<const float>(base_ptr, "base_ptr");
     const float* value = pointer<const float>(value_ptr, "value_ptr");
@@ -234,7 +249,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("token_map") = py::none(), py::arg("alpha") = 1.0f,
           py::arg("token_weights") = py::none(),
           "out[i] = base[i] + alpha * w[i] * value[map[i]] as a new float32 array.");
-    m.def("fuse_logits_ptr", &fuse_logits_ptr_py, py::arg("out_ptr"), py::arg("base_ptr"),
+    m.def("_fuse_logits_ptr", &fuse_logits_ptr_py, py::arg("out_ptr"), py::arg("base_ptr"),
           py::arg("n_base"), py::arg("value_ptr"), py::arg("n_value"),
           py::arg("token_map") = py::none(), py::arg("alpha") = 1.0f,
           py::arg("token_weights") = py::none(),
@@ -270,7 +285,7 @@ PYBIND11_MODULE(_core, m) {
             },
             py::arg("logits"), "Apply the chain and draw a token (does not accept it).")
         .def(
-            "sample_ptr",
+            "_sample_ptr",
             [](ivl::Sampler& s, uintptr_t logits_ptr, int64_t n) {
                 check_length(n, "n");
                 const float* logits = pointer<const float>(logits_ptr, "logits_ptr");
@@ -295,7 +310,7 @@ PYBIND11_MODULE(_core, m) {
         .def("probs", &probs_py, py::arg("logits"),
              "(ids int32[k], probs float32[k]) after the chain, best first.");
 
-    m.def("fuse_and_sample", &fuse_and_sample_py, py::arg("sampler"), py::arg("base_ptr"),
+    m.def("_fuse_and_sample", &fuse_and_sample_py, py::arg("sampler"), py::arg("base_ptr"),
           py::arg("n_base"), py::arg("value_ptr"), py::arg("n_value"), py::arg("token_map"),
           py::arg("alpha"), py::arg("token_weights"), py::arg("scratch"),
           "One decode step: fuse into scratch, sample; GIL released throughout.");

@@ -175,16 +175,16 @@ def test_ptr_variant_out_of_place_and_in_place(simd_level):
     token_map = rng.permutation(n).astype(np.int32)
     expected = reference(base, value, token_map, 0.5)
     out = np.empty_like(base)
-    _core.fuse_logits_ptr(out.ctypes.data, base.ctypes.data, n, value.ctypes.data, n,
+    _core._fuse_logits_ptr(out.ctypes.data, base.ctypes.data, n, value.ctypes.data, n,
                           token_map, 0.5, None)
     np.testing.assert_allclose(out, expected, rtol=2e-6, atol=2e-6)
     in_place = base.copy()
-    _core.fuse_logits_ptr(in_place.ctypes.data, in_place.ctypes.data, n, value.ctypes.data, n,
+    _core._fuse_logits_ptr(in_place.ctypes.data, in_place.ctypes.data, n, value.ctypes.data, n,
                           token_map, 0.5, None)
     np.testing.assert_array_equal(in_place, out)
     # ctypes buffers (what llama_get_logits_ith hands out) work the same way
     raw = (ctypes.c_float * n)(*base.tolist())
-    _core.fuse_logits_ptr(ctypes.addressof(raw), ctypes.addressof(raw), n, value.ctypes.data, n,
+    _core._fuse_logits_ptr(ctypes.addressof(raw), ctypes.addressof(raw), n, value.ctypes.data, n,
                           token_map, 0.5, None)
     np.testing.assert_array_equal(np.ctypeslib.as_array(raw), out)
 
@@ -195,7 +195,7 @@ def test_in_place_nan_error_still_names_base_index(simd_level):
     buf[10] = np.nan
     value = np.ones(n, np.float32)
     with pytest.raises(ValueError, match=r"NaN in base logits at index 10$"):
-        _core.fuse_logits_ptr(buf.ctypes.data, buf.ctypes.data, n, value.ctypes.data, n,
+        _core._fuse_logits_ptr(buf.ctypes.data, buf.ctypes.data, n, value.ctypes.data, n,
                               None, 1.0, None)
 
 
@@ -220,9 +220,24 @@ def test_rejects_bad_arrays():
     with pytest.raises(ValueError, match="without a token_map"):
         _core.fuse_logits(base, np.zeros(17, np.float32))
     with pytest.raises(ValueError, match="null pointer"):
-        _core.fuse_logits_ptr(0, base.ctypes.data, 16, base.ctypes.data, 16, None, 1.0, None)
+        _core._fuse_logits_ptr(0, base.ctypes.data, 16, base.ctypes.data, 16, None, 1.0, None)
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         _core.fuse_logits(base, base, alpha=float("nan"))
+    for bad in (np.nan, -0.5, 1.5, np.inf):
+        weights = np.ones(16, np.float32)
+        weights[11] = bad
+        with pytest.raises(ValueError, match=r"token_weights\[11\] is .*must be in \[0, 1\]"):
+            _core.fuse_logits(base, base, np.arange(16, dtype=np.int32), 1.0, weights)
+        with pytest.raises(ValueError, match=r"token_weights\[11\]"):
+            _core._fuse_logits_ptr(base.ctypes.data, base.ctypes.data, 16, base.ctypes.data, 16,
+                                   None, 1.0, weights)
+
+
+def test_raw_pointer_entry_points_are_private():
+    """Apps cannot pass a wild address through a public name (only the engine uses these)."""
+    public = {name for name in dir(_core) if not name.startswith("_")}
+    assert not {"fuse_logits_ptr", "fuse_and_sample"} & public
+    assert "sample_ptr" not in dir(_core.Sampler) and "_sample_ptr" in dir(_core.Sampler)
 
 
 def test_simd_level_controls():

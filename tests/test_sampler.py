@@ -225,7 +225,7 @@ def test_fuse_and_sample_equals_fuse_then_sample_every_level():
             _core.set_simd_level(level)
             one_call, two_calls = _core.Sampler(**config), _core.Sampler(**config)
             for _ in range(20):
-                token = _core.fuse_and_sample(one_call, base.ctypes.data, n, value.ctypes.data,
+                token = _core._fuse_and_sample(one_call, base.ctypes.data, n, value.ctypes.data,
                                               n_value, token_map, 0.8, token_weights, scratch)
                 fused = _core.fuse_logits(base, value, token_map, 0.8, token_weights)
                 assert token == two_calls.sample(fused)
@@ -242,23 +242,23 @@ def test_fuse_and_sample_identity_and_errors():
     scratch = np.empty(n, np.float32)
     greedy = _core.Sampler(temperature=0.0)
     args = (base.ctypes.data, n, value.ctypes.data, n, None)
-    assert _core.fuse_and_sample(greedy, *args, 1.0, None, scratch) == 456
-    assert _core.fuse_and_sample(greedy, *args, 0.0, None, scratch) == 123
+    assert _core._fuse_and_sample(greedy, *args, 1.0, None, scratch) == 456
+    assert _core._fuse_and_sample(greedy, *args, 0.0, None, scratch) == 123
     value[7] = np.nan
     with pytest.raises(ValueError, match="NaN in value logits at index 7"):
-        _core.fuse_and_sample(greedy, *args, 1.0, None, scratch)
+        _core._fuse_and_sample(greedy, *args, 1.0, None, scratch)
     with pytest.raises(ValueError, match="scratch must have length 1000"):
-        _core.fuse_and_sample(greedy, *args, 0.0, None, np.empty(10, np.float32))
+        _core._fuse_and_sample(greedy, *args, 0.0, None, np.empty(10, np.float32))
     read_only = np.empty(n, np.float32)
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="scratch must be writable"):
-        _core.fuse_and_sample(greedy, *args, 0.0, None, read_only)
+        _core._fuse_and_sample(greedy, *args, 0.0, None, read_only)
 
 
 def test_sample_ptr_and_errors():
     logits = f32([0.0, 2.0, 1.0])
     sampler = _core.Sampler(temperature=0.0)
-    assert sampler.sample_ptr(logits.ctypes.data, 3) == 1
+    assert sampler._sample_ptr(logits.ctypes.data, 3) == 1
     with pytest.raises(ValueError, match="NaN in logits at index 1"):
         sampler.sample(f32([0.0, np.nan]))
     with pytest.raises(ValueError, match="all logits are -inf"):
@@ -319,7 +319,7 @@ def test_fused_top_k_matches_fuse_then_sample_every_level(n, mapped, config):
             fused = _core.fuse_logits(base, value, token_map, 0.8, weights)  # FMA or not
             one_call, two_calls = _core.Sampler(**config, seed=5), _core.Sampler(**config, seed=5)
             for _ in range(8):
-                token = _core.fuse_and_sample(one_call, base.ctypes.data, n, value.ctypes.data,
+                token = _core._fuse_and_sample(one_call, base.ctypes.data, n, value.ctypes.data,
                                               value.size, token_map, 0.8, weights, scratch)
                 assert token == two_calls.sample(fused)
                 np.testing.assert_array_equal(scratch, fused)  # scratch still holds the fuse
@@ -341,7 +341,7 @@ def test_fused_top_k_candidates_match_numpy_with_ties():
     ids, _ = chain_reference(base, 1.0, 40, 1.0, 0.0)
     assert ids[:3].tolist() == [5000, 9000, 10_006]
     sampler = _core.Sampler(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0, seed=9)
-    seen = {_core.fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, None,
+    seen = {_core._fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, None,
                                   1.0, None, scratch) for _ in range(3000)}
     assert seen <= set(ids.tolist()) and len(seen) > 30
 
@@ -355,24 +355,24 @@ def test_fused_path_errors_name_absolute_indexes():
     value[13_000] = np.nan
     for s in (sampler, greedy):
         with pytest.raises(ValueError, match="NaN in value logits at index 13000"):
-            _core.fuse_and_sample(s, base.ctypes.data, n, value.ctypes.data, n, None, 1.0, None,
+            _core._fuse_and_sample(s, base.ctypes.data, n, value.ctypes.data, n, None, 1.0, None,
                                   scratch)
     value[13_000] = 0.0
     base[9_001] = np.nan
     for alpha in (1.0, 0.0):
         with pytest.raises(ValueError, match="NaN in base logits at index 9001"):
-            _core.fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, None,
+            _core._fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, None,
                                   alpha, None, scratch)
     base[9_001] = 0.0
     token_map = np.zeros(n, np.int32)
     token_map[17_777] = n
     with pytest.raises(ValueError, match=r"token_map\[17777\]"):
-        _core.fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, token_map,
+        _core._fuse_and_sample(sampler, base.ctypes.data, n, value.ctypes.data, n, token_map,
                               1.0, None, scratch)
     base[:] = -np.inf
     for s in (sampler, greedy):
         with pytest.raises(ValueError, match="all logits are -inf"):
-            _core.fuse_and_sample(s, base.ctypes.data, n, value.ctypes.data, n, None, 1.0, None,
+            _core._fuse_and_sample(s, base.ctypes.data, n, value.ctypes.data, n, None, 1.0, None,
                                   scratch)
 
 
