@@ -317,7 +317,7 @@ class Engine:
                 # Interrupted calls may leave decoded-but-unrecorded positions: trim them first.
                 self._base.repair()
                 if value is not None:
-                    value.seq.repair() if isinstance(value, TextSync) else value.repair()
+                    value.repair()
                 stats.reused_prompt_tokens = self._prefill(value_text, prompt_tokens, value, stats)
             t_loop = time.perf_counter()
             stats.prefill_s = t_loop - t_start
@@ -391,24 +391,20 @@ class Engine:
         return token
 
     def _prefill(self, value_text: str, prompt_tokens: list[int], value, stats: GenerationStats) -> int:
-        """Bring both caches to the prompt, reusing common prefixes; returns base tokens reused."""
+        """Bring both caches to the prompt, reusing common prefixes; returns base tokens reused.
+        A value model with another vocabulary reads `value_text`; one with the base's reads
+        the base's tokens."""
         value_job = None
         if value is not None:
-            if isinstance(value, TextSync):
-                value_job = lambda: value.reset_to(value_text.encode("utf-8"))
-            else:
-                value_job = lambda: value.sync_to(prompt_tokens)
-        reused = self._lockstep(lambda: self._base.sync_to(prompt_tokens), value_job, stats)[0]
-        return reused
+            value_job = lambda: value.start(prompt_tokens, value_text.encode("utf-8"))
+        return self._lockstep(lambda: self._base.sync_to(prompt_tokens), value_job, stats)[0]
 
     def _advance(self, token: int, value, released: str, stats: GenerationStats) -> None:
-        """Feed the sampled token to both models. A cross-vocabulary value model reads the
-        text the detokenizer released (complete characters only)."""
+        """Feed the sampled token to both models (a value model with another vocabulary reads
+        the text the detokenizer released: complete characters only)."""
         value_job = None
-        if isinstance(value, TextSync):
-            value_job = lambda: value.append(released.encode("utf-8"))
-        elif value is not None:
-            value_job = lambda: value.append([token])
+        if value is not None:
+            value_job = lambda: value.feed(token, released.encode("utf-8"))
         self._lockstep(lambda: self._base.append([token]), value_job, stats)
 
     def _lockstep(self, base_job, value_job, stats: GenerationStats):
@@ -450,7 +446,7 @@ class Engine:
         None when the value model shares the base's vocabulary (it reads the base's tokens) or
         value_prompt is "base"."""
         self._guard.check()
-        if not isinstance(self._value, TextSync) or self.value_prompt != "own":
+        if self._value is None or self.identity_vocab or self.value_prompt != "own":
             return None
         return render_messages(messages, self._value_template, bos_token="", eos_token=self._value_eos_text)
 
@@ -518,7 +514,7 @@ class Engine:
             self._guard.check_available()  # not under another thread's generation
             self._base.reset()
             if self._value is not None:
-                (self._value.seq if isinstance(self._value, TextSync) else self._value).reset()
+                self._value.reset()
 
     # --- lifetime ---------------------------------------------------------------------------
 

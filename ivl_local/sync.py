@@ -17,6 +17,14 @@ cache is rolled back to the first value token that changed:
 Invariant (tested on real models): `tokens == tokenize(text)` after every call. When the
 first token of the window changes, the window doubles (the change may reach further back),
 up to a full re-tokenization.
+
+Both are *followers*: a model context that follows the base's text, with one interface the
+engine drives without knowing which kind it holds:
+
+    follower.repair()                    # after an interruption: trim unrecorded positions
+    follower.start(prompt_tokens, text)  # prefill (reusing the cached prefix)
+    follower.feed(token, released_text)  # the base sampled `token`, releasing this text
+    follower.reset()                     # forget the cache
 """
 
 from __future__ import annotations
@@ -101,6 +109,14 @@ class KVSequence:
             self.tokens.extend(chunk)
         self.logits_valid = bool(tokens) or self.logits_valid
 
+    # --- follower interface: the same vocabulary as the base reads the base's tokens ---------
+
+    def start(self, prompt_tokens: list[int], text: bytes) -> int:
+        return self.sync_to(prompt_tokens)
+
+    def feed(self, token: int, text: bytes) -> None:
+        self.append([token])
+
 
 class TextSync:
     """The value model's context, fed the base model's text (cross-vocabulary)."""
@@ -117,6 +133,20 @@ class TextSync:
     @property
     def tokens(self) -> list[int]:
         return self.seq.tokens
+
+    # --- follower interface: another vocabulary reads the base's text ------------------------
+
+    def repair(self) -> None:
+        self.seq.repair()
+
+    def reset(self) -> None:
+        self.seq.reset()
+
+    def start(self, prompt_tokens: list[int], text: bytes) -> int:
+        return self.reset_to(text)
+
+    def feed(self, token: int, text: bytes) -> None:
+        self.append(text)
 
     def tokenize(self, text: bytes) -> list[int]:
         """The reference tokenization the invariant is stated against."""
