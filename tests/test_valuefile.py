@@ -21,6 +21,8 @@ def write_gguf(path, ivl: dict | None = None, tensors: int = 2):
     for key, value in (ivl or {}).items():
         if isinstance(value, str):
             w.add_string(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
         elif isinstance(value, float):
             w.add_float32(key, value)
         else:
@@ -75,6 +77,23 @@ def test_newer_major_format_is_refused(tmp_path):
 def test_newer_minor_format_is_accepted(tmp_path):
     path = write_gguf(tmp_path / "minor.ivl.gguf", {**IVL_KEYS, Keys.FORMAT_VERSION: f"{FORMAT_MAJOR}.7"})
     assert read_value_info(path).format_version == f"{FORMAT_MAJOR}.7"
+
+
+@pytest.mark.parametrize("alpha", ["abc", [1.0, 2.0], float("nan"), -0.5, 101.0, float("inf")])
+def test_bad_default_alpha_names_the_key(tmp_path, alpha):
+    path = write_gguf(tmp_path / "a.ivl.gguf", {**IVL_KEYS, Keys.DEFAULT_ALPHA: alpha})
+    with pytest.raises(ModelFileError, match=f"{Keys.DEFAULT_ALPHA} must be"):
+        read_value_info(path)
+
+
+@pytest.mark.parametrize("key, value", [(Keys.BASE_VOCAB_SIZE, "49152"), (Keys.BASE_VOCAB_SIZE, [1, 2]),
+                                        (Keys.BASE_VOCAB_SIZE, 0), (Keys.BASE_NAME, 7),
+                                        (Keys.BASE_VOCAB_FINGERPRINT, ["a", "b"]), (Keys.CONNECTION, 1),
+                                        (Keys.FORMAT_VERSION, 1)])
+def test_ivl_keys_of_the_wrong_type_name_the_key(tmp_path, key, value):
+    path = write_gguf(tmp_path / "t.ivl.gguf", {**IVL_KEYS, key: value})
+    with pytest.raises(ModelFileError, match=key.replace(".", r"\.")):
+        read_value_info(path)
 
 
 def test_missing_file(tmp_path):

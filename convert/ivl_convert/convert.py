@@ -13,7 +13,7 @@ import numpy as np
 
 from ivl_local.errors import CheckpointError, ConfigError, ModelFileError
 from ivl_local.gguf_keys import FORMAT_MAJOR, FORMAT_MINOR, Keys
-from ivl_local.train.gguf_meta import read_header, read_metadata
+from ivl_local.valuefile import read_gguf_header
 from ivl_local.vocab_fp import vocab_fingerprint
 
 from .checkpoint import Checkpoint, HParams, read_checkpoint
@@ -98,26 +98,32 @@ def _base_gguf(ckpt: Checkpoint, base_gguf: str | os.PathLike | None) -> Path:
 
 
 def _tokenizer(w: ValueFileWriter, ckpt: Checkpoint, base_path: Path) -> str:
-    """Copy every tokenizer.* key of the base GGUF; returns the vocab fingerprint."""
+    """Copy every tokenizer.* key of the base GGUF, with its stored type; returns the vocab
+    fingerprint."""
     from gguf import GGUFValueType as V
 
-    meta = read_metadata(base_path)
-    tokens = meta.get("tokenizer.ggml.tokens")
+    base = read_gguf_header(base_path)
+    tokens = base.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise ModelFileError(f"{base_path}: GGUF has no tokenizer to copy")
-    types = meta.get("tokenizer.ggml.token_type")
-    fingerprint = vocab_fingerprint(tokens.value, types.value if types else None)
+    types = base.get("tokenizer.ggml.token_type")
+    fingerprint = vocab_fingerprint(tokens, None if types is None else types.tolist())
     expected = (ckpt.meta.get("training_base") or {}).get("vocab_fingerprint")
     if expected and expected != fingerprint:
         raise CheckpointError(f"{base_path}: vocabulary fingerprint {fingerprint} differs from the "
                               f"one the checkpoint was trained with ({expected})")
-    if len(tokens.value) != ckpt.hparams.vocab_size:
-        raise CheckpointError(f"{base_path}: {len(tokens.value)} tokens, but the checkpoint has "
+    if len(tokens) != ckpt.hparams.vocab_size:
+        raise CheckpointError(f"{base_path}: {len(tokens)} tokens, but the checkpoint has "
                               f"{ckpt.hparams.vocab_size} logits")
-    for key, item in meta.items():
-        if key.startswith("tokenizer."):
-            w.add_metadata(key, item.value, V(item.type),
-                           None if item.sub_type is None else V(item.sub_type))
+    for key, value in base.metadata.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype, elem = base.value_type(key)
+        if elem == V.ARRAY:
+            raise ModelFileError(f"{base_path}: {key} is an array of arrays; cannot copy it")
+        if isinstance(value, np.ndarray):
+            value = value.tolist()      # the gguf writer takes sequences
+        w.add_metadata(key, value, vtype, elem)
     return fingerprint
 
 
@@ -185,40 +191,37 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
 def inspect_value_file(path: str | os.PathLike) -> dict:
     """{'path', 'size_bytes', 'architecture', 'is_value_file', 'ivl': {key: value},
     'general': {...}, 'hparams': {...}, 'tokenizer': {...}, 'tensor_types': {type: count},
-    'n_tensors', 'n_params'} -- header only, fast even for a 262k vocabulary."""
+    'n_tensors', 'n_params'} -- header only, fast even for a 262k vocabulary. Reads through
+    ivl_local.valuefile, so a corrupt or hostile file raises ModelFileError."""
     from gguf import GGMLQuantizationType
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"no such file: {path}")
-    meta, tensors = read_header(path)
+    header = read_gguf_header(path)
+    md = header.metadata
 
-    def plain(item):
-        if item.type == 8:       # STRING
-            return item.text
-        return item.value
+    def plain(value):
+        return value.tolist() if isinstance(value, np.ndarray) else value
 
-    arch = plain(meta["general.architecture"]) if "general.architecture" in meta else "?"
+    arch = str(md.get("general.architecture", "?"))
     types: dict[str, int] = {}
     n_params = 0
-    for t in tensors:
+    for t in header.tensors:
         name = GGMLQuantizationType(t.ggml_type).name
         types[name] = types.get(name, 0) + 1
-        n_params += int(np.prod(t.shape))
-    ivl = {k: plain(v) for k, v in meta.items() if k.startswith("ivl.")}
-    tokens = meta.get("tokenizer.ggml.tokens")
+        n_params += int(np.prod(t.shape, dtype=object))
+    ivl = {k: plain(v) for k, v in md.items() if k.startswith("ivl.")}
+    tokens = md.get("tokenizer.ggml.tokens")
     return {
-        "path": str(path),
-        "size_bytes": path.stat().st_size,
+        "path": str(header.path),
+        "size_bytes": header.file_size,
         "architecture": arch,
         "is_value_file": bool(ivl),
         "ivl": ivl,
-        "general": {k: plain(v) for k, v in meta.items() if k.startswith("general.")},
-        "hparams": {k: plain(v) for k, v in meta.items() if k.startswith(f"{arch}.")},
-        "tokenizer": {"model": plain(meta["tokenizer.ggml.model"]) if "tokenizer.ggml.model" in meta else None,
-                      "n_tokens": len(tokens.value) if tokens else 0,
-                      "has_chat_template": "tokenizer.chat_template" in meta},
+        "general": {k: plain(v) for k, v in md.items() if k.startswith("general.")},
+        "hparams": {k: plain(v) for k, v in md.items() if k.startswith(f"{arch}.")},
+        "tokenizer": {"model": md.get("tokenizer.ggml.model"),
+                      "n_tokens": len(tokens) if isinstance(tokens, list) else 0,
+                      "has_chat_template": "tokenizer.chat_template" in md},
         "tensor_types": types,
-        "n_tensors": len(tensors),
+        "n_tensors": len(header.tensors),
         "n_params": n_params,
     }

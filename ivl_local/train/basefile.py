@@ -14,32 +14,30 @@ from pathlib import Path
 
 from ..errors import ModelFileError
 from ..models import resolve_model
+from ..valuefile import read_gguf_header
 from ..vocab_fp import vocab_fingerprint
-from .gguf_meta import STRING, read_metadata
 
 
 class BaseGGUF:
     def __init__(self, name: str, path: Path):
         self.name = name                 # as the user gave it (known name or file)
         self.path = Path(path)
-        meta = read_metadata(self.path)
-
-        def get(key, default=None):
-            item = meta.get(key)
-            if item is None:
-                return default
-            return item.text if item.type == STRING else item.value
-
-        self.arch: str = get("general.architecture", "?")
-        if "tokenizer.ggml.tokens" not in meta:
+        header = read_gguf_header(self.path)
+        self.arch: str = header.get("general.architecture", "?")
+        tokens = header.get("tokenizer.ggml.tokens")
+        if tokens is None:
             raise ModelFileError(f"{self.path}: GGUF has no tokenizer (tokenizer.ggml.tokens)")
+        eos_id = header.get("tokenizer.ggml.eos_token_id")
+        if eos_id is None:
+            raise ModelFileError(f"{self.path}: GGUF has no tokenizer.ggml.eos_token_id")
         # Raw bytes, as stored (the fingerprint is defined on them, not on decoded text).
-        self.tokens: list[bytes] = meta["tokenizer.ggml.tokens"].value
-        self.token_types: list[int] = get("tokenizer.ggml.token_type") or [1] * len(self.tokens)
-        self.bos_id: int | None = get("tokenizer.ggml.bos_token_id")
-        self.eos_id: int = get("tokenizer.ggml.eos_token_id")
-        self.chat_template: str | None = get("tokenizer.chat_template")
-        self.hidden_size: int | None = get(f"{self.arch}.embedding_length")
+        self.tokens: list[bytes] = tokens
+        types = header.get("tokenizer.ggml.token_type")
+        self.token_types: list[int] = [1] * len(tokens) if types is None else types.tolist()
+        self.bos_id: int | None = header.get("tokenizer.ggml.bos_token_id")
+        self.eos_id: int = eos_id
+        self.chat_template: str | None = header.get("tokenizer.chat_template")
+        self.hidden_size: int | None = header.get(f"{self.arch}.embedding_length")
         self.fingerprint = vocab_fingerprint(self.tokens, self.token_types)
 
     @classmethod
