@@ -321,6 +321,18 @@ def test_ivl_chat_gives_one_error_line(tiny, tmp_path, case):
     assert HPARAM_CASES[case][2] in lines[0]
 
 
+@pytest.mark.real
+@pytest.mark.parametrize("case", ISSUE_CASES)
+def test_real_models_with_the_issue_cases(smollm2_path, gemma3_path, tmp_path, case):
+    """The same edits on SmolLM2 (llama) and Gemma 3 (gemma3) metadata: refused, naming the key."""
+    changes, drop, match = HPARAM_CASES[case]
+    for path, arch in ((smollm2_path, "llama"), (gemma3_path, "gemma3")):
+        renamed = {key.replace("llama.", f"{arch}."): spec for key, spec in changes.items()}
+        mutant = rewrite(path, tmp_path / f"{arch}.gguf", set=renamed)
+        refused(mutant, match.replace("llama.", f"{arch}."))
+        mutant.unlink()   # a full copy of the model
+
+
 # --- ivl inspect ----------------------------------------------------------------------------
 
 INSPECT_CASES = ("n_kv 2^63", "non-UTF-8 tensor name", "unknown tensor type", "GGUF version 4", "big-endian",
