@@ -152,12 +152,15 @@ def _read_member(zf, member: str, name: str, kinds: str, shape: tuple) -> np.nda
     fmt = np.lib.format
     with zf.open(member) as f:
         version = fmt.read_magic(f)
-        if version == (1, 0):
-            found_shape, fortran, dtype = fmt.read_array_header_1_0(f)
-        elif version == (2, 0):
-            found_shape, fortran, dtype = fmt.read_array_header_2_0(f)
-        else:
+        if version not in ((1, 0), (2, 0)):
             raise ValueError(f"'{name}' has .npy format version {version}")
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        try:
+            found_shape, fortran, dtype = read_header(f)
+        except (ValueError, EOFError):
+            raise
+        except Exception as e:   # numpy parses header text with tokenize/ast: TokenError, ...
+            raise ValueError(f"'{name}' has an unreadable .npy header ({type(e).__name__})") from None
         if dtype.kind not in kinds or dtype.hasobject or dtype.fields is not None:
             raise ValueError(f"'{name}' has dtype {dtype}, expected "
                              + {"iu": "integers", "f": "floats", "U": "text"}[kinds])
