@@ -90,6 +90,8 @@ def _size(value, limit: int = RENDER_MAX_CHARS) -> int:
     """Characters `value` has when printed, roughly: strings by length, containers by their
     items (a list holding one string 1000 times counts it 1000 times, as printing would).
     Stops counting once past `limit`, so it costs at most `limit` steps."""
+    if isinstance(value, str):          # the common case, and the hot path
+        return len(value)
     from collections.abc import Mapping, MappingView
 
     from jinja2.utils import Namespace
@@ -286,7 +288,8 @@ def _environment():
             elif operator == "%" and isinstance(left, str):
                 _check_percent_format(left, right)
             elif operator == "+" and not (isinstance(left, number) and isinstance(right, number)):
-                _check_size((left, right), "a sum")
+                if _size(left) + _size(right) > RENDER_MAX_CHARS:
+                    raise _over(f"a sum of more than {RENDER_MAX_CHARS:,} characters")
             return super().call_binop(context, operator, left, right)
 
         def call(__self, __context, __obj, *args, **kwargs):   # noqa: N805 (Jinja's signature)
