@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -231,7 +230,7 @@ def build_aligned_map(base_path, value_path, corpus_path, out_path, progress: bo
     tokenizer). max_bytes: use only the corpus's first bytes (cut at a line end)."""
     from .progress import step_progress
     from .valuefile import read_gguf_header
-    from .vocab import TYPE_BYTE, TYPE_NORMAL, map_end_tokens, read_vocab
+    from .vocab import TYPE_BYTE, TYPE_NORMAL, TokenMapping, map_end_tokens, read_vocab, save_map
 
     base_file, value_file = resolve_model(base_path), resolve_model(value_path)
     base_vocab = read_vocab(read_gguf_header(base_file))
@@ -271,11 +270,9 @@ def build_aligned_map(base_path, value_path, corpus_path, out_path, progress: bo
         print(summary, file=sys.stderr)
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, token_map=token_map, token_weights=weights,
-             base_fingerprint=np.str_(base_vocab.fingerprint), value_fingerprint=np.str_(value_vocab.fingerprint),
-             builder=np.str_(ALIGNED_BUILDER), corpus_sha256=np.str_(corpus_sha),
-             corpus_bytes=np.int64(used_bytes), aligned_pairs=np.int64(b.size))
-    os.replace(tmp, out)
+    mapping = TokenMapping(token_map, weights, base_vocab.fingerprint, value_vocab.fingerprint,
+                           ALIGNED_BUILDER)
+    save_map(out, mapping, extra={"corpus_sha256": np.str_(corpus_sha),
+                                  "corpus_bytes": np.int64(used_bytes),
+                                  "aligned_pairs": np.int64(b.size)})
     return out
