@@ -88,17 +88,19 @@ class Guard:
     @contextmanager
     def work(self, ticket: int | None = None) -> Iterator[None]:
         """Hold the owner's llama.cpp state: close() waits for this block to end."""
-        with self._work:
-            self._depth += 1
-            previous, self._worker = self._worker, threading.get_ident()
-            try:
-                self.check(ticket)
-                yield
-            finally:
-                self._depth -= 1
-                self._worker = previous
-        if self._free is not None:
-            self._run_free()
+        try:
+            with self._work:
+                self._depth += 1
+                previous, self._worker = self._worker, threading.get_ident()
+                try:
+                    self.check(ticket)
+                    yield
+                finally:
+                    self._depth -= 1
+                    self._worker = previous
+        finally:   # also when the block raised: a close() deferred inside it frees now
+            if self._free is not None:
+                self._run_free()
 
     def close(self, free: Callable[[], None]) -> None:
         """Refuse all further work; run `free` once no work() block is running."""

@@ -116,6 +116,18 @@ def test_guard_close_from_inside_work_defers_the_free():
     assert freed == [1]
 
 
+def test_guard_deferred_free_runs_when_the_work_raises():
+    guard = Guard()
+    freed = []
+    with pytest.raises(KeyboardInterrupt):
+        with guard.work():
+            with guard.work():                # nested (a handler inside a step)
+                guard.close(lambda: freed.append(1))
+            assert freed == []                # the outer block still runs
+            raise KeyboardInterrupt
+    assert freed == [1]
+
+
 # --- real models -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
