@@ -27,7 +27,7 @@ import numpy as np
 
 import llama_cpp as C
 
-from .errors import ContextOverflowError, IVLError, ModelFileError
+from .errors import ConfigError, ContextOverflowError, IVLError, ModelFileError
 
 SEQ = 0  # one sequence per context
 
@@ -114,7 +114,10 @@ class Vocab:
         return bool(C.llama_vocab_is_eog(self.ptr, token))
 
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        try:
+            data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        except UnicodeEncodeError as e:   # a lone surrogate ('\ud800') is no text
+            raise ConfigError(f"the text is not valid Unicode ({e.reason} at position {e.start})") from None
         buf = self._tok_buf
         n = C.llama_tokenize(self.ptr, data, len(data), buf, len(buf), add_special, parse_special)
         if n < 0:  # buffer too small: -n is the count needed
@@ -263,7 +266,7 @@ class Context(_Owned):
         self.n_vocab = model.vocab.n_tokens
         self.n_threads = n_threads
         self._mem = C.llama_get_memory(self.ptr)
-        self._batch = Batch(n_batch)
+        self._batch = Batch(self.n_batch)   # llama_batch_init does not check its allocation
 
     def set_threads(self, n_threads: int) -> None:
         self.n_threads = n_threads

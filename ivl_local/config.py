@@ -19,6 +19,17 @@ from .errors import ConfigError
 # beyond it fused float32 logits overflow to inf (alpha 1e38 sampled garbage).
 ALPHA_MAX = 100.0
 SEED_MAX = 2**64 - 1   # the C++ sampler's seed is a uint64
+CTX_MAX = 2**24        # tokens of context / batch: far above any model here, far below uint32 wrap
+THREADS_MAX = 1024
+
+
+def _shown(value) -> str:
+    """repr() for an error message, short even for a 10**5000 (whose repr() raises)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a very large integer"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _is_number(value) -> bool:
@@ -32,17 +43,20 @@ def _is_int(value) -> bool:
 def check_alpha(value, name: str = "alpha") -> float:
     """A value network's scale: a number in [0, ALPHA_MAX]."""
     if not _is_number(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    alpha = float(value)
+        raise ConfigError(f"{name} must be a number, got {_shown(value)}")
+    try:
+        alpha = float(value)
+    except OverflowError:   # an int past float range (10**400)
+        alpha = math.inf
     if not (math.isfinite(alpha) and 0.0 <= alpha <= ALPHA_MAX):
-        raise ConfigError(f"{name} must be between 0 and {ALPHA_MAX:g}, got {value!r}")
+        raise ConfigError(f"{name} must be between 0 and {ALPHA_MAX:g}, got {_shown(value)}")
     return alpha
 
 
 def check_seed(value, name: str = "seed") -> int:
     """A sampling seed: an integer in [0, 2^64 - 1]."""
     if not _is_int(value) or not 0 <= value <= SEED_MAX:
-        raise ConfigError(f"{name} must be an integer in [0, 2^64 - 1], got {value!r}")
+        raise ConfigError(f"{name} must be an integer in [0, 2^64 - 1], got {_shown(value)}")
     return int(value)
 
 
@@ -58,7 +72,7 @@ def check_max_tokens(value, name: str = "max_tokens") -> int | None:
     if value is None:
         return None
     if not _is_int(value) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= 1, got {_shown(value)}")
     return int(value)
 
 
@@ -144,9 +158,12 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_ctx", "n_batch", "n_threads"):
-            if not _is_int(getattr(self, name)):
-                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name, top in (("n_ctx", CTX_MAX), ("n_batch", CTX_MAX), ("n_threads", THREADS_MAX)):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ConfigError(f"{name} must be an integer, got {_shown(value)}")
+            if value > top:   # llama.cpp takes uint32 and would wrap it silently
+                raise ConfigError(f"{name} must be at most {top:,}, got {_shown(value)}")
         check_alpha(self.alpha)
         check_seed(self.seed)
         if self.n_ctx < 16:

@@ -223,6 +223,7 @@ class Engine:
 
     @alpha.setter
     def alpha(self, value) -> None:
+        self._guard.check()
         self._alpha = check_alpha(value)
 
     @property
@@ -232,6 +233,7 @@ class Engine:
 
     @value_enabled.setter
     def value_enabled(self, value) -> None:
+        self._guard.check()
         self._value_enabled = check_flag(value, "value_enabled")
 
     @property
@@ -414,9 +416,14 @@ class Engine:
             result = base_job()
             stats.base_decode_s += time.perf_counter() - t0
             return result, None
+        future = None
         if self._pool is not None:
+            try:
+                future = self._pool.submit(_timed, value_job)
+            except RuntimeError:   # the interpreter is exiting: its pools take no more work
+                future = None
+        if future is not None:
             t0 = time.perf_counter()
-            future = self._pool.submit(_timed, value_job)
             try:
                 result = base_job()
             finally:
@@ -510,8 +517,9 @@ class Engine:
         Logits of a prompt decoded in one batch and of the same prompt decoded in pieces
         (prefix reuse) can differ in the last bits (llama.cpp's batched kernels), which may
         flip a greedy near-tie; clear the cache for bit-reproducible runs."""
+        self._guard.check_available()      # at once, not after another thread's prefill
         with self._guard.work():
-            self._guard.check_available()  # not under another thread's generation
+            self._guard.check_not_owned_elsewhere()  # none claimed since the check above
             self._base.reset()
             if self._value is not None:
                 self._value.reset()

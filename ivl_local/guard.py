@@ -20,6 +20,8 @@ Rules:
   wait could deadlock on a generator its own thread left open). The same thread starting a new
   generation supersedes its unfinished one, whose next step raises GenerationSuperseded; a
   generation whose thread has ended is superseded too.
+- Only `close()` may be called from inside a step (a signal handler or callback running on the
+  stepping thread); anything else raises EngineBusyError there.
 - `close()` marks the owner closed at once (every later `work()` raises EngineClosedError),
   waits for the `work()` block running on another thread to end — at most one token step or
   one prefill chunk — and then runs `free` exactly once. Called from inside a `work()` block
@@ -63,8 +65,14 @@ class Guard:
                                        "stopped (finish or close a generator before starting another)")
 
     def check_available(self) -> None:
-        """check(), plus EngineBusyError while another live thread's generation is in progress."""
+        """check(), plus EngineBusyError while another live thread's generation is in
+        progress, or when called from inside a running step on this thread."""
         self.check()
+        self._check_not_nested()
+        self.check_not_owned_elsewhere()
+
+    def check_not_owned_elsewhere(self) -> None:
+        """EngineBusyError while another live thread's generation is in progress."""
         owner = self._owner
         if owner is not None and owner is not threading.current_thread() and owner.is_alive():
             raise EngineBusyError(
@@ -79,6 +87,11 @@ class Guard:
             self._owner = threading.current_thread()
             return self._generation
 
+    def _check_not_nested(self) -> None:
+        if self._depth and self._worker == threading.get_ident():
+            raise EngineBusyError(f"{self.name} was called from inside one of its own steps (a signal "
+                                  f"handler or callback): only close() may be called there")
+
     def release(self, ticket: int) -> None:
         """End the generation `ticket` (no-op if a newer one took over)."""
         with self._state:
@@ -88,6 +101,7 @@ class Guard:
     @contextmanager
     def work(self, ticket: int | None = None) -> Iterator[None]:
         """Hold the owner's llama.cpp state: close() waits for this block to end."""
+        self._check_not_nested()   # a re-entered step would race the one it interrupted
         try:
             with self._work:
                 self._depth += 1

@@ -21,7 +21,7 @@ import pytest
 
 from ivl_local import GREEDY, SamplingConfig
 from ivl_local.engine import Engine
-from ivl_local.errors import (ContextOverflowError, EngineBusyError, EngineClosedError,
+from ivl_local.errors import (ConfigError, ContextOverflowError, EngineBusyError, EngineClosedError,
                               GenerationSuperseded, IVLError)
 from ivl_local.guard import Guard
 from ivl_local.valuefile import RawValueModelWarning
@@ -121,11 +121,21 @@ def test_guard_deferred_free_runs_when_the_work_raises():
     freed = []
     with pytest.raises(KeyboardInterrupt):
         with guard.work():
-            with guard.work():                # nested (a handler inside a step)
-                guard.close(lambda: freed.append(1))
-            assert freed == []                # the outer block still runs
-            raise KeyboardInterrupt
+            guard.close(lambda: freed.append(1))   # a handler inside a step...
+            assert freed == []
+            raise KeyboardInterrupt                # ...which then raises
     assert freed == [1]
+
+
+def test_guard_refuses_everything_but_close_from_inside_a_step():
+    guard = Guard()
+    ticket = guard.claim()
+    with guard.work(ticket):
+        for call in (guard.claim, guard.check_available, lambda: guard.work().__enter__()):
+            with pytest.raises(EngineBusyError, match="inside one of its own steps"):
+                call()
+    with guard.work(ticket):                       # the refusals changed nothing
+        pass
 
 
 # --- real models -------------------------------------------------------------------------------
@@ -279,6 +289,46 @@ def test_close_from_the_generating_thread_mid_step(smollm2_path, monkeypatch):
     with pytest.raises(EngineClosedError):
         engine.complete(PROMPT, max_tokens=20, sampling=GREEDY)
     assert engine._base_ctx is None and engine.stats.finish_reason == "interrupted"
+
+
+@pytest.mark.real
+def test_calls_from_inside_a_step_are_refused_and_change_nothing(smollm2_path, reference, monkeypatch):
+    """A signal handler or callback running inside a step on the generating thread: a second
+    generation or a cache reset there would race the interrupted decode (llama_decode -1)."""
+    with Engine(smollm2_path, None, **KW) as engine:
+        real = engine._base_ctx.logits_ptr
+        refused = []
+
+        def logits_ptr(*args):
+            for call in (lambda: engine.complete("Hi", max_tokens=2), engine.clear_cache,
+                         lambda: engine.tokenize("x")):
+                try:
+                    call()
+                except EngineBusyError:
+                    refused.append(1)
+            return real(*args)
+
+        monkeypatch.setattr(engine._base_ctx, "logits_ptr", logits_ptr)
+        assert engine.complete(PROMPT, max_tokens=24, sampling=GREEDY) == reference
+        monkeypatch.undo()
+        steps = engine.stats.completion_tokens + (engine.stats.finish_reason == "stop")  # EOG sampled too
+        assert len(refused) == 3 * steps
+
+
+@pytest.mark.real
+def test_absurd_sizes_and_values_are_config_errors(smollm2_path):
+    for kw in (dict(n_batch=2**31), dict(n_ctx=2**32 + 16), dict(n_threads=10**6), dict(alpha=10**400)):
+        with pytest.raises(ConfigError):
+            Engine(smollm2_path, None, **{**KW, **kw})
+    with Engine(smollm2_path, None, **KW) as engine:
+        with pytest.raises(ConfigError, match="not valid Unicode"):
+            engine.complete("a lone surrogate \ud800 here", max_tokens=2)
+        with pytest.raises(ConfigError, match="a very large integer"):
+            engine.alpha = 10**5000
+    with pytest.raises(EngineClosedError):
+        engine.alpha = 0.5
+    with pytest.raises(EngineClosedError):
+        engine.value_enabled = False
 
 
 @pytest.mark.real
