@@ -26,16 +26,17 @@ from pathlib import Path
 import numpy as np
 
 import llama_cpp as C
+from gguf.constants import TokenType
 
 from .errors import ConfigError, ContextOverflowError, IVLError, ModelFileError
 
 SEQ = 0  # one sequence per context
 
 # Token types as GGUF stores them (tokenizer.ggml.token_type) and their llama.cpp attributes.
-TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED, TYPE_UNUSED, TYPE_BYTE = 1, 2, 3, 4, 5, 6
-_ATTR_TO_TYPE = ((C.LLAMA_TOKEN_ATTR_CONTROL, TYPE_CONTROL), (C.LLAMA_TOKEN_ATTR_UNKNOWN, TYPE_UNKNOWN),
-                 (C.LLAMA_TOKEN_ATTR_UNUSED, TYPE_UNUSED), (C.LLAMA_TOKEN_ATTR_BYTE, TYPE_BYTE),
-                 (C.LLAMA_TOKEN_ATTR_USER_DEFINED, TYPE_USER_DEFINED), (C.LLAMA_TOKEN_ATTR_NORMAL, TYPE_NORMAL))
+_ATTR_TO_TYPE = ((C.LLAMA_TOKEN_ATTR_CONTROL, TokenType.CONTROL), (C.LLAMA_TOKEN_ATTR_UNKNOWN, TokenType.UNKNOWN),
+                 (C.LLAMA_TOKEN_ATTR_UNUSED, TokenType.UNUSED), (C.LLAMA_TOKEN_ATTR_BYTE, TokenType.BYTE),
+                 (C.LLAMA_TOKEN_ATTR_USER_DEFINED, TokenType.USER_DEFINED),
+                 (C.LLAMA_TOKEN_ATTR_NORMAL, TokenType.NORMAL))
 
 
 class DecodeError(IVLError):

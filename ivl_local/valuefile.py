@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as VT
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as VT, TokenType
 
 from .config import check_alpha
 from .errors import ConfigError, FormatVersionError, ModelFileError
@@ -337,7 +337,7 @@ _TOKEN_IDS = tuple(f"tokenizer.ggml.{name}_token_id" for name in (
 _BLOCK = re.compile(r"blk\.(\d+)\.")
 _BYTE_TOKENS = [f"<0x{b:02X}>".encode() for b in range(256)]
 _BYTE_TOKEN = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
-TOKEN_TYPE_BYTE = 6
+TOKEN_TYPE_BYTE = TokenType.BYTE
 
 
 def _typed(header: GGUFHeader, key: str, want: tuple[VT, ...], elem: tuple[VT, ...] = ()) -> Any:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from gguf.constants import TokenType
 
 from .errors import VocabMismatchError
 from .valuefile import GGUFHeader
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # tokenizer.ggml.model -> the normalisation the map builder applies
 KINDS = {"llama": "spm", "gpt2": "bpe"}
-TYPE_NORMAL, TYPE_BYTE = 1, 6
+TYPE_NORMAL, TYPE_BYTE = TokenType.NORMAL, TokenType.BYTE
 # /2: control tokens of identical text match; /3: end tokens by role. Older cached maps are rebuilt.
 EXACT_BUILDER = "exact-text/3"
 END_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eom_token_id")
