@@ -446,7 +446,7 @@ _CRASHERS = textwrap.dedent("""
     ("small-ctx", {"['ContextOverflowError']"}),
 ])
 def test_former_native_crashes_in_a_subprocess(smollm2_path, case, expected):
-    proc = subprocess.run([sys.executable, "-c", _CRASHERS, str(smollm2_path), case],
+    proc = subprocess.run([sys.executable, "-P", "-c", _CRASHERS, str(smollm2_path), case],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     result = proc.stdout.strip().splitlines()[-1].removeprefix("result: ")

@@ -283,7 +283,7 @@ def test_accepted_mutants_do_not_crash_llama_cpp(tmp_path):
         path = rewrite(DATA / SEED_NAMES[0], tmp_path / f"m{len(accepted)}.gguf", set=changes, drop=drop)
         if read_or_refuse(path.read_bytes()) == "read":
             accepted.append((path, changes, drop))
-    proc = subprocess.run([sys.executable, "-c", RUN_MUTANTS, *(str(p) for p, _, _ in accepted)],
+    proc = subprocess.run([sys.executable, "-P", "-c", RUN_MUTANTS, *(str(p) for p, _, _ in accepted)],
                           capture_output=True, text=True, timeout=600)
     started = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("START")]
     culprit = next(((c, d) for p, c, d in accepted if started and str(p) == started[-1]), None)

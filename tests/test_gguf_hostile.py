@@ -291,7 +291,7 @@ def test_engine_refuses_every_case_in_one_process(tiny, tmp_path):
             except ModelFileError as e:
                 print("REFUSED", path, str(e).replace(chr(10), " "))
     """)
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, files.values())],
+    proc = subprocess.run([sys.executable, "-P", "-c", code, *map(str, files.values())],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     lines = proc.stdout.splitlines()
@@ -300,7 +300,7 @@ def test_engine_refuses_every_case_in_one_process(tiny, tmp_path):
 
 def _ivl_chat(*args: str) -> subprocess.CompletedProcess:
     code = "import sys; from ivl_local.cli.main import chat_entry; sys.argv[0] = 'ivl-chat'; chat_entry()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-P", "-c", code, *args], capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
 
 

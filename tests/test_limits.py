@@ -192,7 +192,7 @@ def _gguf_with_template(source: Path, out: Path, template: str) -> Path:
 @pytest.mark.parametrize("name", ["nested range loops", "syntax error"])
 def test_ivl_chat_with_a_hostile_template_in_the_base_is_one_error_line(smollm2_path, tmp_path, name):
     base = _gguf_with_template(smollm2_path, tmp_path / "hostile.gguf", HOSTILE_TEMPLATES[name])
-    r = subprocess.run([sys.executable, "-m", "ivl_local.cli.main", "chat", "--base", str(base),
+    r = subprocess.run([sys.executable, "-P", "-m", "ivl_local.cli.main", "chat", "--base", str(base),
                         "--value", "none", "-p", "Hi", "--max-tokens", "4"],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "IVL_CACHE_DIR": str(tmp_path / "cache")})
@@ -266,7 +266,7 @@ except DataError as e:
     print(e)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
     message, grown_mb = r.stdout.splitlines()
     assert "big.jsonl:2: line longer than 1 MiB" in message
     assert int(grown_mb) < 20, f"peak memory grew by {grown_mb} MB"
@@ -459,7 +459,7 @@ def test_empty_map_file_in_ivl_chat_is_an_error_line_not_a_silent_exit_130(monke
 def test_ivl_chat_with_an_empty_map_file_real(gemma3_path, smollm2_path, tmp_path):
     empty = tmp_path / "empty.npz"
     empty.write_bytes(b"")
-    r = subprocess.run([sys.executable, "-m", "ivl_local.cli.main", "chat", "--base", str(gemma3_path),
+    r = subprocess.run([sys.executable, "-P", "-m", "ivl_local.cli.main", "chat", "--base", str(gemma3_path),
                         "--value", str(smollm2_path), "--map", str(empty), "-p", "Hi", "--max-tokens", "2"],
                        capture_output=True, text=True, timeout=300,
                        env={**os.environ, "IVL_CACHE_DIR": str(tmp_path / "cache")})
@@ -507,7 +507,7 @@ def write(tmp):
     time.sleep(60)
 atomic_write({str(dest)!r}, write)
 """
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-P", "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "writing"
     child.send_signal(signal.SIGKILL)
     child.wait()
