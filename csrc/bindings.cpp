@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "core/fuse.h"
+#include "core/fuse_terms.h"
 #include "core/sampler.h"
 #include "core/token_map.h"
 
@@ -179,6 +181,132 @@ int32_t fuse_and_sample_py(ivl::Sampler& sampler, uintptr_t base_ptr, int64_t n_
                                 alpha, map.token_weights);
 }
 
+// --- fuse_terms: a list of term tuples -> ivl::FuseTerm[] ------------------------------------
+
+ivl::TermTransform parse_transform(const py::handle& obj, const std::string& where) {
+    if (py::isinstance<py::str>(obj)) {
+        const std::string name = obj.cast<std::string>();
+        if (name == "raw") return ivl::TermTransform::kRaw;
+        if (name == "log_softmax") return ivl::TermTransform::kLogSoftmax;
+    }
+    throw py::value_error(where + ": transform must be 'raw' or 'log_softmax', got " +
+                          std::string(py::repr(obj)));
+}
+
+float parse_weight(const py::handle& obj, const std::string& where) {
+    if (!py::isinstance<py::float_>(obj) && !py::isinstance<py::int_>(obj)) {
+        throw py::type_error(where + ": weight must be a number, got " +
+                             std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    }
+    const double weight = obj.cast<double>();
+    const float as_float = static_cast<float>(weight);
+    if (!std::isfinite(as_float)) {
+        throw py::value_error(where + ": weight must be a finite float32, got " +
+                              std::string(py::repr(obj)));
+    }
+    return as_float;
+}
+
+// The terms and the arrays that keep their pointers alive.
+struct TermList {
+    std::vector<ivl::FuseTerm> terms;
+    std::vector<py::object> keep;
+};
+
+// `terms`: a list of tuples. Public form (with_pointer false):
+// (logits f32[n], token_map i32[n_base] | None, token_weights f32[n_base] | None, weight,
+// transform); private form: (logits_ptr, n, token_map, token_weights, weight, transform).
+TermList checked_terms(const py::object& terms, int64_t n_base, bool with_pointer) {
+    if (!py::isinstance<py::list>(terms)) {  // a tuple would be one term passed bare
+        throw py::type_error("terms must be a list of tuples, got " +
+                             std::string(py::str(py::type::handle_of(terms).attr("__name__"))));
+    }
+    const auto items = py::reinterpret_borrow<py::sequence>(terms);
+    if (items.size() > static_cast<size_t>(ivl::kMaxFuseTerms)) {
+        throw py::value_error("at most " + std::to_string(ivl::kMaxFuseTerms) + " terms, got " +
+                              std::to_string(items.size()));
+    }
+    const size_t arity = with_pointer ? 6 : 5;
+    const char* shape = with_pointer
+        ? "(logits_ptr, n, token_map, token_weights, weight, transform)"
+        : "(logits, token_map, token_weights, weight, transform)";
+    TermList out;
+    for (size_t t = 0; t < items.size(); ++t) {
+        const std::string where = "terms[" + std::to_string(t) + "]";
+        const py::handle item = items[t];
+        if (!py::isinstance<py::tuple>(item) || py::len(item) != arity) {
+            throw py::type_error(where + " must be a tuple " + shape);
+        }
+        const auto tuple = py::reinterpret_borrow<py::tuple>(item);
+        ivl::FuseTerm term{};
+        size_t k = 0;
+        if (with_pointer) {
+            term.logits = pointer<const float>(tuple[k++].cast<uintptr_t>(), (where + ".logits_ptr").c_str());
+            term.n_logits = tuple[k++].cast<int64_t>();
+            check_length(term.n_logits, (where + ".n").c_str());
+        } else {
+            auto logits = checked_array<float>(tuple[k++], (where + ".logits").c_str(), kAnyLength);
+            term.logits = data_of<float>(logits);
+            term.n_logits = logits.shape(0);
+            out.keep.push_back(logits);
+        }
+        const MapArgs map = checked_map(tuple[k], tuple[k + 1], n_base);
+        k += 2;
+        if (!map.token_map && term.n_logits != n_base) {
+            throw py::value_error(where + ": without a token_map, its logits must have the base "
+                                  "length (" + std::to_string(n_base) + "), got " +
+                                  std::to_string(term.n_logits));
+        }
+        if (!with_pointer) check_weights(map, n_base);
+        term.token_map = map.token_map;
+        term.token_weights = map.token_weights;
+        out.keep.push_back(map.keep_map);
+        out.keep.push_back(map.keep_weights);
+        term.weight = parse_weight(tuple[k++], where);
+        term.transform = parse_transform(tuple[k++], where);
+        out.terms.push_back(term);
+    }
+    return out;
+}
+
+float checked_mask_alpha(double mask_alpha) {
+    if (!(mask_alpha >= 0.0 && mask_alpha <= 1.0)) {
+        throw py::value_error("mask_alpha must be in [0, 1] (0 disables the mask), got " +
+                              std::to_string(mask_alpha));
+    }
+    return static_cast<float>(mask_alpha);
+}
+
+py::array_t<float> fuse_terms_py(const py::object& base_logits, const py::object& terms,
+                                 double mask_alpha) {
+    auto base = checked_array<float>(base_logits, "base_logits", kAnyLength);
+    const int64_t n_base = base.shape(0);
+    const TermList list = checked_terms(terms, n_base, /*with_pointer=*/false);
+    const float alpha = checked_mask_alpha(mask_alpha);
+    py::array_t<float> out(n_base);
+    float* out_ptr = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        ivl::fuse_terms(out_ptr, data_of<float>(base), n_base, list.terms.data(),
+                        static_cast<int>(list.terms.size()), alpha);
+    }
+    return out;
+}
+
+int32_t fuse_terms_and_sample_py(ivl::Sampler& sampler, uintptr_t base_ptr, int64_t n_base,
+                                 const py::object& terms, double mask_alpha,
+                                 const py::object& scratch) {
+    check_length(n_base, "n_base");
+    const TermList list = checked_terms(terms, n_base, /*with_pointer=*/true);
+    const float alpha = checked_mask_alpha(mask_alpha);
+    auto work = checked_array<float>(scratch, "scratch", n_base, /*writable=*/true);
+    float* work_ptr = static_cast<float*>(work.mutable_data());
+    const float* base = pointer<const float>(base_ptr, "base_ptr");
+    py::gil_scoped_release release;
+    return ivl::fuse_terms_and_sample(sampler, work_ptr, base, n_base, list.terms.data(),
+                                      static_cast<int>(list.terms.size()), alpha);
+}
+
 std::vector<std::string> token_list(const py::list& tokens, const char* name) {
     std::vector<std::string> out;
     out.reserve(tokens.size());
@@ -314,6 +442,17 @@ PYBIND11_MODULE(_core, m) {
           py::arg("n_base"), py::arg("value_ptr"), py::arg("n_value"), py::arg("token_map"),
           py::arg("alpha"), py::arg("token_weights"), py::arg("scratch"),
           "One decode step: fuse into scratch, sample; GIL released throughout.");
+
+    m.def("fuse_terms", &fuse_terms_py, py::arg("base_logits"), py::arg("terms"),
+          py::arg("mask_alpha") = 0.0,
+          "base[i] + sum_j weight_j * w_j[i] * T_j(logits_j)[map_j[i]], then the optional "
+          "plausibility mask; terms: [(logits, token_map | None, token_weights | None, weight, "
+          "'raw' | 'log_softmax')].");
+    m.def("_fuse_terms_and_sample", &fuse_terms_and_sample_py, py::arg("sampler"),
+          py::arg("base_ptr"), py::arg("n_base"), py::arg("terms"), py::arg("mask_alpha"),
+          py::arg("scratch"),
+          "One decode step: fuse_terms into scratch, sample; terms: [(logits_ptr, n, "
+          "token_map, token_weights, weight, transform)]; GIL released throughout.");
 
     m.def("build_token_map", &build_token_map_py, py::arg("base_tokens"), py::arg("base_types"),
           py::arg("base_kind"), py::arg("value_tokens"), py::arg("value_types"),

@@ -462,35 +462,30 @@ std::vector<std::pair<int32_t, float>> Sampler::probs(const float* logits, int64
     return out;
 }
 
-int32_t fuse_and_sample(Sampler& sampler, float* scratch, const float* base_logits,
-                        int64_t n_base, const float* value_logits, int64_t n_value,
-                        const int32_t* token_map, float alpha, const float* token_weights) {
-    detail::check_fuse_args(n_base, n_value, token_map, alpha);
-    const detail::FuseArgs args{scratch, base_logits, value_logits, token_map, token_weights,
-                                alpha, n_base, n_value};
-    std::lock_guard<std::mutex> lock(sampler.mutex_);
-    const SamplerParams& p = sampler.params_;
-    const bool fused_greedy = sampler.greedy();
-    const bool fused_top_k = !fused_greedy && p.top_k > 0;
-    if (n_base <= 0 || sampler.penalties_->will_edit() || !(fused_greedy || fused_top_k)) {
-        detail::fuse_chunk(args, 0, n_base);
-        return sampler.run(scratch, n_base);
+int32_t Sampler::sample_filled(float* logits, int64_t n_vocab,
+                               const std::function<void(int64_t, int64_t)>& fill) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool fused_greedy = greedy();
+    const bool fused_top_k = !fused_greedy && params_.top_k > 0;
+    if (n_vocab <= 0 || penalties_->will_edit() || !(fused_greedy || fused_top_k)) {
+        fill(0, n_vocab);
+        return run(logits, n_vocab);
     }
-    // Chunks of 16 KiB: fused, then scanned while in L1.
+    // Chunks of 16 KiB: filled, then scanned while in L1.
     constexpr int64_t kChunk = 4096;
     const auto& kernels = detail::active_kernels();
-    sampler.reset_candidates(scratch, n_base);
-    CandidateSet& cs = sampler.candidates_;
+    reset_candidates(logits, n_vocab);
+    CandidateSet& cs = candidates_;
     if (fused_greedy) {  // the GreedyStep on the dense array, chunk by chunk
         float best = kNegInf;
         int64_t best_id = -1;
-        for (int64_t i0 = 0; i0 < n_base; i0 += kChunk) {
-            const int64_t i1 = std::min(n_base, i0 + kChunk);
-            detail::fuse_chunk(args, i0, i1);
-            const float m = kernels.max_value(scratch + i0, i1 - i0);
+        for (int64_t i0 = 0; i0 < n_vocab; i0 += kChunk) {
+            const int64_t i1 = std::min(n_vocab, i0 + kChunk);
+            fill(i0, i1);
+            const float m = kernels.max_value(logits + i0, i1 - i0);
             if (m > best) {  // strictly: an equal max in a later chunk is a higher id
                 best = m;
-                best_id = i0 + kernels.first_index_ge(scratch + i0, i1 - i0, m);
+                best_id = i0 + kernels.first_index_ge(logits + i0, i1 - i0, m);
             }
         }
         if (!(best > kNegInf)) throw std::invalid_argument("all logits are -inf: nothing to sample");
@@ -498,19 +493,30 @@ int32_t fuse_and_sample(Sampler& sampler, float* scratch, const float* base_logi
     }
     // The TopKStep on the dense array, chunk by chunk: the same offers in the same (id)
     // order, so the same heap; the chain then starts from its sorted top k.
-    detail::TopKHeap heap(static_cast<size_t>(std::min<int64_t>(p.top_k, n_base)));
-    for (int64_t i0 = 0; i0 < n_base; i0 += kChunk) {
-        const int64_t i1 = std::min(n_base, i0 + kChunk);
-        detail::fuse_chunk(args, i0, i1);
-        kernels.top_k(scratch + i0, i1 - i0, i0, heap);
+    detail::TopKHeap heap(static_cast<size_t>(std::min<int64_t>(params_.top_k, n_vocab)));
+    for (int64_t i0 = 0; i0 < n_vocab; i0 += kChunk) {
+        const int64_t i1 = std::min(n_vocab, i0 + kChunk);
+        fill(i0, i1);
+        kernels.top_k(logits + i0, i1 - i0, i0, heap);
     }
     cs.items = heap.take_sorted();
     if (cs.items.empty()) throw std::invalid_argument("all logits are -inf: nothing to sample");
     cs.dense = false;
     cs.sorted = true;
-    sampler.filters_.apply(cs);  // penalties: nothing to do; top-k: already k or fewer
-    sampler.draw_->apply(cs);
+    filters_.apply(cs);  // penalties: nothing to do; top-k: already k or fewer
+    draw_->apply(cs);
     return cs.selected;
+}
+
+int32_t fuse_and_sample(Sampler& sampler, float* scratch, const float* base_logits,
+                        int64_t n_base, const float* value_logits, int64_t n_value,
+                        const int32_t* token_map, float alpha, const float* token_weights) {
+    detail::check_fuse_args(n_base, n_value, token_map, alpha);
+    const detail::FuseArgs args{scratch, base_logits, value_logits, token_map, token_weights,
+                                alpha, n_base, n_value};
+    return sampler.sample_filled(scratch, n_base, [&args](int64_t i0, int64_t i1) {
+        detail::fuse_chunk(args, i0, i1);
+    });
 }
 
 }  // namespace ivl

@@ -33,6 +33,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -110,10 +111,15 @@ public:
     // Candidates after the chain (without the draw) and their probabilities, in canonical
     // order (for tests and inspection). Greedy: the argmax with probability 1.
     std::vector<std::pair<int32_t, float>> probs(const float* logits, int64_t n_vocab);
+    // The hot path of fuse_and_sample / fuse_terms_and_sample: `fill(i0, i1)` writes
+    // logits[i0..i1) (NaN-free; it throws otherwise), called on consecutive ranges from 0 to
+    // n_vocab. Without penalties to apply, greedy and top-k chains consume each 16 KiB chunk
+    // while it is still in L1 (argmax or the top-k heap); otherwise one fill(0, n_vocab),
+    // then the chain. Either way: the candidates and draws of fill-then-sample_in_place.
+    int32_t sample_filled(float* logits, int64_t n_vocab,
+                          const std::function<void(int64_t, int64_t)>& fill);
 
 private:
-    friend int32_t fuse_and_sample(Sampler&, float*, const float*, int64_t, const float*,
-                                   int64_t, const int32_t*, float, const float*);
     void reset_candidates(float* logits, int64_t n_vocab);
     const float* editable_copy(const float* logits, int64_t n_vocab, bool& copied);
     int32_t run(float* logits, int64_t n_vocab);
