@@ -17,6 +17,11 @@ the Engine's usual one, Gemma (262,144) -> SmolLM2 (49,152 value logits, L2-resi
 cached map from ~/.cache/ivl-local/token-maps/ when one of that shape is there, else a
 random map of that size. "top-k 0/top-p 0.9" is the no-top-k chain (softmax over the whole
 vocabulary, exact nucleus), timed with fewer calls.
+
+Then `_fuse_terms_and_sample` (a base plus N terms, issue 10) side by side with
+`_fuse_and_sample` on the same inputs, per level: 1 term (identity; the real map), and 3
+terms (an expert and an anti-expert as identity log-softmax terms, plus the real-map value
+term). `--terms-only` runs just that table.
 """
 
 from __future__ import annotations
@@ -99,11 +104,58 @@ def numpy_step(base, value, token_map, token_weights, rng, greedy: bool, partiti
     return int(ids[rng.choice(keep, p=probs)])
 
 
+def bench_terms(base, value_same, real_value, real_tmap, real_tw, iters: int) -> None:
+    """µs per step of _fuse_terms_and_sample vs _fuse_and_sample, per SIMD level."""
+    rng = np.random.default_rng(2)
+    expert = (rng.standard_normal(base.size) * 2.0).astype(np.float32)
+    anti = (rng.standard_normal(base.size) * 2.0).astype(np.float32)
+    scratch = np.empty_like(base)
+    identity = (value_same.ctypes.data, value_same.size, None, None, ALPHA, "raw")
+    mapped = (real_value.ctypes.data, real_value.size, real_tmap, real_tw, ALPHA, "raw")
+    cases = {  # name -> (terms, the single-value _fuse_and_sample to compare with)
+        "1 term identity": ([identity], (value_same, None, None)),
+        f"1 term map {real_value.size:,}": ([mapped], (real_value, real_tmap, real_tw)),
+        "3 terms (2 log_softmax + map)": (
+            [(expert.ctypes.data, expert.size, None, None, 1.0, "log_softmax"),
+             (anti.ctypes.data, anti.size, None, None, -1.0, "log_softmax"), mapped],
+            (real_value, real_tmap, real_tw)),
+    }
+    modes = {"top-k 40/top-p 0.9": False, "greedy": True}
+    print(f"\nfuse_terms_and_sample vs fuse_and_sample, vocab {base.size:,}; µs per decode step "
+          "(3 terms: compared with fuse_and_sample of the mapped value alone)")
+    header = (f"{'level':<8} {'terms':<31} {'sampling':<19} {'fuse_and_sample':>16} "
+              f"{'fuse_terms':>11} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            for case, (terms, (vals, tmap, tw)) in cases.items():
+                for mode, greedy in modes.items():
+                    def sampler():
+                        return _core.Sampler(temperature=0.0 if greedy else TEMPERATURE,
+                                             top_k=TOP_K, top_p=TOP_P, min_p=0.0, seed=1)
+                    one, many = sampler(), sampler()
+                    single = timed_us(
+                        lambda: _core._fuse_and_sample(one, base.ctypes.data, base.size,
+                                                      vals.ctypes.data, vals.size, tmap,
+                                                      ALPHA, tw, scratch), iters)
+                    fused = timed_us(
+                        lambda: _core._fuse_terms_and_sample(many, base.ctypes.data, base.size,
+                                                            terms, 0.0, scratch), iters)
+                    print(f"{level:<8} {case:<31} {mode:<19} {single:16.1f} {fused:11.1f} "
+                          f"{fused / single:5.2f}x")
+    finally:
+        _core.set_simd_level("auto")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=262_144)
     parser.add_argument("--value-vocab", type=int, default=151_936)
     parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--terms-only", action="store_true",
+                        help="only the fuse_terms_and_sample table")
     args = parser.parse_args()
 
     base, value, token_map, token_weights = make_inputs(args.vocab, args.value_vocab)
@@ -111,6 +163,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     value_same = np.resize(value, base.size)  # identity case: same vocabulary
     real_value, real_tmap, real_tw, real_label = real_map(args.vocab)
+    if args.terms_only:
+        bench_terms(base, value_same, real_value, real_tmap, real_tw, args.iters)
+        return
     cases = {  # name -> (value_logits, token_map, token_weights)
         "identity": (value_same, None, None),
         "mapped": (value, token_map, token_weights),
@@ -188,6 +243,7 @@ def main() -> None:
               f"top-k 40/top-p 0.9) {sample_only:.1f} µs")
     finally:
         _core.set_simd_level("auto")
+    bench_terms(base, value_same, real_value, real_tmap, real_tw, args.iters)
 
 
 if __name__ == "__main__":

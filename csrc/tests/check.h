@@ -68,6 +68,7 @@ void check_equal(const std::string& name, const std::vector<float>& got,
 // --- suites ---------------------------------------------------------------------------------
 
 void test_fuse();
+void test_fuse_terms();
 void test_kernels();
 void test_sampler();
 void test_token_map();

@@ -37,6 +37,7 @@ int main() {
     check(ivl::simd_level() == all.back(), "auto is the best level");
 
     for (const auto& [name, suite] : {std::pair{"fuse", &test_fuse},
+                                      std::pair{"fuse_terms", &test_fuse_terms},
                                       std::pair{"kernels", &test_kernels},
                                       std::pair{"sampler", &test_sampler},
                                       std::pair{"token_map", &test_token_map}}) {
