@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,9 @@ from typing import Iterator
 import numpy as np
 
 from .backend import Context, Model
-from .chat_template import FALLBACK_STOP, render_messages
+from . import chat
+from .chat import chat_stops
+from .chat_template import render_messages
 from .config import (VALUE_PROMPTS, EngineConfig, SamplingConfig, check_alpha, check_flag,
                      check_max_tokens, default_threads)
 from .detok import Detokenizer
@@ -439,13 +440,7 @@ class Engine:
         stats.value_decode_s += time.perf_counter() - t1
         return result, value_result
 
-    # --- chat -------------------------------------------------------------------------------
-
-    def _chat_stops(self, stop) -> list[str]:
-        stops = _stop_list(stop)
-        if not self._chat_template:
-            stops += [s for s in FALLBACK_STOP if s not in stops]
-        return stops
+    # --- chat (the format lives in ivl_local/chat.py) ---------------------------------------
 
     def render_value_chat(self, messages: list[dict]) -> str | None:
         """The conversation as a cross-vocabulary value model reads it: in its own chat format
@@ -457,54 +452,25 @@ class Engine:
             return None
         return render_messages(messages, self._value_template, bos_token="", eos_token=self._value_eos_text)
 
+    def generate_chat(self, messages: list[dict], max_tokens: int | None = 256,
+                      sampling: SamplingConfig | None = None, stop=None) -> Iterator[str]:
+        """generate() on the rendered conversation (each model in its format), with the stop
+        strings the format needs; the raw deltas, leading whitespace included."""
+        return self.generate(self.render_chat(messages), max_tokens, sampling,
+                             chat_stops(self._chat_template, _stop_list(stop)),
+                             value_prompt=self.render_value_chat(messages))
+
     def chat_deltas(self, messages: list[dict], max_tokens: int | None = 256,
                     sampling: SamplingConfig | None = None, stop=None) -> Iterator[str]:
         """The assistant's answer as text deltas (what the CLI streams)."""
-        prompt = self.render_chat(messages)
-        deltas = self.generate(prompt, max_tokens, sampling, self._chat_stops(stop),
-                               value_prompt=self.render_value_chat(messages))
-        return self._strip_leading(deltas) if not self._chat_template else deltas
-
-    @staticmethod
-    def _strip_leading(deltas: Iterator[str]) -> Iterator[str]:
-        """The fallback format ends with 'Assistant:'; the answer's first space is format."""
-        started = False
-        try:
-            for delta in deltas:
-                if not started:
-                    delta = delta.lstrip()
-                    started = bool(delta)
-                if delta:
-                    yield delta
-        finally:
-            deltas.close()  # leaving early stops decoding now, not at garbage collection
+        return chat.chat_deltas(self, messages, max_tokens, sampling, stop)
 
     def chat(self, messages: list[dict], stream: bool = False, max_tokens: int | None = 256,
              sampling: SamplingConfig | None = None, stop=None):
         """OpenAI-style chat.completion dict, or an iterator of chat.completion.chunk dicts."""
-        deltas = self.chat_deltas(messages, max_tokens, sampling, stop)
-        ident, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), self.model_name
         if stream:
-            return self._chunks(deltas, ident, created, model)
-        content = "".join(deltas)
-        s = self.stats
-        return {"id": ident, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": s.finish_reason}],
-                "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                          "total_tokens": s.prompt_tokens + s.completion_tokens}}
-
-    def _chunks(self, deltas, ident, created, model):
-        def chunk(delta: dict, finish=None):
-            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        try:
-            yield chunk({"role": "assistant"})
-            for text in deltas:
-                yield chunk({"content": text})
-            yield chunk({}, self.stats.finish_reason)
-        finally:
-            deltas.close()
+            return chat.chat_chunks(self, messages, max_tokens, sampling, stop)
+        return chat.chat_completion(self, messages, max_tokens, sampling, stop)
 
     @property
     def model_name(self) -> str:

@@ -58,6 +58,12 @@ class FakeEngine:
         self.closed = False
 
     def chat_deltas(self, messages, max_tokens=256, sampling=None, stop=None):
+        """The real chat layer's contract: the answer without its leading whitespace."""
+        from ivl_local.chat import strip_leading
+
+        return strip_leading(self._stream(messages, max_tokens, sampling, stop))
+
+    def _stream(self, messages, max_tokens, sampling, stop):
         self.calls.append(dict(messages=[dict(m) for m in messages], max_tokens=max_tokens,
                                sampling=sampling, value_enabled=self.value_enabled, alpha=self.alpha))
         out = self.outputs.pop(0) if self.outputs else "ok"

@@ -146,15 +146,10 @@ def one_shot(engine, messages: list[dict], *, sampling: SamplingConfig, max_toke
         return
     out = sys.stdout
     last = "\n"
-    started = False
     for delta in engine.chat_deltas(messages, max_tokens=max_tokens, sampling=sampling):
-        if not started:  # templates leave a space after "Assistant:"; don't print it
-            delta = delta.lstrip()
-            started = bool(delta)
-        if delta:
-            out.write(delta)
-            out.flush()
-            last = delta
+        out.write(delta)
+        out.flush()
+        last = delta
     if not last.endswith("\n"):
         out.write("\n")
         out.flush()

@@ -206,10 +206,6 @@ class ChatSession:
         try:
             for delta in self.engine.chat_deltas(self.conversation(), max_tokens=self.max_tokens,
                                                  sampling=self.sampling):
-                if not parts:  # the template's "Assistant:" leaves a space; don't show it
-                    delta = delta.lstrip()
-                    if not delta:
-                        continue
                 parts.append(delta)
                 out.write(delta)
                 out.flush()
