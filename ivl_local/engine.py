@@ -42,10 +42,12 @@ from .config import (VALUE_PROMPTS, EngineConfig, SamplingConfig, check_alpha, c
                      check_max_tokens, default_threads)
 from .detok import Detokenizer
 from .errors import (ConfigError, ContextOverflowError, EmptyPromptError, EngineClosedError,
-                     GenerationSuperseded, InvalidLogitsError)
+                     GenerationSuperseded, InvalidLogitsError, VocabMismatchError)
 from .guard import Guard
 from .models import resolve_model
-from .sync import KVSequence, TextSync
+from .sync import FixedPrompt, KVSequence, TextSync
+from .terms import (BASE, CFG, LOG_SOFTMAX, RAW, SPECS, Contrastive, Proxy, Source, Term,
+                    ValueNet)
 from .valuefile import ValueFileInfo, read_gguf_header, value_info_from_header
 from .vocab import TokenMapping, read_vocab, resolve_mapping
 
@@ -107,15 +109,17 @@ class _StopStrings:
 class Engine:
     """Base model + optional value model; see the module docstring and docs/ARCHITECTURE.md."""
 
-    def __init__(self, base, value=None, alpha: float | None = None, *, n_ctx: int = 2048,
+    def __init__(self, base, value=None, alpha: float | None = None, *, terms=(), n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
                  token_map=None, concurrent: bool | None = None, verbose: bool = False,
                  value_prompt: str = "own"):
         if value_prompt not in VALUE_PROMPTS:
             raise ConfigError(f"value_prompt must be one of {', '.join(VALUE_PROMPTS)}, got {value_prompt!r}")
+        terms = list(terms)
+        bad = [t for t in terms if not isinstance(t, SPECS)]
+        if bad:
+            raise ConfigError(f"terms must be ValueNet, Proxy, CFG or Contrastive specs, got {bad[0]!r}")
         self.value_prompt = value_prompt
-        self._value_template: str | None = None
-        self._value_eos_text = ""
         config = EngineConfig(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or default_threads(),
                               alpha=1.0 if alpha is None else alpha, seed=seed)
         self._config = config
@@ -123,26 +127,32 @@ class Engine:
         self._calls = 0
         self._guard = Guard("this Engine")
         self._pool: ThreadPoolExecutor | None = None
+        self._models: dict[Path, Model] = {}     # one llama.cpp model per file
+        self._contexts: list[Context] = []
+        self._terms: list[Term] = []
+        self._value_term: Term | None = None      # the `value` argument (alpha is its weight)
+        self._alpha = config.alpha
         self._base_model = self._value_model = None
         self._base_ctx = self._value_ctx = None
         self._last_completion_tokens: list[int] = []
         self.stats = GenerationStats(n_ctx=n_ctx)
 
         try:
-            self._load(base, value, alpha, config, token_map, concurrent, verbose)
+            self._load(base, value, alpha, terms, config, token_map, concurrent, verbose)
         except BaseException:
             self.close()  # free whatever was loaded before the failure, now
             raise
 
-    def _load(self, base, value, alpha, config: EngineConfig, token_map, concurrent, verbose) -> None:
-        n_ctx, n_batch = config.n_ctx, config.n_batch
+    def _load(self, base, value, alpha, terms, config: EngineConfig, token_map, concurrent, verbose) -> None:
+        self._verbose = verbose
         self.base_path = resolve_model(base)
-        base_header = read_gguf_header(self.base_path)
-        self._base_model = Model(self.base_path, verbose=verbose)
+        self._base_header = base_header = read_gguf_header(self.base_path)
+        self._base_vocab_data = read_vocab(base_header)
+        self._base_model = self._model(self.base_path)
         self._base_vocab = self._base_model.vocab
-        self._base_ctx = Context(self._base_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=config.n_threads)
+        self._base_ctx = self._context(self._base_model, config.n_ctx)
         # llama.cpp rounds the window up (to 256); the engine keeps to the one asked for
-        self._n_ctx = min(n_ctx, self._base_ctx.n_ctx)
+        self._n_ctx = min(config.n_ctx, self._base_ctx.n_ctx)
         self.stats.n_ctx = self._n_ctx
         self._base = KVSequence(self._base_ctx, checkpoint=self._guard.check)
         self._chat_template = base_header.get("tokenizer.chat_template")
@@ -151,61 +161,120 @@ class Engine:
         self.value_path: Path | None = None
         self.value_info: ValueFileInfo | None = None
         self.mapping: TokenMapping | None = None
-        self._value: KVSequence | TextSync | None = None
+        self._value = None
         if value is not None and str(value).lower() not in NO_VALUE:
-            self._load_value(value, base_header, n_ctx, n_batch, config.n_threads, token_map, verbose)
-
-        default_alpha = self.value_info.default_alpha if self.value_info else 1.0
-        self.alpha = default_alpha if alpha is None else alpha
+            self._value_term = self._load_value(ValueNet(value, alpha, token_map), primary=True)
+            self._terms.append(self._value_term)
+        for spec in terms:
+            self._terms.append(self._load_term(spec))
         self.value_enabled = self.has_value
         self._scratch = np.empty(self._base_vocab.n_tokens, dtype=np.float32)
-        self.concurrent = bool(concurrent) and self.has_value
+        self.concurrent = bool(concurrent) and bool(self._sources())
         if self.concurrent:
             self._setup_concurrency(config.n_threads)
 
     # --- loading ----------------------------------------------------------------------------
 
-    def _load_value(self, value, base_header, n_ctx, n_batch, n_threads, token_map, verbose) -> None:
-        self.value_path = resolve_model(value)
-        value_header = read_gguf_header(self.value_path)
-        self.value_info = value_info_from_header(value_header)
-        base_vocab, value_vocab = read_vocab(base_header), read_vocab(value_header)
-        info = self.value_info
-        if info.training_base_fingerprint and info.training_base_fingerprint != base_vocab.fingerprint:
-            log.info("value network was trained against %s (another vocabulary): transferring "
-                     "across vocabularies", info.training_base_name)
-        self._value_model = Model(self.value_path, verbose=verbose)
-        vv = self._value_model.vocab
-        self.mapping = resolve_mapping(
-            base_vocab, value_vocab, lambda text: vv.tokenize(text, add_special=False, parse_special=False),
-            map_path=token_map)
-        if self.mapping.identity:
-            self._value_ctx = Context(self._value_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
-            self._value = KVSequence(self._value_ctx, checkpoint=self._guard.check)
-        else:
-            # The value tokenization of the same text may be longer than the base's.
-            value_n_ctx = min(2 * n_ctx, max(n_ctx, self._value_model.n_ctx_train))
-            self._value_ctx = Context(self._value_model, n_ctx=value_n_ctx, n_batch=n_batch,
-                                      n_threads=n_threads)
-            self._value = TextSync(vv, self._value_ctx, checkpoint=self._guard.check)
-            self._value_template = value_header.get("tokenizer.chat_template")
-            self._value_eos_text = vv.eos_text
-        self._token_map = self.mapping.token_map
-        self._token_weights = self.mapping.token_weights
+    def _model(self, path: Path) -> Model:
+        model = self._models.get(path)
+        if model is None:
+            model = self._models[path] = Model(path, verbose=self._verbose)
+        return model
+
+    def _context(self, model: Model, n_ctx: int) -> Context:
+        config = self._config
+        ctx = Context(model, n_ctx=n_ctx, n_batch=config.n_batch, n_threads=config.n_threads)
+        self._contexts.append(ctx)
+        return ctx
+
+    def _source(self, name: str, model_ref, token_map=None, *, header=None) -> Source:
+        """A context on `model_ref` that follows the base's text: the same tokens when it
+        shares the base's vocabulary, else text sync through a token map."""
+        path = resolve_model(model_ref)
+        header = header or read_gguf_header(path)
+        model = self._model(path)
+        vocab = model.vocab
+        mapping = resolve_mapping(
+            self._base_vocab_data, read_vocab(header),
+            lambda text: vocab.tokenize(text, add_special=False, parse_special=False), map_path=token_map)
+        n_ctx = self._config.n_ctx
+        if mapping.identity:
+            ctx = self._context(model, n_ctx)
+            return Source(name, ctx, KVSequence(ctx, checkpoint=self._guard.check), mapping=mapping)
+        # The other vocabulary's tokenization of the same text may be longer than the base's.
+        ctx = self._context(model, min(2 * n_ctx, max(n_ctx, model.n_ctx_train)))
+        return Source(name, ctx, TextSync(vocab, ctx, checkpoint=self._guard.check), mapping=mapping,
+                      template=header.get("tokenizer.chat_template"), eos_text=vocab.eos_text)
+
+    def _load_value(self, spec: ValueNet, primary: bool = False) -> Term:
+        path = resolve_model(spec.model)
+        header = read_gguf_header(path)
+        info = value_info_from_header(header)
+        if info.training_base_fingerprint and info.training_base_fingerprint != self._base_vocab_data.fingerprint:
+            log.info("value network %s was trained against %s (another vocabulary): transferring "
+                     "across vocabularies", path.name, info.training_base_name)
+        source = self._source(path.name, path, spec.token_map, header=header)
+        source.reads_own_chat = not source.mapping.identity
+        term = Term("value", path.name, [(source, 1.0, RAW)], spec=spec)
+        term.weight = check_alpha(info.default_alpha if spec.weight is None else spec.weight,
+                                  f"{path.name} weight")
+        if primary:
+            self.value_path, self.value_info, self.mapping = path, info, source.mapping
+            self._value, self._value_ctx, self._value_model = source.follower, source.ctx, source.ctx.model
+        return term
+
+    def _load_term(self, spec) -> Term:
+        if isinstance(spec, ValueNet):
+            return self._load_value(spec)
+        if isinstance(spec, Proxy):
+            expert = self._source("expert", spec.expert, spec.token_map)
+            anti = self._source("anti-expert", spec.anti_expert, spec.token_map)
+            if expert.mapping.value_fingerprint != anti.mapping.value_fingerprint:
+                raise VocabMismatchError("proxy-tuning's expert and anti-expert must share one vocabulary "
+                                         "(the expert is a tuned copy of the anti-expert)")
+            return Term("proxy", "proxy", [(expert, 1.0, LOG_SOFTMAX), (anti, -1.0, LOG_SOFTMAX)],
+                        _weight=spec.weight, spec=spec)
+        if isinstance(spec, CFG):
+            ctx = self._context(self._base_model, self._config.n_ctx)   # the same weights
+            vocab = self._base_vocab
+            negative = vocab.tokenize(spec.negative_prompt, add_special=True, parse_special=False)
+            if not negative:   # no BOS added and no text: start from the start-of-text token
+                start = vocab.bos if vocab.bos >= 0 else vocab.eos
+                if start < 0:
+                    raise ConfigError("this base model has no BOS or EOS token; give CFG a negative prompt")
+                negative = [start]
+            uncond = Source("cfg-negative", ctx, FixedPrompt(ctx, negative, checkpoint=self._guard.check))
+            return Term("cfg", "cfg", [(BASE, 1.0, RAW), (uncond, -1.0, RAW)], _weight=spec.scale, spec=spec)
+        amateur = self._source("amateur", spec.amateur, spec.token_map)
+        return Term("contrastive", "contrastive", [(BASE, 1.0, LOG_SOFTMAX), (amateur, -1.0, LOG_SOFTMAX)],
+                    _weight=spec.beta, mask_alpha=float(spec.alpha), spec=spec)
+
+    def _sources(self, terms=None) -> list[Source]:
+        seen: dict[int, Source] = {}
+        for term in self._terms if terms is None else terms:
+            for source in term.sources:
+                seen.setdefault(id(source), source)
+        return list(seen.values())
 
     def _setup_concurrency(self, n_threads: int) -> None:
-        """Split the cores between the two decodes, roughly by model size (decode cost)."""
-        base_size, value_size = self._base_model.size_bytes, self._value_model.size_bytes
-        base_threads = max(1, min(n_threads - 1, round(n_threads * base_size / (base_size + value_size))))
-        self._base_ctx.set_threads(base_threads)
-        self._value_ctx.set_threads(max(1, n_threads - base_threads))
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivl-value")
+        """Split the cores between the decodes, roughly by model size (decode cost); each
+        term's context decodes on its own worker thread while the base decodes."""
+        contexts = [self._base_ctx] + [s.ctx for s in self._sources()]
+        sizes = [c.model.size_bytes for c in contexts]
+        for ctx, size in zip(contexts, sizes):
+            ctx.set_threads(max(1, min(n_threads - 1, round(n_threads * size / sum(sizes)))))
+        self._pool = ThreadPoolExecutor(max_workers=len(contexts) - 1, thread_name_prefix="ivl-term")
 
     # --- public properties ------------------------------------------------------------------
 
     @property
     def has_value(self) -> bool:
-        return self._value is not None
+        return any(term.kind == "value" for term in self._terms)
+
+    @property
+    def terms(self) -> list[Term]:
+        """The loaded terms in order; each has a live, validated `.weight`."""
+        return list(self._terms)
 
     @property
     def identity_vocab(self) -> bool:
@@ -220,12 +289,14 @@ class Engine:
     def alpha(self) -> float:
         """The value network's scale, in [0, ALPHA_MAX]; read at every token, so it can be
         changed live (from any thread)."""
-        return self._alpha
+        return self._value_term.weight if self._value_term is not None else self._alpha
 
     @alpha.setter
     def alpha(self, value) -> None:
         self._guard.check()
         self._alpha = check_alpha(value)
+        if self._value_term is not None:
+            self._value_term.weight = self._alpha
 
     @property
     def value_enabled(self) -> bool:
@@ -272,8 +343,16 @@ class Engine:
                 f"but the context window is {self.n_ctx}: shorten the prompt or the conversation, "
                 f"lower max_tokens, or raise n_ctx")
         stops = _stop_list(stop)
-        # (a same-vocabulary value model reads the base's tokens; value_prompt is unused then)
-        return self._run(value_prompt or prompt, tokens, max_tokens, sampling or SamplingConfig(), stops)
+        if value_prompt is not None and not isinstance(value_prompt, (str, dict)):
+            raise ConfigError(f"value_prompt must be text, got {type(value_prompt).__name__}")
+        # What each context with another vocabulary reads: a value net its `value_prompt`
+        # (chat: the conversation in its own format), anything else the prompt's text. A
+        # context sharing the base's vocabulary reads the base's tokens.
+        texts = {}
+        for source in self._sources():
+            own = value_prompt.get(id(source)) if isinstance(value_prompt, dict) else value_prompt
+            texts[id(source)] = own if (own is not None and source.reads_own_chat) else prompt
+        return self._run(texts, tokens, max_tokens, sampling or SamplingConfig(), stops)
 
     def complete(self, prompt: str, max_tokens: int | None = 256, sampling: SamplingConfig | None = None,
                  stop: list[str] | str | None = None) -> str:
@@ -287,15 +366,15 @@ class Engine:
                              sampling.repeat_penalty, sampling.repeat_last_n,
                              sampling.presence_penalty, sampling.frequency_penalty, seed)
 
-    def _run(self, value_text: str, prompt_tokens: list[int], max_tokens: int | None,
+    def _run(self, texts: dict[int, str], prompt_tokens: list[int], max_tokens: int | None,
              sampling: SamplingConfig, stops: list[str]) -> Iterator[str]:
         ticket = self._guard.claim()   # at the first next(): EngineBusyError / EngineClosedError
         try:
-            yield from self._decode_loop(ticket, value_text, prompt_tokens, max_tokens, sampling, stops)
+            yield from self._decode_loop(ticket, texts, prompt_tokens, max_tokens, sampling, stops)
         finally:
             self._guard.release(ticket)
 
-    def _decode_loop(self, ticket: int, value_text: str, prompt_tokens: list[int],
+    def _decode_loop(self, ticket: int, texts: dict[int, str], prompt_tokens: list[int],
                      max_tokens: int | None, sampling: SamplingConfig, stops: list[str]) -> Iterator[str]:
         """The token loop. llama.cpp runs only inside `work(ticket)` blocks; text is yielded
         outside them, so close() from another thread never waits on a slow consumer."""
@@ -303,9 +382,10 @@ class Engine:
         self._calls += 1
         stats = GenerationStats(prompt_tokens=len(prompt_tokens), n_ctx=self.n_ctx)
         self.stats = stats
-        # alpha 0 at the start: the value model is not run (its cache catches up next call)
-        use_value = self.has_value and self.value_enabled and self.alpha != 0.0
-        value = self._value if use_value else None
+        # A term at weight 0 at the start is not run (its caches catch up at the next call);
+        # value_enabled False leaves out the value networks.
+        active = [t for t in self._terms if t.weight != 0.0 and (t.kind != "value" or self.value_enabled)]
+        sources = self._sources(active)
         sampler = self._make_sampler(sampling)
         for t in prompt_tokens[-sampling.repeat_last_n:] if sampling.repeat_last_n else []:
             sampler.accept(t)
@@ -319,15 +399,15 @@ class Engine:
             with work(ticket):
                 # Interrupted calls may leave decoded-but-unrecorded positions: trim them first.
                 self._base.repair()
-                if value is not None:
-                    value.repair()
-                stats.reused_prompt_tokens = self._prefill(value_text, prompt_tokens, value, stats)
+                for source in sources:
+                    source.follower.repair()
+                stats.reused_prompt_tokens = self._prefill(texts, prompt_tokens, sources, stats)
             t_loop = time.perf_counter()
             stats.prefill_s = t_loop - t_start
             step, stopped = 0, False
             while True:
                 with work(ticket):
-                    token = self._sample(sampler, value, step, stats)
+                    token = self._sample(sampler, active, step, stats)
                     if step == 0:
                         stats.time_to_first_token_s = time.perf_counter() - t_start
                     step += 1
@@ -351,8 +431,8 @@ class Engine:
                     break
                 with work(ticket):
                     try:
-                        self._advance(token, value, released, stats)
-                    except ContextOverflowError:  # the value side filled its window first
+                        self._advance(token, sources, released, stats)
+                    except ContextOverflowError:  # a term's context filled its window first
                         stats.finish_reason = "length"
                         break
             stats.decode_s = time.perf_counter() - t_loop
@@ -371,74 +451,72 @@ class Engine:
             if stats.decode_s > 0:
                 stats.tokens_per_s = stats.completion_tokens / stats.decode_s
 
-    def _sample(self, sampler, value, step: int, stats: GenerationStats) -> int:
-        """Fuse the current logits of base and value and draw a token (accepted into the
-        sampler's penalty history)."""
+    def _sample(self, sampler, active: list[Term], step: int, stats: GenerationStats) -> int:
+        """Fuse the base's current logits with every active term's (weights read now, so they
+        can change live) and draw a token, accepted into the sampler's penalty history."""
         from . import _core
 
         t0 = time.perf_counter()
         base_ptr, n_base = self._base_ctx.logits_ptr(), self._base_vocab.n_tokens
-        if value is not None:
-            value_ptr, n_value = self._value_ctx.logits_ptr(), self._value_ctx.n_vocab
-            token_map, weights, alpha = self._token_map, self._token_weights, self.alpha
-        else:  # same path, zero contribution
-            value_ptr, n_value, token_map, weights, alpha = base_ptr, n_base, None, None, 0.0
+        parts, mask = [], 0.0
+        for term in active:
+            weight = term.weight
+            if weight == 0.0:
+                continue
+            for source, sign, transform in term.parts:
+                if source is BASE:
+                    parts.append((base_ptr, n_base, None, None, sign * weight, transform))
+                else:
+                    parts.append((source.ctx.logits_ptr(), source.ctx.n_vocab, source.token_map,
+                                  source.token_weights, sign * weight, transform))
+            mask = max(mask, term.mask_alpha)
         try:
-            token = _core._fuse_and_sample(sampler, base_ptr, n_base, value_ptr, n_value,
-                                           token_map, alpha, weights, self._scratch)
+            token = _core._fuse_terms_and_sample(sampler, base_ptr, n_base, parts, mask, self._scratch)
         except ValueError as e:
             raise InvalidLogitsError(f"cannot sample: {e} (step {step}); the model file may "
-                                     f"be corrupt or alpha too large") from None
+                                     f"be corrupt or a weight too large") from None
         sampler.accept(token)
         stats.fuse_sample_s += time.perf_counter() - t0
         return token
 
-    def _prefill(self, value_text: str, prompt_tokens: list[int], value, stats: GenerationStats) -> int:
-        """Bring both caches to the prompt, reusing common prefixes; returns base tokens reused.
-        A value model with another vocabulary reads `value_text`; one with the base's reads
-        the base's tokens."""
-        value_job = None
-        if value is not None:
-            value_job = lambda: value.start(prompt_tokens, value_text.encode("utf-8"))
-        return self._lockstep(lambda: self._base.sync_to(prompt_tokens), value_job, stats)[0]
+    def _prefill(self, texts: dict[int, str], prompt_tokens: list[int], sources: list[Source],
+                 stats: GenerationStats) -> int:
+        """Bring every cache to the prompt, reusing common prefixes; returns base tokens reused."""
+        jobs = [lambda s=s: s.follower.start(prompt_tokens, texts[id(s)].encode("utf-8")) for s in sources]
+        return self._lockstep(lambda: self._base.sync_to(prompt_tokens), jobs, stats)
 
-    def _advance(self, token: int, value, released: str, stats: GenerationStats) -> None:
-        """Feed the sampled token to both models (a value model with another vocabulary reads
-        the text the detokenizer released: complete characters only)."""
-        value_job = None
-        if value is not None:
-            value_job = lambda: value.feed(token, released.encode("utf-8"))
-        self._lockstep(lambda: self._base.append([token]), value_job, stats)
+    def _advance(self, token: int, sources: list[Source], released: str, stats: GenerationStats) -> None:
+        """Feed the sampled token to every model (one with another vocabulary reads the text
+        the detokenizer released: complete characters only)."""
+        text = released.encode("utf-8")
+        jobs = [lambda s=s: s.follower.feed(token, text) for s in sources]
+        self._lockstep(lambda: self._base.append([token]), jobs, stats)
 
-    def _lockstep(self, base_job, value_job, stats: GenerationStats):
-        """Run the base and value decodes, one after the other or concurrently."""
-        if value_job is None:
-            t0 = time.perf_counter()
-            result = base_job()
-            stats.base_decode_s += time.perf_counter() - t0
-            return result, None
-        future = None
-        if self._pool is not None:
+    def _lockstep(self, base_job, jobs: list, stats: GenerationStats):
+        """Run the base's decode and the terms' (one after the other, or the terms' on worker
+        threads while the base decodes); returns the base job's result."""
+        futures = []
+        if self._pool is not None and jobs:
             try:
-                future = self._pool.submit(_timed, value_job)
+                futures = [self._pool.submit(_timed, job) for job in jobs]
             except RuntimeError:   # the interpreter is exiting: its pools take no more work
-                future = None
-        if future is not None:
-            t0 = time.perf_counter()
+                futures = []
+        t0 = time.perf_counter()
+        if futures:
             try:
                 result = base_job()
             finally:
                 stats.base_decode_s += time.perf_counter() - t0
-                value_result, value_s = _join(future)  # never leave the value decode running
-            stats.value_decode_s += value_s
-            return result, value_result
-        t0 = time.perf_counter()
+                results = _join_all(futures)  # never leave a decode running
+            stats.value_decode_s += sum(seconds for _, seconds in results)
+            return result
         result = base_job()
         t1 = time.perf_counter()
-        value_result = value_job()
+        for job in jobs:
+            job()
         stats.base_decode_s += t1 - t0
         stats.value_decode_s += time.perf_counter() - t1
-        return result, value_result
+        return result
 
     # --- chat (the format lives in ivl_local/chat.py) ---------------------------------------
 
@@ -448,17 +526,22 @@ class Engine:
         None when the value model shares the base's vocabulary (it reads the base's tokens) or
         value_prompt is "base"."""
         self._guard.check()
-        if self._value is None or self.identity_vocab or self.value_prompt != "own":
+        if self._value_term is None or self.identity_vocab or self.value_prompt != "own":
             return None
-        return render_messages(messages, self._value_template, bos_token="", eos_token=self._value_eos_text)
+        return self._render_own(self._value_term.sources[0], messages)
+
+    def _render_own(self, source: Source, messages: list[dict]) -> str:
+        return render_messages(messages, source.template, bos_token="", eos_token=source.eos_text)
 
     def generate_chat(self, messages: list[dict], max_tokens: int | None = 256,
                       sampling: SamplingConfig | None = None, stop=None) -> Iterator[str]:
         """generate() on the rendered conversation (each model in its format), with the stop
         strings the format needs; the raw deltas, leading whitespace included."""
+        own = {}
+        if self.value_prompt == "own":
+            own = {id(s): self._render_own(s, messages) for s in self._sources() if s.reads_own_chat}
         return self.generate(self.render_chat(messages), max_tokens, sampling,
-                             chat_stops(self._chat_template, _stop_list(stop)),
-                             value_prompt=self.render_value_chat(messages))
+                             chat_stops(self._chat_template, _stop_list(stop)), value_prompt=own)
 
     def chat_deltas(self, messages: list[dict], max_tokens: int | None = 256,
                     sampling: SamplingConfig | None = None, stop=None) -> Iterator[str]:
@@ -487,8 +570,8 @@ class Engine:
         with self._guard.work():
             self._guard.check_not_owned_elsewhere()  # none claimed since the check above
             self._base.reset()
-            if self._value is not None:
-                self._value.reset()
+            for source in self._sources():
+                source.follower.reset()
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -504,11 +587,10 @@ class Engine:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        for name in ("_value_ctx", "_base_ctx", "_value_model", "_base_model"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.close()
-                setattr(self, name, None)
+        for owner in (*reversed(self._contexts), *self._models.values()):  # contexts first
+            owner.close()
+        self._contexts, self._models = [], {}
+        self._base_ctx = self._value_ctx = self._base_model = self._value_model = None
 
     def __enter__(self):
         return self
@@ -530,6 +612,20 @@ def _stop_list(stop) -> list[str]:
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
         raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}")
     return list(stops)
+
+
+def _join_all(futures) -> list:
+    """Every future's result, each awaited even when another raised (a context must not be
+    touched, or freed, while its decode runs on a worker); then the first error is raised."""
+    results, error = [], None
+    for future in futures:
+        try:
+            results.append(_join(future))
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
+    return results
 
 
 def _join(future):

@@ -207,3 +207,15 @@ class TextSync:
             ends.append(base)
         self._ends = ends
         return self.seq.decoded
+
+
+class FixedPrompt(KVSequence):
+    """A context that reads its own fixed prompt, then the base's answer tokens (the
+    unconditional side of classifier-free guidance: a negative prompt, or nothing)."""
+
+    def __init__(self, ctx: Context, prompt_tokens: list[int], checkpoint: Callable[[], None] | None = None):
+        super().__init__(ctx, checkpoint)
+        self.prompt_tokens = list(prompt_tokens)
+
+    def start(self, prompt_tokens: list[int], text: bytes) -> int:
+        return self.sync_to(self.prompt_tokens)

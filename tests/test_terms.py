@@ -1,0 +1,132 @@
+"""Terms composed at decode time (ivl_local/terms.py) on the real small models: the identities
+each method must satisfy, cross-vocabulary sync, one loaded copy of the base for CFG, and one
+clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from ivl_local import GREEDY
+from ivl_local.engine import Engine
+from ivl_local.errors import ConfigError, ModelFileError, VocabMismatchError
+from ivl_local.terms import CFG, Contrastive, Proxy, ValueNet, check_weight
+
+PROMPT = "The capital of France is"
+N = 12
+KW = dict(n_ctx=256, n_threads=1)
+
+
+def tokens_of(engine: Engine, prompt: str = PROMPT) -> list[int]:
+    engine.complete(prompt, max_tokens=N, sampling=GREEDY)
+    return list(engine._last_completion_tokens)
+
+
+def quiet_engine(*args, **kw) -> Engine:
+    with warnings.catch_warnings():   # raw value models (no ivl.* keys) warn once each
+        warnings.simplefilter("ignore")
+        return Engine(*args, **{**KW, **kw})
+
+
+@pytest.fixture(scope="module")
+def smollm2_base_tokens(smollm2_path):
+    with Engine(smollm2_path, None, **KW) as engine:
+        return tokens_of(engine)
+
+
+@pytest.fixture(scope="module")
+def gemma3_base_tokens(gemma3_path):
+    with Engine(gemma3_path, None, **KW) as engine:
+        return tokens_of(engine)
+
+
+# --- specs (no model) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda: Proxy("e.gguf", None), lambda: Proxy("", "a.gguf"), lambda: Proxy("e", "a", weight=float("nan")),
+    lambda: CFG(scale=float("inf")), lambda: CFG(scale=1.0, negative_prompt=3),
+    lambda: Contrastive("a", beta=1e300), lambda: Contrastive("a", alpha=0.0), lambda: Contrastive("a", alpha=2),
+    lambda: ValueNet(None), lambda: ValueNet("v", weight="0.5"), lambda: check_weight(True),
+])
+def test_bad_specs_are_config_errors(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+# --- identities on real models ------------------------------------------------------------------
+
+@pytest.mark.real
+def test_proxy_with_expert_equal_to_anti_expert_gives_the_base(smollm2_path, smollm2_base_tokens):
+    with quiet_engine(smollm2_path, terms=[Proxy(smollm2_path, smollm2_path, weight=2.0)]) as engine:
+        assert tokens_of(engine) == smollm2_base_tokens
+        assert len(engine._models) == 1 and len(engine._contexts) == 3   # one model file, three contexts
+
+
+@pytest.mark.real
+def test_cross_vocabulary_proxy_on_gemma_keeps_each_context_in_sync(gemma3_path, smollm2_path,
+                                                                    gemma3_base_tokens, monkeypatch):
+    with quiet_engine(gemma3_path, terms=[Proxy(smollm2_path, smollm2_path)]) as engine:
+        expert, anti = engine.terms[0].sources
+        checked = []
+        real = engine._base_ctx.logits_ptr
+
+        def logits_ptr(*args):
+            for sync in (expert.follower, anti.follower):
+                assert sync.tokens == sync.tokenize(sync.text)
+            checked.append(1)
+            return real(*args)
+
+        monkeypatch.setattr(engine._base_ctx, "logits_ptr", logits_ptr)
+        assert tokens_of(engine) == gemma3_base_tokens
+        assert len(checked) >= N
+
+
+@pytest.mark.real
+def test_two_half_copies_of_a_value_net_equal_one_whole(smollm2_path):
+    with quiet_engine(smollm2_path, smollm2_path, alpha=1.0) as one:
+        whole = tokens_of(one)
+    halves = [ValueNet(smollm2_path, 0.5), ValueNet(smollm2_path, 0.5)]
+    with quiet_engine(smollm2_path, terms=halves) as two:
+        assert tokens_of(two) == whole
+        assert [t.weight for t in two.terms] == [0.5, 0.5]
+
+
+@pytest.mark.real
+def test_cfg_and_contrastive_at_zero_give_the_base_and_cfg_loads_the_base_once(
+        smollm2_path, smollm2_base_tokens):
+    with quiet_engine(smollm2_path, terms=[CFG(scale=0.0), Contrastive(smollm2_path, beta=0.0, alpha=0.1)]) as engine:
+        assert tokens_of(engine) == smollm2_base_tokens
+        assert len(engine._models) == 1                  # CFG's second context shares the weights
+        engine.terms[0].weight = 3.0                     # live: the next generation uses it
+        guided = tokens_of(engine)
+        assert guided != smollm2_base_tokens
+        engine.terms[0].weight = 0.0
+        assert tokens_of(engine) == smollm2_base_tokens  # off again: the base, exactly
+
+
+@pytest.mark.real
+def test_contrastive_mask_keeps_only_plausible_tokens(smollm2_path, smollm2_base_tokens):
+    """With an amateur equal to the base, the contrast cancels: only the mask acts, and the
+    greedy token is always inside it, so the answer is the base's."""
+    with quiet_engine(smollm2_path, terms=[Contrastive(smollm2_path, beta=1.0, alpha=0.5)]) as engine:
+        assert tokens_of(engine) == smollm2_base_tokens
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.real
+def test_term_errors_are_typed(smollm2_path, gemma3_path, tmp_path):
+    with pytest.raises(VocabMismatchError, match="share one vocabulary"):
+        quiet_engine(smollm2_path, terms=[Proxy(smollm2_path, gemma3_path)])
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all" * 4)
+    with pytest.raises(ModelFileError):
+        quiet_engine(smollm2_path, terms=[Contrastive(junk)])
+    with pytest.raises(ConfigError, match="terms must be"):
+        Engine(smollm2_path, terms=["value.gguf"], **KW)
+    with quiet_engine(smollm2_path, terms=[CFG(scale=1.0)]) as engine:
+        for bad in ("x", float("nan"), 1e9, None):
+            with pytest.raises(ConfigError):
+                engine.terms[0].weight = bad
+        assert engine.terms[0].weight == 1.0
