@@ -11,10 +11,12 @@ conversion) does not load llama.cpp.
 from . import errors
 from .config import GREEDY, SamplingConfig
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the public API)
+from .terms import CFG, Contrastive, Proxy, ValueNet
 
 __version__ = "0.1.0"
 
 __all__ = ["Engine", "GenerationStats", "SamplingConfig", "GREEDY", "errors",
+           "ValueNet", "Proxy", "CFG", "Contrastive",
            *[name for name in dir(errors) if name.endswith(("Error", "Cancelled"))]]
 
 

@@ -153,7 +153,8 @@ def test_flags_reach_engine_and_sampler(fake, base_file, tmp_path):
              "--ctx", "512", "--threads", "1", "--map", str(token_map), "--value-prompt", "base", "-p", "hi"])
     assert r.exit_code == 0, r.output
     assert fake.kwargs == dict(base=base_file, value=value, alpha=0.5, n_ctx=512, n_threads=1,
-                               seed=7, token_map=token_map, verbose=False, value_prompt="base")
+                               seed=7, token_map=token_map, verbose=False, value_prompt="base",
+                               terms=[])
     call = fake.engine.calls[0]
     assert call["max_tokens"] == 16
     assert call["sampling"] == SamplingConfig(temperature=0.0, top_p=0.9, top_k=5, min_p=0.1,
@@ -678,3 +679,47 @@ def test_ctrl_d_before_loading_finished(monkeypatch):
     release.set()
     loader.close()   # joins the loading thread, then closes what it loaded
     assert engine.closed
+
+
+def test_composition_flags_become_terms(fake, base_file, tmp_path):
+    from ivl_local.terms import CFG, Contrastive, Proxy, ValueNet
+
+    r = run(["chat", "--base", str(base_file), "--value", "none", "--value", "b.ivl.gguf:0.5",
+             "--value", "c:d.gguf", "--expert", "e.gguf", "--anti-expert", "a.gguf", "--proxy-weight", "2",
+             "--cfg-scale", "1.5", "--negative-prompt", "rude", "--amateur", "m.gguf", "--cd-beta", "0.3",
+             "-p", "hi"])
+    assert r.exit_code == 0, r.output
+    assert fake.kwargs["value"] is None
+    assert fake.kwargs["terms"] == [ValueNet("b.ivl.gguf", 0.5), ValueNet("c:d.gguf", None),
+                                    Proxy("e.gguf", "a.gguf", 2.0), CFG(1.5, "rude"),
+                                    Contrastive("m.gguf", 0.3, 0.1)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--expert", "e.gguf"], "needs both --expert and --anti-expert"),
+    (["--anti-expert", "a.gguf"], "needs both --expert and --anti-expert"),
+    (["--proxy-weight", "2"], "--proxy-weight needs"),
+    (["--negative-prompt", "x"], "--negative-prompt needs --cfg-scale"),
+    (["--cd-beta", "1"], "need --amateur"),
+    (["--cfg-scale", "nan"], "cfg scale must be between"),
+    (["--value", "none", "--value", "b.gguf:1e9"], "must be between"),
+    (["--amateur", "m.gguf", "--cd-alpha", "0"], "cd alpha must be in"),
+])
+def test_bad_composition_flags_are_one_line(fake, base_file, flags, message):
+    r = run(["chat", "--base", str(base_file), "-p", "hi", *flags])
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
+
+
+def test_session_weight_lists_and_sets_terms(monkeypatch, capsys):
+    from ivl_local.terms import Term
+
+    engine = FakeEngine()
+    engine.terms = [Term("value", "v.ivl.gguf", [], 1.0), Term("cfg", "cfg", [], 1.5)]
+    _, chrome = session_run(monkeypatch, engine, ["/weight", "/weight 2 0.25", "/weight 3 1",
+                                                   "/weight 1 nan", "/weight x"])
+    assert [t.weight for t in engine.terms] == [1.0, 0.25]
+    assert "1. value v.ivl.gguf: weight 1" in chrome and "2. cfg cfg: weight 0.25" in chrome
+    err = capsys.readouterr().err
+    assert "there are terms 1 to 2" in err and "weight must be between" in err
+    assert "/weight needs a term number and a weight" in err

@@ -130,3 +130,17 @@ def test_term_errors_are_typed(smollm2_path, gemma3_path, tmp_path):
             with pytest.raises(ConfigError):
                 engine.terms[0].weight = bad
         assert engine.terms[0].weight == 1.0
+
+
+@pytest.mark.real
+def test_ivl_chat_composes_from_flags(smollm2_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-P", "-m", "ivl_local.cli.main", "chat", "--base", str(smollm2_path),
+           "--value", "none", "--cfg-scale", "1.5", "--negative-prompt", "Answer rudely.",
+           "--expert", str(smollm2_path), "--anti-expert", str(smollm2_path),
+           "-p", "Name a colour.", "--max-tokens", "6", "--temperature", "0", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "Traceback" not in r.stderr

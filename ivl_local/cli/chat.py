@@ -21,6 +21,7 @@ import typer
 
 from ..config import (VALUE_PROMPTS, EngineConfig, SamplingConfig, check_alpha, check_max_tokens,
                       check_seed, default_threads)
+from ..terms import check_weight
 from ..errors import ConfigError, EmptyPromptError, ModelFileError, ModelNotFoundError
 from ._common import EXIT_INTERRUPTED, one_line_warnings, print_note, user_errors
 
@@ -33,12 +34,52 @@ NO_VALUE = ("none", "off", "")
 
 def make_engine(base: Path, value: Path | None, alpha: float | None, *, n_ctx: int,
                 n_threads: int | None, seed: int, token_map: Path | None, verbose: bool,
-                value_prompt: str = "own"):
+                value_prompt: str = "own", terms=()):
     """The one place the CLI builds an Engine (monkeypatched by the fast tests)."""
     from ..engine import Engine  # llama.cpp loads here, not at CLI import
 
-    return Engine(base, value, alpha, n_ctx=n_ctx, n_threads=n_threads, seed=seed,
+    return Engine(base, value, alpha, terms=terms, n_ctx=n_ctx, n_threads=n_threads, seed=seed,
                   token_map=token_map, verbose=verbose, value_prompt=value_prompt)
+
+
+def split_weight(text: str, flag: str) -> tuple[str, float | None]:
+    """'b.ivl.gguf:0.5' -> ('b.ivl.gguf', 0.5); a colon not followed by a number is part of
+    the name."""
+    name, sep, tail = text.rpartition(":")
+    if not sep or not name:
+        return text, None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return text, None
+    return name, check_weight(weight, f"{flag} {text}")
+
+
+def build_terms(values: list[str], expert, anti_expert, proxy_weight, cfg_scale, negative_prompt,
+                amateur, cd_beta, cd_alpha, token_map) -> list:
+    """The term specs the flags ask for, beyond the first --value (each checked now)."""
+    from ..terms import CFG, Contrastive, Proxy, ValueNet
+
+    terms = []
+    for text in values:
+        name, weight = split_weight(text, "--value")
+        terms.append(ValueNet(name, weight, token_map))
+    if (expert is None) != (anti_expert is None):
+        raise ConfigError("proxy-tuning needs both --expert and --anti-expert (the expert's untuned base)")
+    if expert is not None:
+        terms.append(Proxy(expert, anti_expert, 1.0 if proxy_weight is None else proxy_weight))
+    elif proxy_weight is not None:
+        raise ConfigError("--proxy-weight needs --expert and --anti-expert")
+    if cfg_scale is not None:
+        terms.append(CFG(cfg_scale, negative_prompt or ""))
+    elif negative_prompt is not None:
+        raise ConfigError("--negative-prompt needs --cfg-scale")
+    if amateur is not None:
+        terms.append(Contrastive(amateur, 0.5 if cd_beta is None else cd_beta,
+                                 0.1 if cd_alpha is None else cd_alpha))
+    elif cd_beta is not None or cd_alpha is not None:
+        raise ConfigError("--cd-beta and --cd-alpha need --amateur")
+    return terms
 
 
 # --- resolving what to load ---------------------------------------------------------------
@@ -164,9 +205,30 @@ def one_shot(engine, messages: list[dict], *, sampling: SamplingConfig, max_toke
 def chat(
     base: Annotated[str, typer.Option("--base", "-b", help="Base model: a .gguf path or a known name (see 'ivl models').",
                                       rich_help_panel="Models")] = DEFAULT_BASE,
-    value: Annotated[Optional[str], typer.Option(
+    value: Annotated[Optional[list[str]], typer.Option(
         "--value", help="Value network: .ivl.gguf path, known name, or 'none' for the base alone. "
+        "Repeat to add more, each with an optional weight after ':' (b.ivl.gguf:0.5). "
         "Default: the default value network (prepared once on first use).", rich_help_panel="Models")] = None,
+    expert: Annotated[Optional[str], typer.Option(
+        help="Proxy-tuning: a tuned model whose log-probabilities, minus its --anti-expert's, are added.",
+        rich_help_panel="Composition")] = None,
+    anti_expert: Annotated[Optional[str], typer.Option(
+        help="Proxy-tuning: the expert's untuned base (same vocabulary as --expert).",
+        rich_help_panel="Composition")] = None,
+    proxy_weight: Annotated[Optional[float], typer.Option(
+        help="Proxy-tuning weight. Default 1.", rich_help_panel="Composition")] = None,
+    cfg_scale: Annotated[Optional[float], typer.Option(
+        help="Classifier-free guidance scale g: adds g * (z_cond - z_uncond).", rich_help_panel="Composition")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(
+        help="CFG: what the unconditional context reads (default: nothing).", rich_help_panel="Composition")] = None,
+    amateur: Annotated[Optional[str], typer.Option(
+        help="Contrastive decoding: a weaker model whose log-probabilities are subtracted.",
+        rich_help_panel="Composition")] = None,
+    cd_beta: Annotated[Optional[float], typer.Option(
+        help="Contrastive decoding strength. Default 0.5.", rich_help_panel="Composition")] = None,
+    cd_alpha: Annotated[Optional[float], typer.Option(
+        help="Contrastive decoding plausibility: keep tokens with p >= alpha * max p. Default 0.1.",
+        rich_help_panel="Composition")] = None,
     alpha: Annotated[Optional[float], typer.Option(
         help="Scale of the value network (0 = base alone). Default: the value file's own.",
         rich_help_panel="Models")] = None,
@@ -217,10 +279,19 @@ def chat(
 
             from ..models import resolve_model
 
+            values = list(value or [])
+            first, first_weight = split_weight(values[0], "--value") if values else (None, None)
+            if first_weight is not None and alpha is not None:
+                raise ConfigError("give the first value network's weight once: --alpha or ':WEIGHT'")
+            terms = build_terms(values[1:], expert, anti_expert, proxy_weight, cfg_scale,
+                                negative_prompt, amateur, cd_beta, cd_alpha, token_map)
+            alpha = first_weight if first_weight is not None else alpha
+            if alpha is not None:
+                check_alpha(alpha, "--alpha")
             base_path = resolve_model(base)
-            value_path = resolve_value(value)
+            value_path = resolve_value(first)
             kwargs = dict(n_ctx=ctx, n_threads=threads, seed=seed if seed is not None else 0,
-                          token_map=token_map, verbose=verbose, value_prompt=value_prompt)
+                          token_map=token_map, verbose=verbose, value_prompt=value_prompt, terms=terms)
             if text is None and not verbose:
                 # Interactive: the prompt shows at once, the models load while the user types.
                 from .loading import BackgroundLoad

@@ -255,6 +255,7 @@ class ChatSession:
             SlashCommand("system", "/system [TEXT|none]", "show, set or clear the system prompt", self.cmd_system),
             SlashCommand("alpha", "/alpha [X]", "show or set the value network's scale (0 = base alone)", self.cmd_alpha),
             SlashCommand("value", "/value [on|off]", "switch the value network on or off", self.cmd_value),
+            SlashCommand("weight", "/weight [N X]", "list the composed terms, or set term N's weight", self.cmd_weight),
             SlashCommand("compare", "/compare", "answer the last prompt with and without the value network", self.cmd_compare),
             SlashCommand("save", "/save [FILE]", "save the conversation and settings as JSON", self.cmd_save),
             SlashCommand("load", "/load FILE", "load a conversation saved with /save", self.cmd_load),
@@ -293,6 +294,28 @@ class ChatSession:
             self.engine.alpha = check_alpha(alpha)
         note = "" if self.engine.has_value else " (no value network loaded: it has no effect)"
         self.console.print(f"alpha = {self.engine.alpha:g}{note}")
+
+    def cmd_weight(self, arg: str) -> None:
+        from ..terms import check_weight
+
+        terms = getattr(self.engine, "terms", [])
+        if not terms:
+            self.console.print("no terms loaded (start with --value, --expert/--anti-expert, "
+                               "--cfg-scale or --amateur)")
+            return
+        if arg:
+            parts = arg.split()
+            try:
+                index, weight = int(parts[0]), float(parts[1])
+                if len(parts) != 2:
+                    raise ValueError
+            except (ValueError, IndexError):
+                raise ConfigError(f"/weight needs a term number and a weight, got {arg!r}") from None
+            if not 1 <= index <= len(terms):
+                raise ConfigError(f"/weight: there are terms 1 to {len(terms)}, got {index}")
+            terms[index - 1].weight = check_weight(weight, f"term {index} weight")
+        for i, term in enumerate(terms, 1):
+            self.console.print(f"{i}. {term.kind} {term.name}: weight {term.weight:g}")
 
     def cmd_value(self, arg: str) -> None:
         if not self.engine.has_value:
