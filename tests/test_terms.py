@@ -144,3 +144,16 @@ def test_ivl_chat_composes_from_flags(smollm2_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "Traceback" not in r.stderr
+
+
+@pytest.mark.real
+def test_concurrent_term_decodes_give_the_same_tokens(smollm2_path, gemma3_path):
+    """Each term's context decodes on a worker while the base decodes: the same tokens as
+    one after the other."""
+    terms = [Proxy(smollm2_path, smollm2_path, weight=0.7), CFG(scale=0.5),
+             Contrastive(smollm2_path, beta=0.3, alpha=0.05)]
+    with quiet_engine(gemma3_path, terms=terms) as sequential:
+        expected = tokens_of(sequential)
+    with quiet_engine(gemma3_path, terms=terms, concurrent=True, n_threads=2) as concurrent:
+        assert concurrent._pool is not None
+        assert tokens_of(concurrent) == expected

@@ -1,0 +1,114 @@
+"""Composed decoding (ivl_local/terms.py) on real models: the cost of terms, side by side.
+
+    PYTHONPATH=. python benchmarks/bench_terms.py [--tokens 32] [--threads 1] [--rounds 2]
+
+Gemma 3 270M base (262k vocabulary), terms from SmolLM2 135M (49k, mapped by text) and
+from Gemma itself (CFG's second context). Rows, each in its own subprocess (clean peak RSS),
+`--rounds` times interleaved, the round with the least CPU time per token kept:
+
+  base                 Engine(gemma) alone
+  smollm2              Engine(smollm2) alone: one term context's decode time
+  base + 2 terms       Proxy(smollm2, smollm2): two SmolLM2 contexts, log-softmax, mapped
+  base + 3 terms       the Proxy plus CFG (a second Gemma context on the same weights)
+  ... concurrent       the same with concurrent=True (term decodes on worker threads)
+  base + CFG           memory: CFG's extra peak RSS against its KV cache
+
+Targets (issue 10): fusion + sampling <= 2 % of a step with 3 terms; sequential base + 2
+terms >= 0.95 x the ideal 1/(t_base + 2 t_smollm2); CFG's extra memory <= its KV cache + 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_engine import kv_cache_mb, peak_rss_mb  # noqa: E402  (shared measuring helpers)
+
+PROMPT = "Here is a short story about a robot who learns to paint:\n"
+N_CTX = 512
+CONFIGS = ["base", "smollm2", "base+2", "base+3", "base+3-concurrent", "base+cfg"]
+
+
+def run(config: str, tokens: int, threads: int) -> dict:
+    from ivl_local import CFG, Proxy, SamplingConfig
+    from ivl_local.engine import Engine
+    from ivl_local.models import resolve_model
+
+    gemma, smollm2 = resolve_model("gemma3-270m"), resolve_model("smollm2-135m")
+    proxy, cfg = Proxy(smollm2, smollm2, weight=0.5), CFG(scale=0.5)
+    base, terms = {"base": (gemma, []), "smollm2": (smollm2, []), "base+2": (gemma, [proxy]),
+                   "base+3": (gemma, [proxy, cfg]), "base+3-concurrent": (gemma, [proxy, cfg]),
+                   "base+cfg": (gemma, [cfg])}[config]
+    warnings.simplefilter("ignore")
+    engine = Engine(base, None, terms=terms, n_ctx=N_CTX, n_threads=threads,
+                    concurrent=config.endswith("concurrent"))
+    sampling = SamplingConfig(seed=1)   # the CLI's chain: top-k 40, temperature 0.8, top-p, min-p
+    engine.complete("Warm up.", max_tokens=2, sampling=sampling)
+    engine.clear_cache()
+    stream = engine.generate(PROMPT, max_tokens=tokens, sampling=sampling)
+    next(stream)   # steady state: the clock starts once the prompt is decoded
+    s = engine.stats
+    n0, fuse0 = s.completion_tokens, s.fuse_sample_s
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in stream:
+        pass
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    n = s.completion_tokens - n0
+    out = dict(tokens=n, tok_s=n / wall, cpu_ms=cpu / n * 1e3, step_ms=wall / n * 1e3,
+               fuse_ms=(s.fuse_sample_s - fuse0) / n * 1e3, models=len(engine._models),
+               kv_mb=kv_cache_mb(gemma, N_CTX))
+    engine.close()
+    out["rss_mb"] = peak_rss_mb()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run(args.child, args.tokens, args.threads)))
+        return
+    best: dict[str, dict] = {}
+    for r in range(args.rounds):
+        for config in CONFIGS:
+            threads = max(2, args.threads) if config.endswith("concurrent") else args.threads
+            proc = subprocess.run([sys.executable, __file__, "--child", config, "--tokens", str(args.tokens),
+                                   "--threads", str(threads)], capture_output=True, text=True, check=True)
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"round {r + 1}: {config:18s} {result['tok_s']:6.1f} tok/s {result['cpu_ms']:6.1f} cpu ms/token",
+                  flush=True)
+            if config not in best or result["cpu_ms"] < best[config]["cpu_ms"]:
+                best[config] = result
+    b, v = best["base"], best["smollm2"]
+    ideal2 = 1e3 / (b["step_ms"] + 2 * v["step_ms"])
+    ideal3 = 1e3 / (2 * b["step_ms"] + 2 * v["step_ms"])
+    print(f"\nGemma 3 270M base, SmolLM2 135M terms, {args.tokens} tokens, {args.threads} thread(s), "
+          f"n_ctx {N_CTX}, best of {args.rounds}, cpu_count {os.cpu_count()}")
+    print(f"{'':22s} {'tok/s':>7s} {'step ms':>8s} {'fuse+sample ms':>15s} {'share':>6s} {'peak RSS MB':>12s}")
+    for config in CONFIGS:
+        x = best[config]
+        print(f"{config:22s} {x['tok_s']:7.1f} {x['step_ms']:8.1f} {x['fuse_ms']:15.3f} "
+              f"{x['fuse_ms'] / x['step_ms']:6.1%} {x['rss_mb']:12.0f}")
+    print(f"\nbase + 2 terms vs ideal 1/(t_base + 2 t_smollm2) = {ideal2:.1f} tok/s: "
+          f"{best['base+2']['tok_s'] / ideal2:.2f}x")
+    print(f"base + 3 terms (2 SmolLM2 + a Gemma CFG context) vs ideal {ideal3:.1f} tok/s: "
+          f"{best['base+3']['tok_s'] / ideal3:.2f}x")
+    print(f"fusion + sampling share of a 3-term step: {best['base+3']['fuse_ms'] / best['base+3']['step_ms']:.2%}")
+    print(f"concurrent vs sequential (3 terms): {best['base+3-concurrent']['tok_s'] / best['base+3']['tok_s']:.2f}x")
+    extra = best["base+cfg"]["rss_mb"] - b["rss_mb"]
+    print(f"CFG: {best['base+cfg']['models']} model loaded; extra peak RSS {extra:.0f} MB vs its KV cache "
+          f"{b['kv_mb']:.0f} MB ({extra / b['kv_mb']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
