@@ -46,8 +46,8 @@ from .errors import (ConfigError, ContextOverflowError, EmptyPromptError, Engine
 from .guard import Guard
 from .models import resolve_model
 from .sync import FixedPrompt, KVSequence, TextSync
-from .terms import (BASE, CFG, LOG_SOFTMAX, RAW, SPECS, Contrastive, Proxy, Source, Term,
-                    ValueNet)
+from .terms import (BASE, CFG, LOG_SOFTMAX, MAX_PARTS, RAW, SPECS, Contrastive, Proxy, Source,
+                    Term, ValueNet)
 from .valuefile import ValueFileInfo, read_gguf_header, value_info_from_header
 from .vocab import TokenMapping, read_vocab, resolve_mapping
 
@@ -167,6 +167,10 @@ class Engine:
             self._terms.append(self._value_term)
         for spec in terms:
             self._terms.append(self._load_term(spec))
+        n_parts = sum(len(term.parts) for term in self._terms)
+        if n_parts > MAX_PARTS:
+            raise ConfigError(f"these terms add {n_parts} logit vectors per step, at most {MAX_PARTS} "
+                              f"can be fused (a value net counts 1, proxy-tuning, CFG and contrastive 2)")
         self.value_enabled = self.has_value
         self._scratch = np.empty(self._base_vocab.n_tokens, dtype=np.float32)
         self.concurrent = bool(concurrent) and bool(self._sources())
@@ -176,9 +180,10 @@ class Engine:
     # --- loading ----------------------------------------------------------------------------
 
     def _model(self, path: Path) -> Model:
-        model = self._models.get(path)
+        key = path.resolve()   # one llama.cpp model per file, however its path is spelled
+        model = self._models.get(key)
         if model is None:
-            model = self._models[path] = Model(path, verbose=self._verbose)
+            model = self._models[key] = Model(path, verbose=self._verbose)
         return model
 
     def _context(self, model: Model, n_ctx: int) -> Context:
@@ -235,14 +240,18 @@ class Engine:
             return Term("proxy", "proxy", [(expert, 1.0, LOG_SOFTMAX), (anti, -1.0, LOG_SOFTMAX)],
                         _weight=spec.weight, spec=spec)
         if isinstance(spec, CFG):
-            ctx = self._context(self._base_model, self._config.n_ctx)   # the same weights
             vocab = self._base_vocab
             negative = vocab.tokenize(spec.negative_prompt, add_special=True, parse_special=False)
-            if not negative:   # no BOS added and no text: start from the start-of-text token
-                start = vocab.bos if vocab.bos >= 0 else vocab.eos
+            if not negative:   # no BOS added and no text: start after an end of text
+                start = vocab.eos if vocab.eos >= 0 else vocab.bos
                 if start < 0:
                     raise ConfigError("this base model has no BOS or EOS token; give CFG a negative prompt")
                 negative = [start]
+            if len(negative) >= self._n_ctx:
+                raise ContextOverflowError(f"CFG's negative prompt is {len(negative)} tokens; the context "
+                                           f"window is {self._n_ctx}: shorten it")
+            # the negative prompt, then as long an answer as the base's window allows
+            ctx = self._context(self._base_model, self._config.n_ctx + len(negative))  # same weights
             uncond = Source("cfg-negative", ctx, FixedPrompt(ctx, negative, checkpoint=self._guard.check))
             return Term("cfg", "cfg", [(BASE, 1.0, RAW), (uncond, -1.0, RAW)], _weight=spec.scale, spec=spec)
         amateur = self._source("amateur", spec.amateur, spec.token_map)

@@ -24,10 +24,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import _is_number, _shown
+from .config import _is_number, _shown, check_alpha
 from .errors import ConfigError
 
 WEIGHT_MAX = 100.0   # the same bound as alpha: beyond it fused float32 logits approach overflow
+MAX_PARTS = 16       # logit vectors _core.fuse_terms takes in one step
 
 
 def check_weight(value, name: str = "weight") -> float:
@@ -60,7 +61,7 @@ class ValueNet:
     def __post_init__(self) -> None:
         _check_model(self.model, "a value network")
         if self.weight is not None:
-            check_weight(self.weight, "value weight")
+            check_alpha(self.weight, "value weight")   # a value net's weight is its alpha
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,8 @@ class Term:
 
     @weight.setter
     def weight(self, value) -> None:
-        self._weight = check_weight(value, f"{self.name} weight")
+        check = check_alpha if self.kind == "value" else check_weight   # a value net's is its alpha
+        self._weight = check(value, f"{self.name} weight")
 
     @property
     def sources(self) -> list[Source]:

@@ -682,17 +682,36 @@ def test_ctrl_d_before_loading_finished(monkeypatch):
 
 
 def test_composition_flags_become_terms(fake, base_file, tmp_path):
+    import shutil
+
     from ivl_local.terms import CFG, Contrastive, Proxy, ValueNet
 
-    r = run(["chat", "--base", str(base_file), "--value", "none", "--value", "b.ivl.gguf:0.5",
-             "--value", "c:d.gguf", "--expert", "e.gguf", "--anti-expert", "a.gguf", "--proxy-weight", "2",
-             "--cfg-scale", "1.5", "--negative-prompt", "rude", "--amateur", "m.gguf", "--cd-beta", "0.3",
-             "-p", "hi"])
+    seed = Path(__file__).parent / "data" / "fuzz_seed_llama.gguf"   # a small valid GGUF
+    files = {name: tmp_path / name for name in ("b.gguf", "c:d.gguf", "e.gguf", "a.gguf", "m.gguf")}
+    for path in files.values():
+        shutil.copy(seed, path)
+    f = {name: str(path) for name, path in files.items()}
+    r = run(["chat", "--base", str(base_file), "--value", "none", "--value", f["b.gguf"] + ":0.5",
+             "--value", f["c:d.gguf"], "--expert", f["e.gguf"], "--anti-expert", f["a.gguf"],
+             "--proxy-weight", "2", "--cfg-scale", "1.5", "--negative-prompt", "rude",
+             "--amateur", f["m.gguf"], "--cd-beta", "0.3", "-p", "hi"])
     assert r.exit_code == 0, r.output
     assert fake.kwargs["value"] is None
-    assert fake.kwargs["terms"] == [ValueNet("b.ivl.gguf", 0.5), ValueNet("c:d.gguf", None),
-                                    Proxy("e.gguf", "a.gguf", 2.0), CFG(1.5, "rude"),
-                                    Contrastive("m.gguf", 0.3, 0.1)]
+    assert fake.kwargs["terms"] == [ValueNet(files["b.gguf"], 0.5), ValueNet(files["c:d.gguf"], None),
+                                    Proxy(files["e.gguf"], files["a.gguf"], 2.0), CFG(1.5, "rude"),
+                                    Contrastive(files["m.gguf"], 0.3, 0.1)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--value", "none", "--value", "absent.gguf"], "absent.gguf"),
+    (["--value", "none", "--value", "none"], "'none' can only be the first --value"),
+    (["--value", "none", "--value", "v.gguf:-0.5"], "value weight must be between 0"),
+    (["--expert", "absent.gguf", "--anti-expert", "absent2.gguf"], "absent.gguf"),
+])
+def test_composition_files_are_checked_before_loading(fake, base_file, flags, message):
+    r = run(["chat", "--base", str(base_file), "-p", "hi", *flags])
+    assert r.exit_code != 0 and message in r.stderr, r.output
+    assert r.stderr.count("error:") == 1 and fake.kwargs == {}   # no engine was made
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -10,7 +10,7 @@ import pytest
 
 from ivl_local import GREEDY
 from ivl_local.engine import Engine
-from ivl_local.errors import ConfigError, ModelFileError, VocabMismatchError
+from ivl_local.errors import ConfigError, ContextOverflowError, ModelFileError, VocabMismatchError
 from ivl_local.terms import CFG, Contrastive, Proxy, ValueNet, check_weight
 
 PROMPT = "The capital of France is"
@@ -157,3 +157,26 @@ def test_concurrent_term_decodes_give_the_same_tokens(smollm2_path, gemma3_path)
     with quiet_engine(gemma3_path, terms=terms, concurrent=True, n_threads=2) as concurrent:
         assert concurrent._pool is not None
         assert tokens_of(concurrent) == expected
+
+
+@pytest.mark.real
+def test_review_findings_on_terms(smollm2_path, tmp_path):
+    """Too many parts is one clear error at load; one model per file however it is spelled;
+    a value term's weight keeps alpha's range; CFG's negative prompt is sized at load."""
+    with pytest.raises(ConfigError, match="at most 16"):
+        quiet_engine(smollm2_path, terms=[Proxy(smollm2_path, smollm2_path)] * 9)
+    link = tmp_path / "link.gguf"
+    link.symlink_to(smollm2_path)
+    with quiet_engine(smollm2_path, terms=[Contrastive(link), Proxy(smollm2_path, link)]) as engine:
+        assert len(engine._models) == 1
+    with quiet_engine(smollm2_path, terms=[ValueNet(smollm2_path, 0.5), CFG(1.0)]) as engine:
+        with pytest.raises(ConfigError, match="between 0 and 100"):
+            engine.terms[0].weight = -1.0
+        engine.terms[1].weight = -1.0          # guidance may point away
+    with pytest.raises(ConfigError):
+        ValueNet(smollm2_path, -0.5)
+    with pytest.raises(ContextOverflowError, match="negative prompt"):
+        quiet_engine(smollm2_path, terms=[CFG(1.0, "word " * 300)])
+    with quiet_engine(smollm2_path, terms=[CFG(1.0, "word " * 200)]) as engine:
+        text = engine.complete("Count: one two", max_tokens=None, sampling=GREEDY)
+        assert text and engine.stats.context_used <= 256

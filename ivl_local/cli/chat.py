@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -57,17 +58,29 @@ def split_weight(text: str, flag: str) -> tuple[str, float | None]:
 
 def build_terms(values: list[str], expert, anti_expert, proxy_weight, cfg_scale, negative_prompt,
                 amateur, cd_beta, cd_alpha, token_map) -> list:
-    """The term specs the flags ask for, beyond the first --value (each checked now)."""
+    """The term specs the flags ask for, beyond the first --value: each flag checked and each
+    file found and its header validated now, before any model loads."""
+    from ..models import resolve_model
     from ..terms import CFG, Contrastive, Proxy, ValueNet
+    from ..valuefile import read_gguf_header
+
+    def model_file(ref: str):
+        path = resolve_model(ref)
+        read_gguf_header(path)
+        return path
 
     terms = []
     for text in values:
         name, weight = split_weight(text, "--value")
-        terms.append(ValueNet(name, weight, token_map))
+        if name.strip().lower() in NO_VALUE:
+            raise ConfigError("'none' can only be the first --value (it means: no default value network)")
+        spec = ValueNet(name, weight, token_map)     # numbers first: they fail fastest
+        terms.append(replace(spec, model=model_file(name)))
     if (expert is None) != (anti_expert is None):
         raise ConfigError("proxy-tuning needs both --expert and --anti-expert (the expert's untuned base)")
     if expert is not None:
-        terms.append(Proxy(expert, anti_expert, 1.0 if proxy_weight is None else proxy_weight))
+        spec = Proxy(expert, anti_expert, 1.0 if proxy_weight is None else proxy_weight)
+        terms.append(replace(spec, expert=model_file(expert), anti_expert=model_file(anti_expert)))
     elif proxy_weight is not None:
         raise ConfigError("--proxy-weight needs --expert and --anti-expert")
     if cfg_scale is not None:
@@ -75,8 +88,8 @@ def build_terms(values: list[str], expert, anti_expert, proxy_weight, cfg_scale,
     elif negative_prompt is not None:
         raise ConfigError("--negative-prompt needs --cfg-scale")
     if amateur is not None:
-        terms.append(Contrastive(amateur, 0.5 if cd_beta is None else cd_beta,
-                                 0.1 if cd_alpha is None else cd_alpha))
+        spec = Contrastive(amateur, 0.5 if cd_beta is None else cd_beta, 0.1 if cd_alpha is None else cd_alpha)
+        terms.append(replace(spec, amateur=model_file(amateur)))
     elif cd_beta is not None or cd_alpha is not None:
         raise ConfigError("--cd-beta and --cd-alpha need --amateur")
     return terms
