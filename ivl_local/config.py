@@ -40,17 +40,22 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_alpha(value, name: str = "alpha") -> float:
-    """A value network's scale: a number in [0, ALPHA_MAX]."""
+def check_number(value, name: str, low: float, high: float) -> float:
+    """A real number (not a bool, not text) in [low, high], as a float."""
     if not _is_number(value):
         raise ConfigError(f"{name} must be a number, got {_shown(value)}")
     try:
-        alpha = float(value)
+        number = float(value)
     except OverflowError:   # an int past float range (10**400)
-        alpha = math.inf
-    if not (math.isfinite(alpha) and 0.0 <= alpha <= ALPHA_MAX):
-        raise ConfigError(f"{name} must be between 0 and {ALPHA_MAX:g}, got {_shown(value)}")
-    return alpha
+        number = math.inf
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {_shown(value)}")
+    return number
+
+
+def check_alpha(value, name: str = "alpha") -> float:
+    """A value network's scale: a number in [0, ALPHA_MAX]."""
+    return check_number(value, name, 0.0, ALPHA_MAX)
 
 
 def check_seed(value, name: str = "seed") -> int:

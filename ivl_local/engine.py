@@ -146,7 +146,7 @@ class Engine:
     def _load(self, base, value, alpha, terms, config: EngineConfig, token_map, concurrent, verbose) -> None:
         self._verbose = verbose
         self.base_path = resolve_model(base)
-        self._base_header = base_header = read_gguf_header(self.base_path)
+        base_header = read_gguf_header(self.base_path)
         self._base_vocab_data = read_vocab(base_header)
         self._base_model = self._model(self.base_path)
         self._base_vocab = self._base_model.vocab
@@ -221,8 +221,7 @@ class Engine:
         source = self._source(path.name, path, spec.token_map, header=header)
         source.reads_own_chat = not source.mapping.identity
         term = Term("value", path.name, [(source, 1.0, RAW)], spec=spec)
-        term.weight = check_alpha(info.default_alpha if spec.weight is None else spec.weight,
-                                  f"{path.name} weight")
+        term.weight = info.default_alpha if spec.weight is None else spec.weight   # checked as alpha
         if primary:
             self.value_path, self.value_info, self.mapping = path, info, source.mapping
             self._value, self._value_ctx, self._value_model = source.follower, source.ctx, source.ctx.model

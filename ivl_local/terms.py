@@ -20,11 +20,10 @@ file, one context per source).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import _is_number, _shown, check_alpha
+from .config import _is_number, _shown, check_alpha, check_number
 from .errors import ConfigError
 
 WEIGHT_MAX = 100.0   # the same bound as alpha: beyond it fused float32 logits approach overflow
@@ -33,15 +32,7 @@ MAX_PARTS = 16       # logit vectors _core.fuse_terms takes in one step
 
 def check_weight(value, name: str = "weight") -> float:
     """A term's weight: a finite number in [-WEIGHT_MAX, WEIGHT_MAX]."""
-    if not _is_number(value):
-        raise ConfigError(f"{name} must be a number, got {_shown(value)}")
-    try:
-        weight = float(value)
-    except OverflowError:
-        weight = math.inf
-    if not (math.isfinite(weight) and abs(weight) <= WEIGHT_MAX):
-        raise ConfigError(f"{name} must be between -{WEIGHT_MAX:g} and {WEIGHT_MAX:g}, got {_shown(value)}")
-    return weight
+    return check_number(value, name, -WEIGHT_MAX, WEIGHT_MAX)
 
 
 def _check_model(value, name: str) -> Any:

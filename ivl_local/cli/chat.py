@@ -22,7 +22,6 @@ import typer
 
 from ..config import (VALUE_PROMPTS, EngineConfig, SamplingConfig, check_alpha, check_max_tokens,
                       check_seed, default_threads)
-from ..terms import check_weight
 from ..errors import ConfigError, EmptyPromptError, ModelFileError, ModelNotFoundError
 from ._common import EXIT_INTERRUPTED, one_line_warnings, print_note, user_errors
 
@@ -43,9 +42,9 @@ def make_engine(base: Path, value: Path | None, alpha: float | None, *, n_ctx: i
                   token_map=token_map, verbose=verbose, value_prompt=value_prompt)
 
 
-def split_weight(text: str, flag: str) -> tuple[str, float | None]:
-    """'b.ivl.gguf:0.5' -> ('b.ivl.gguf', 0.5); a colon not followed by a number is part of
-    the name."""
+def split_value(text: str) -> tuple[str, float | None]:
+    """--value 'b.ivl.gguf:0.5' -> ('b.ivl.gguf', 0.5), the weight checked as an alpha; a colon
+    not followed by a number is part of the name."""
     name, sep, tail = text.rpartition(":")
     if not sep or not name:
         return text, None
@@ -53,7 +52,7 @@ def split_weight(text: str, flag: str) -> tuple[str, float | None]:
         weight = float(tail)
     except ValueError:
         return text, None
-    return name, check_weight(weight, f"{flag} {text}")
+    return name, check_alpha(weight, "--value weight")
 
 
 def build_terms(values: list[str], expert, anti_expert, proxy_weight, cfg_scale, negative_prompt,
@@ -71,7 +70,7 @@ def build_terms(values: list[str], expert, anti_expert, proxy_weight, cfg_scale,
 
     terms = []
     for text in values:
-        name, weight = split_weight(text, "--value")
+        name, weight = split_value(text)
         if name.strip().lower() in NO_VALUE:
             raise ConfigError("'none' can only be the first --value (it means: no default value network)")
         spec = ValueNet(name, weight, token_map)     # numbers first: they fail fastest
@@ -282,6 +281,11 @@ def chat(
             EngineConfig(n_ctx=ctx, n_threads=threads or default_threads())
             if alpha is not None:
                 check_alpha(alpha, "--alpha")
+            values = list(value or [])
+            first, first_weight = split_value(values[0]) if values else (None, None)
+            if first_weight is not None and alpha is not None:
+                raise ConfigError("give the first value network's weight once: --alpha or ':WEIGHT'")
+            alpha = first_weight if first_weight is not None else alpha
             text = read_one_shot_prompt(prompt)
             if as_json and text is None:
                 raise ConfigError("--json needs a prompt: -p TEXT or text on stdin")
@@ -292,15 +296,8 @@ def chat(
 
             from ..models import resolve_model
 
-            values = list(value or [])
-            first, first_weight = split_weight(values[0], "--value") if values else (None, None)
-            if first_weight is not None and alpha is not None:
-                raise ConfigError("give the first value network's weight once: --alpha or ':WEIGHT'")
             terms = build_terms(values[1:], expert, anti_expert, proxy_weight, cfg_scale,
                                 negative_prompt, amateur, cd_beta, cd_alpha, token_map)
-            alpha = first_weight if first_weight is not None else alpha
-            if alpha is not None:
-                check_alpha(alpha, "--alpha")
             base_path = resolve_model(base)
             value_path = resolve_value(first)
             kwargs = dict(n_ctx=ctx, n_threads=threads, seed=seed if seed is not None else 0,

@@ -296,8 +296,6 @@ class ChatSession:
         self.console.print(f"alpha = {self.engine.alpha:g}{note}")
 
     def cmd_weight(self, arg: str) -> None:
-        from ..terms import check_weight
-
         terms = getattr(self.engine, "terms", [])
         if not terms:
             self.console.print("no terms loaded (start with --value, --expert/--anti-expert, "
@@ -313,7 +311,7 @@ class ChatSession:
                 raise ConfigError(f"/weight needs a term number and a weight, got {arg!r}") from None
             if not 1 <= index <= len(terms):
                 raise ConfigError(f"/weight: there are terms 1 to {len(terms)}, got {index}")
-            terms[index - 1].weight = check_weight(weight, f"term {index} weight")
+            terms[index - 1].weight = weight   # the term checks it (a value net's as an alpha)
         for i, term in enumerate(terms, 1):
             self.console.print(f"{i}. {term.kind} {term.name}: weight {term.weight:g}")
 
