@@ -20,7 +20,11 @@ decodes its new suffix. An interruption (Ctrl-C) anywhere leaves the caches cons
 Threads (ivl_local/guard.py): one generation at a time per Engine — another thread starting
 one meanwhile gets EngineBusyError; `close()` from any thread stops a generation at its next
 token (or prefill chunk) before anything is freed; every call after `close()` raises
-EngineClosedError.
+EngineClosedError. `cancel()` from any thread stops the generation in progress at its next
+token and leaves the engine open.
+
+Engines given one `ModelRegistry` (ivl_local/registry.py, `models=`) share each file's loaded
+weights, each with its own contexts (the server's generation slots).
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ from .config import (VALUE_PROMPTS, EngineConfig, SamplingConfig, check_alpha, c
                      check_max_tokens, default_threads)
 from .detok import Detokenizer
 from .errors import (ConfigError, ContextOverflowError, EmptyPromptError, EngineClosedError,
-                     GenerationSuperseded, InvalidLogitsError, VocabMismatchError)
+                     GenerationCancelled, GenerationSuperseded, InvalidLogitsError,
+                     VocabMismatchError)
 from .guard import Guard
 from .models import resolve_model
+from .registry import ModelRegistry
 from .sync import FixedPrompt, KVSequence, TextSync
 from .terms import (BASE, CFG, LOG_SOFTMAX, MAX_PARTS, RAW, SPECS, Contrastive, Proxy, Source,
                     Term, ValueNet)
@@ -112,7 +118,10 @@ class Engine:
     def __init__(self, base, value=None, alpha: float | None = None, *, terms=(), n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
                  token_map=None, concurrent: bool | None = None, verbose: bool = False,
-                 value_prompt: str = "own"):
+                 value_prompt: str = "own", models: ModelRegistry | None = None):
+        if models is not None and not isinstance(models, ModelRegistry):
+            raise ConfigError(f"models must be a ModelRegistry, got {type(models).__name__}")
+        self._registry = models if models is not None else ModelRegistry()  # private: freed at close
         if value_prompt not in VALUE_PROMPTS:
             raise ConfigError(f"value_prompt must be one of {', '.join(VALUE_PROMPTS)}, got {value_prompt!r}")
         terms = list(terms)
@@ -127,7 +136,7 @@ class Engine:
         self._calls = 0
         self._guard = Guard("this Engine")
         self._pool: ThreadPoolExecutor | None = None
-        self._models: dict[Path, Model] = {}     # one llama.cpp model per file
+        self._models: dict[Path, Model] = {}     # one llama.cpp model per file, held in _registry
         self._contexts: list[Context] = []
         self._terms: list[Term] = []
         self._value_term: Term | None = None      # the `value` argument (alpha is its weight)
@@ -180,10 +189,10 @@ class Engine:
     # --- loading ----------------------------------------------------------------------------
 
     def _model(self, path: Path) -> Model:
-        key = path.resolve()   # one llama.cpp model per file, however its path is spelled
+        key = self._registry.key(path)   # one llama.cpp model per file, however it is spelled
         model = self._models.get(key)
         if model is None:
-            model = self._models[key] = Model(path, verbose=self._verbose)
+            model = self._models[key] = self._registry.acquire(path, verbose=self._verbose)
         return model
 
     def _context(self, model: Model, n_ctx: int) -> Context:
@@ -449,7 +458,8 @@ class Engine:
                 tail += stopper.flush()
                 if tail:
                     yield tail
-        except (KeyboardInterrupt, GeneratorExit, EngineClosedError, GenerationSuperseded):
+        except (KeyboardInterrupt, GeneratorExit, EngineClosedError, GenerationSuperseded,
+                GenerationCancelled):
             stats.finish_reason = stats.finish_reason or "interrupted"
             raise
         finally:
@@ -583,6 +593,12 @@ class Engine:
 
     # --- lifetime ---------------------------------------------------------------------------
 
+    def cancel(self) -> bool:
+        """Stop the generation in progress (from any thread) at its next token or prefill
+        chunk: its next() raises GenerationCancelled; the engine stays open and its caches
+        consistent. False when no generation is in progress (nothing to cancel)."""
+        return self._guard.cancel()
+
     def close(self) -> None:
         """Free both models. Safe from any thread and more than once: a generation running
         on another thread stops at its next token (its next() raises EngineClosedError)
@@ -595,8 +611,10 @@ class Engine:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        for owner in (*reversed(self._contexts), *self._models.values()):  # contexts first
-            owner.close()
+        for ctx in reversed(self._contexts):   # contexts first: they use the models
+            ctx.close()
+        for model in self._models.values():    # freed by their last user
+            self._registry.release(model)
         self._contexts, self._models = [], {}
         self._base_ctx = self._value_ctx = self._base_model = self._value_model = None
 

@@ -55,7 +55,7 @@ class CheckpointError(IVLError):
 
 
 class GenerationCancelled(IVLError):
-    """Generation was stopped by the user (Ctrl-C); the partial answer is kept."""
+    """Engine.cancel() stopped the generation (a server's client went away); the engine stays open."""
 
 
 class EngineBusyError(IVLError):

@@ -12,6 +12,7 @@ context is freed under a running decode. `Guard` turns both into typed errors:
     finally:
         guard.release(ticket)
 
+    guard.cancel()                     # any thread: the generation in progress stops
     guard.close(free)                  # any thread, any time, idempotent
 
 Rules:
@@ -22,6 +23,9 @@ Rules:
   generation whose thread has ended is superseded too.
 - Only `close()` may be called from inside a step (a signal handler or callback running on the
   stepping thread); anything else raises EngineBusyError there.
+- `cancel()` makes the generation in progress raise GenerationCancelled at its next
+  `work()`; the owner stays open, and a later generation is not affected (a cancel names the
+  ticket it stops). With no generation in progress it does nothing and returns False.
 - `close()` marks the owner closed at once (every later `work()` raises EngineClosedError),
   waits for the `work()` block running on another thread to end — at most one token step or
   one prefill chunk — and then runs `free` exactly once. Called from inside a `work()` block
@@ -35,7 +39,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from .errors import EngineBusyError, EngineClosedError, GenerationSuperseded
+from .errors import EngineBusyError, EngineClosedError, GenerationCancelled, GenerationSuperseded
 
 
 class Guard:
@@ -51,6 +55,7 @@ class Guard:
         self._free: Callable[[], None] | None = None  # pending until no work() runs
         self._generation = 0              # ticket of the newest generation
         self._owner: threading.Thread | None = None   # thread of the generation in progress
+        self._cancelled = 0               # ticket of the generation cancel() stopped
 
     @property
     def closed(self) -> bool:
@@ -60,6 +65,8 @@ class Guard:
         """Raise EngineClosedError when closed, GenerationSuperseded when `ticket` is stale."""
         if self._closed:
             raise EngineClosedError(f"{self.name} is closed")
+        if ticket is not None and ticket == self._cancelled:
+            raise GenerationCancelled("the generation was cancelled")
         if ticket is not None and ticket != self._generation:
             raise GenerationSuperseded("a newer generation started on this thread; this one was "
                                        "stopped (finish or close a generator before starting another)")
@@ -115,6 +122,14 @@ class Guard:
         finally:   # also when the block raised: a close() deferred inside it frees now
             if self._free is not None:
                 self._run_free()
+
+    def cancel(self) -> bool:
+        """Stop the generation in progress at its next work() block; False if none is."""
+        with self._state:
+            if self._owner is None:
+                return False
+            self._cancelled = self._generation
+            return True
 
     def close(self, free: Callable[[], None]) -> None:
         """Refuse all further work; run `free` once no work() block is running."""
