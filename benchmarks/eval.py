@@ -6,6 +6,7 @@
     python benchmarks/eval.py --steps 48 --limit 100  # a smaller full run (shared CPUs)
     python benchmarks/eval.py --split valid --only '^smollm2 \+ value( @a=.*)?$' --out docs/results/valid
     python benchmarks/eval.py --alpha-from docs/results/valid/results.json --only ...   # alpha chosen on valid
+    python benchmarks/eval.py --task spell --limit 200 --out docs/results/compose-spell   # second task
     python benchmarks/eval.py --smollm2-init pretrained --steps 100 --limit 100 \
         --skip 'value\[gemma3\]' 'norm 0' '^gemma3 \+ value$' --out docs/results/pretrained
 
@@ -35,6 +36,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small recipes, few examples, one alpha sweep")
     parser.add_argument("--limit", type=int, default=None, help="test examples per configuration")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--task", default="arith", choices=["arith", "spell"],
+                        help="arith: the study (chain_sum); spell: composed value nets on spell_backward")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--only", nargs="*", default=None,
                         help="keep configurations whose name matches one of these regexes")
@@ -50,7 +53,7 @@ def main() -> int:
                         help="init of the SmolLM2 value nets: pretrained (full default) | fresh (quick default) | pruned:K")
     args = parser.parse_args()
 
-    plan = build_plan(args.quick, steps=args.steps, smollm2_init=args.smollm2_init)
+    plan = build_plan(args.quick, steps=args.steps, smollm2_init=args.smollm2_init, task=args.task)
     if args.only or args.skip:
         keep = [c for c in plan.configs
                 if (not args.only or any(re.search(p, c.name) for p in args.only))
@@ -66,7 +69,7 @@ def main() -> int:
                 print(f"{name}: {choice.note()}")
         command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
         run_eval(plan, split=args.split, limit=args.limit, quick=args.quick, out_dir=args.out,
-                 seed=args.seed, command=command)
+                 seed=args.seed, command=command, task=args.task)
     except IVLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,9 @@
 arith_{train,valid,test}.jsonl  reasoning-gym `chain_sum` (2-3 terms, 1-2 digits): exact
                           answers, scored with the task's own score_answer (see data/README.md).
                           valid is for choosing settings (alpha), test only for reporting.
+spell_{train,valid,test}.jsonl  reasoning-gym `spell_backward` (words of 3-5 letters): the
+                          second exact-answer task, for composing two value networks trained
+                          on different tasks (no word is shared between the splits).
 chat_{train,test}.jsonl   short helpful-assistant answers in the fallback chat format, built
                           here from templates and facts written by hand (no model involved).
 """
@@ -49,6 +52,44 @@ def arithmetic() -> tuple[list[dict], list[dict], list[dict]]:
     # where settings such as alpha are chosen, so the test split is only ever reported on.
     seen |= {r["metadata"]["expression"] for r in test}
     valid = [r for r in rows(ARITH_VALID_SEED, ARITH_VALID_SIZE) if r["metadata"]["expression"] not in seen]
+    return train, valid, test
+
+
+SPELL_TASK = "spell_backward"
+SPELL_CONFIG = dict(min_word_len=3, max_word_len=5)
+SPELL_TRAIN_SEED, SPELL_TEST_SEED, SPELL_VALID_SEED = 4321, 8765, 2109
+SPELL_TRAIN_SIZE, SPELL_TEST_SIZE, SPELL_VALID_SIZE = 2000, 800, 800
+
+
+def spelling() -> tuple[list[dict], list[dict], list[dict]]:
+    """spell_backward rows; a word appears in one split only, and once in it (the generator
+    repeats words: its list of 3-5 letter words is a few thousand long)."""
+    import reasoning_gym
+
+    seen: set[str] = set()
+
+    def rows(seed: int, size: int) -> list[dict]:
+        dataset = reasoning_gym.create_dataset(SPELL_TASK, seed=seed, size=size, **SPELL_CONFIG)
+        out = []
+        for entry in dataset:
+            word = entry["metadata"]["word"]
+            if word.lower() in seen:
+                continue
+            seen.add(word.lower())
+            out.append({
+                "messages": [{"role": "user", "content": entry["question"]},
+                             {"role": "assistant", "content": str(entry["answer"])}],
+                "question": entry["question"],
+                "answer": str(entry["answer"]),
+                "metadata": entry["metadata"],
+                "task": SPELL_TASK,
+                "task_config": {**SPELL_CONFIG, "seed": seed, "size": size},
+            })
+        return out
+
+    train = rows(SPELL_TRAIN_SEED, SPELL_TRAIN_SIZE)
+    test = rows(SPELL_TEST_SEED, SPELL_TEST_SIZE)
+    valid = rows(SPELL_VALID_SEED, SPELL_VALID_SIZE)
     return train, valid, test
 
 
@@ -206,6 +247,10 @@ def main() -> None:
     write("arith_train.jsonl", train)
     write("arith_valid.jsonl", valid)
     write("arith_test.jsonl", test)
+    train, valid, test = spelling()
+    write("spell_train.jsonl", train)
+    write("spell_valid.jsonl", valid)
+    write("spell_test.jsonl", test)
     train, test = chat()
     write("chat_train.jsonl", train)
     write("chat_test.jsonl", test)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,8 @@ import pytest
 
 from ivl_local.eval import (KINDS, EvalConfig, Plan, Requantized, Trained, build_plan, run_eval,
                            wilson_interval)
-from ivl_local.eval.configs import OPTIONAL_KINDS, AlignedMap, alpha_sweep
+from ivl_local.errors import DataError
+from ivl_local.eval.configs import OPTIONAL_KINDS, AlignedMap, ProxyRef, alpha_sweep
 from ivl_local.eval.report import comparisons
 from ivl_local.eval.stats import bootstrap_interval, paired_difference, paired_ratio
 from ivl_local.eval.task import load_split
@@ -113,16 +114,23 @@ class FakeWorkspace:
         return {"file": str(path), "sha256": "0123456789ab"}
 
 
-def make_fake_runner(table):
+def make_fake_runner(table, created=None):
     """table: base file stem -> (value-less accuracy, with-value accuracy at alpha 1)."""
+    created = [] if created is None else created
 
     class FakeRunner:
-        def __init__(self, base, value, token_map, seed, torch_gguf, value_prompt="own"):
+        def __init__(self, base, value, token_map, seed, torch_gguf, value_prompt="own", terms=()):
             self.base, self.value, self.alpha, self.closed = Path(base).stem, value, 1.0, False
+            self.terms = list(terms)
+            created.append(self)
 
         def answer_all(self, conversations, max_tokens, advance=lambda: None):
             alone, with_value = table[self.base]
             p = alone if self.value is None else alone + (with_value - alone) * min(self.alpha, 1.0)
+            # a proxy term: the "proxy" entry's accuracy; each extra value net: "extra" points
+            if any(type(t).__name__ == "Proxy" for t in self.terms):
+                p = table.get("proxy", (0.0, alone))[1]
+            p -= table.get("extra", (0.0, 0.0))[1] * sum(type(t).__name__ == "ValueNet" for t in self.terms)
             out = []
             for i, messages in enumerate(conversations):
                 answer = FAKE_ANSWERS[i] if (i % 10) < round(p * 10) else "I do not know"
@@ -459,3 +467,89 @@ def test_notes_are_in_the_markdown_report(tmp_path):
              log=lambda _: None, progress=False)
     md = (tmp_path / "quick" / "results.md").read_text()
     assert "## Notes" in md and "- smol + value: alpha 1.25 chosen on split 'valid'" in md
+
+
+# --- proxy-tuning and composed value nets ----------------------------------------------------
+
+def test_plans_hold_proxy_tuning_and_composition_on_both_tasks():
+    only_small = lambda name: name in ("smollm2-135m", "gemma3-270m")   # noqa: E731
+    main = {c.name: c for c in build_plan(False, installed=only_small).configs}
+    proxy = main["smollm2 + proxy"].proxy
+    assert proxy.expert.full_finetune and proxy.expert.base == proxy.anti == "smollm2-135m"
+    assert main["gemma3 + proxy[smollm2]"].proxy == proxy and main["gemma3 + proxy[smollm2]"].value is None
+    composed = main["smollm2 + value + value[spell]"]
+    assert composed.value == main["smollm2 + value"].value
+    [(other, weight)] = composed.extra_values
+    assert other.task == "spell" and weight == 1.0 and other == main["smollm2 + value[spell]"].value
+    spell = {c.name: c for c in build_plan(False, installed=only_small, task="spell").configs}
+    assert spell["smollm2 + value + value[spell]"] == composed          # the same row on both tasks
+    assert spell["smollm2 + value[spell]"].kind == "in-distribution"
+    assert spell["smollm2 + value"].kind == "other-task"
+    with_qwen = {c.name: c for c in build_plan(False, installed=lambda name: True).configs}
+    assert with_qwen["qwen1.5b + proxy[smollm2]"].proxy == proxy
+    large_only = {c.name for c in build_plan(False, installed=lambda name: name != "qwen2.5-coder-0.5b").configs}
+    assert {"qwen1.5b", "qwen1.5b + proxy[smollm2]", "qwen1.5b + value[smollm2]"} <= large_only
+    assert "qwen1.5b + value[qwen0.5b]" not in large_only
+    with pytest.raises(ValueError, match="unknown task"):
+        build_plan(task="poetry")
+
+
+def test_the_main_task_keeps_the_cache_keys_of_older_artifacts():
+    """Trained gained a task field; the artifacts trained before it keep their recipe hash."""
+    v = Trained("smollm2-135m", init="pretrained", steps=100)
+    old = {k: val for k, val in asdict(v).items() if k != "task"}
+    assert v.recipe() == old
+    assert replace(v, task="spell").recipe()["task"] == "spell"
+    assert replace(v, task="spell").label == "value[smollm2-135m, spell]"
+
+
+def test_the_second_task_loads_and_scores_words():
+    [ex] = load_split("test", limit=1, task="spell")
+    assert ex.task == "spell_backward" and ex.answer.isalpha()
+    assert ex.score(ex.answer) == 1.0 and ex.score("no") < 1.0
+    assert ex.lenient_score(f"{ex.answer}, of course") == 1.0     # first word, not first number
+    with pytest.raises(DataError, match="unknown task"):
+        load_split("test", task="poetry")
+
+
+def test_proxy_and_composed_rows_are_paired_with_ivl_and_each_value_net(tmp_path):
+    v = Trained("smollm2-135m")
+    v2 = replace(v, task="spell")
+    ft = Trained("smollm2-135m", full_finetune=True)
+    proxy = ProxyRef(ft, "smollm2-135m")
+    configs = [EvalConfig("smol", "base", "smollm2-135m"), EvalConfig("gemma", "base", "gemma3-270m"),
+               EvalConfig("smol + value", "in-distribution", "smollm2-135m", v),
+               EvalConfig("smol FT", "full-finetune", ft),
+               EvalConfig("smol + proxy", "proxy-tuning", "smollm2-135m", proxy=proxy),
+               EvalConfig("gemma + value", "cross-vocab", "gemma3-270m", v),
+               EvalConfig("gemma + proxy", "proxy-tuning", "gemma3-270m", proxy=proxy),
+               EvalConfig("smol + value[spell]", "other-task", "smollm2-135m", v2),
+               EvalConfig("smol + both", "composed", "smollm2-135m", v, extra_values=((v2, 1.0),))]
+    table = {"smollm2-135m": (0.2, 0.8), "gemma3-270m": (0.1, 0.5), "smollm2-135m_full-FT": (0.9, 0.9),
+             "proxy": (0.0, 0.6), "extra": (0.0, 0.1)}
+    runners = []
+    report = run_eval(Plan(configs), limit=40, out_dir=tmp_path, workspace=FakeWorkspace(tmp_path),
+                      runner_factory=make_fake_runner(table, runners), command="pytest fake",
+                      log=lambda line: None, progress=False)
+    terms = {r.base + " " + str(r.value): r.terms for r in runners}
+    [proxy_term] = terms["smollm2-135m None"]
+    assert type(proxy_term).__name__ == "Proxy" and proxy_term.weight == 1.0
+    assert proxy_term.expert.endswith("smollm2-135m_full-FT.gguf") and proxy_term.anti_expert.endswith(
+        "smollm2-135m.gguf")
+    [extra] = [t for key, t in terms.items() if key.startswith("smollm2-135m") and t and key != "smollm2-135m None"]
+    assert type(extra[0]).__name__ == "ValueNet" and extra[0].model.endswith("spell].gguf")
+
+    rows = {row["comparison"]: row for row in comparisons(report.results)}
+    assert rows["IVL - proxy-tuning: smol + value vs smol + proxy"]["value"] == pytest.approx(0.8 - 0.6)
+    assert rows["IVL - proxy-tuning: gemma + value vs gemma + proxy"]["value"] == pytest.approx(0.5 - 0.6)
+    assert rows["gain: gemma + proxy vs gemma"]["value"] == pytest.approx(0.6 - 0.1)
+    share = rows["share of full-FT gain recovered: smol + proxy"]
+    assert share["value"] == pytest.approx((0.6 - 0.2) / (0.9 - 0.2))
+    assert "share of full-FT gain recovered: gemma + proxy" not in rows   # not the expert's base
+    assert rows["composed - one value net: smol + both vs smol + value"]["value"] == pytest.approx(-0.1)
+    assert rows["composed - one value net: smol + both vs smol + value[spell]"]["value"] == pytest.approx(-0.1)
+    md = (tmp_path / "results.md").read_text()
+    assert "proxy[smollm2-135m full-FT - smollm2-135m]" in md
+    assert "value[smollm2-135m] + value[smollm2-135m, spell]" in md
+    files = report.results["smol + proxy"].files
+    assert set(files) == {"base", "expert", "anti-expert"}

@@ -81,8 +81,11 @@ class Workspace:
     def __init__(self, root: Path, train_split: str = "train", log=print):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.train_data = split_path(train_split)
+        self.train_split = train_split
         self.log = log
+
+    def train_data(self, task: str) -> Path:
+        return split_path(self.train_split, task)
 
     # --- public -----------------------------------------------------------------------------
 
@@ -145,7 +148,8 @@ class Workspace:
 
     def _trained(self, ref: Trained) -> Path:
         base = resolve_model(ref.base)
-        key = _recipe_hash(asdict(ref), sha256_of(base), sha256_of(self.train_data))
+        data = self.train_data(ref.task)
+        key = _recipe_hash(ref.recipe(), sha256_of(base), sha256_of(data))
         folder = self.root / "trained" / f"{_slug(ref.label)}-{key}"
         done = folder / "artifact.json"
         if done.exists():
@@ -156,7 +160,7 @@ class Workspace:
                 return Path(json.loads(done.read_text())["path"])
             self.log(f"training {ref.label} ({ref.steps} steps) in {folder}")
             # Threads do not change the result (not in the recipe hash); 1 on a busy machine.
-            job = {"recipe": asdict(ref), "data": str(self.train_data), "folder": str(folder),
+            job = {"recipe": asdict(ref), "data": str(data), "folder": str(folder),
                    "threads": default_threads()}
             result = run_job("train", job)
             tmp = done.with_name(done.name + ".tmp")

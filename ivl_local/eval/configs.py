@@ -8,15 +8,18 @@ before anything exists and the harness builds (and caches) what is missing:
     Trained("smollm2-135m", full_finetune=True)   # the reference: the base itself fine-tuned
     Requantized("smollm2-135m", "Q8_0")           # another quantization of a base
     AlignedMap(base="gemma3-270m", value=Trained("smollm2-135m"))   # corpus-aligned token map
+    Trained("smollm2-135m", task="spell")         # trained on the second task's train split
+    ProxyRef(expert=Trained("smollm2-135m", full_finetune=True), anti="smollm2-135m")  # proxy-tuning
 
     plan = build_plan(quick=True)   # every kind, small recipes (a smoke test)
     plan = build_plan()             # the study; Qwen same-family only when both are installed
+    plan = build_plan(task="spell") # the composition rows on the second task
     plan.configs, plan.skipped      # what runs, and what was left out (and why)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
@@ -31,17 +34,23 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 QUICK_ALPHAS = (0.0, 0.5, 1.0, 1.5)
 QWEN_REF_LAYERS = 4     # decoder layers the Qwen 1.5B reference fine-tunes (of 28)
 QWEN_STEPS = 50         # training steps of the Qwen value net and reference (full plan)
+# Tasks (task.TASKS): the study's task, and a second one with another answer type, so two
+# value nets trained on different tasks can be composed and checked on both.
+MAIN_TASK, OTHER_TASK = "arith", "spell"
 
 # Configuration kinds, in report order.
 KINDS = (
     "base",                 # a base model alone
     "in-distribution",      # the training base + its value net
     "full-finetune",        # the training base fully fine-tuned on the same data (reference)
+    "proxy-tuning",         # base + (log p_full-FT - log p_training base): the paper's baseline
     "other-quantization",   # another quantization of the training base + the same value net
     "cross-vocab",          # another family (other vocabulary) + the value net, exact-text map
     "cross-vocab-aligned",  # same, corpus-aligned token map
     "same-family",          # a larger model of the training base's family + the value net
     "norm-weight-0",        # value net trained without the norm penalty
+    "other-task",           # a value net trained on the other task (does it leak into this one?)
+    "composed",             # two value nets trained on different tasks, added together
     "alpha-sweep",          # a transfer configuration at several alphas
 )
 OPTIONAL_KINDS = ("same-family",)   # needs the optional Qwen models
@@ -57,14 +66,24 @@ class Trained:
     init: str = "auto"
     steps: int = 300
     extra: tuple = ()              # other TrainConfig fields as (name, value) pairs
+    task: str = MAIN_TASK          # whose train split it learns (task.TASKS)
 
     @property
     def label(self) -> str:
+        task = "" if self.task == MAIN_TASK else f", {self.task}"
         if self.full_finetune:
             partial = dict(self.extra).get("train_layers")
-            return f"{self.base} {'partial-FT' if partial else 'full-FT'}"
+            return f"{self.base} {'partial-FT' if partial else 'full-FT'}{task.replace(',', '')}"
         norm = "" if self.norm_weight == 1.0 else f", norm {self.norm_weight:g}"
-        return f"value[{self.base}{norm}]"
+        return f"value[{self.base}{norm}{task}]"
+
+    def recipe(self) -> dict:
+        """What identifies the artifact (its cache key). The main task is left out, so the
+        artifacts trained before tasks existed keep their keys."""
+        out = asdict(self)
+        if self.task == MAIN_TASK:
+            del out["task"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,22 @@ class Requantized:
 ModelRef = Union[str, Trained, Requantized]
 
 
-def label_of(ref: ModelRef | None) -> str:
+@dataclass(frozen=True)
+class ProxyRef:
+    """Proxy-tuning (Liu et al. 2024), the IVL paper's baseline: the base plus
+    weight * (log p_expert - log p_anti). Expert = a fine-tuned model, anti = its untuned base."""
+
+    expert: ModelRef
+    anti: ModelRef
+    weight: float = 1.0
+
+    @property
+    def label(self) -> str:
+        w = "" if self.weight == 1.0 else f" x{self.weight:g}"
+        return f"proxy[{label_of(self.expert)} - {label_of(self.anti)}{w}]"
+
+
+def label_of(ref) -> str:
     if ref is None:
         return "-"
     return ref if isinstance(ref, str) else ref.label
@@ -108,15 +142,28 @@ class EvalConfig:
     token_map: AlignedMap | None = None
     note: str = ""
     value_prompt: str = "own"       # cross-vocab: the value reads its own chat format | the base's
+    proxy: ProxyRef | None = None   # proxy-tuning term (alpha does not scale it)
+    extra_values: tuple = ()        # more value nets, as (ModelRef, weight) pairs, added to `value`
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
         assert self.value_prompt in VALUE_PROMPTS, self.value_prompt
+        assert not self.extra_values or self.value is not None, "extra value nets need a first one"
 
     @property
     def engine_key(self) -> tuple:
         """Configurations with equal keys share one loaded Engine (only alpha differs)."""
-        return (self.base, self.value, self.token_map, self.value_prompt)
+        return (self.base, self.value, self.token_map, self.value_prompt, self.proxy, self.extra_values)
+
+    @property
+    def values(self) -> list:
+        """Every value net it adds: `value`, then `extra_values`' models."""
+        return ([] if self.value is None else [self.value]) + [ref for ref, _ in self.extra_values]
+
+    @property
+    def value_label(self) -> str:
+        parts = [label_of(ref) for ref in self.values] + ([self.proxy.label] if self.proxy else [])
+        return " + ".join(parts) if parts else "-"
 
     def with_(self, **changes) -> "EvalConfig":
         return replace(self, **changes)
@@ -154,8 +201,9 @@ def _installed(name: str) -> bool:
 
 
 def build_plan(quick: bool = False, installed=_installed, steps: int | None = None,
-               smollm2_init: str | None = None) -> Plan:
+               smollm2_init: str | None = None, task: str = MAIN_TASK) -> Plan:
     """The configurations of the study. `quick`: fewer steps and alphas, same kinds.
+    `task`: the main task's plan (MAIN_TASK), or the composition rows read on OTHER_TASK.
     `steps` overrides the training steps of every trained artifact (a smaller full run).
     `smollm2_init`: "pretrained" (the full plan's default) makes the SmolLM2 value nets full
     trainable copies of the base at the official lr 1e-4, as the paper did; "fresh" (the
@@ -185,6 +233,28 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     alphas = QUICK_ALPHAS if quick else ALPHAS
     corpus_cap = 60_000 if quick else None
     skipped: list[str] = []
+    # The second task's value net: the same recipe on its train split.
+    v_other = replace(v_smol, task=OTHER_TASK)
+    composed = EvalConfig("smollm2 + value + value[spell]", "composed", SMOL, v_smol,
+                          extra_values=((v_other, 1.0),),
+                          note="value nets trained on chain_sum and on spell_backward, weights 1 + 1")
+    composed_half = composed.with_(name="smollm2 + value + value[spell] @w=0.5", alpha=0.5,
+                                   extra_values=((v_other, 0.5),),
+                                   note="the same two value nets, weights 0.5 + 0.5")
+    if task == OTHER_TASK:
+        # The composition on the second task: its own value net, the main task's, both.
+        configs = [EvalConfig("smollm2", "base", SMOL),
+                   EvalConfig("smollm2 + value[spell]", "in-distribution", SMOL, v_other),
+                   EvalConfig("smollm2 + value", "other-task", SMOL, v_smol,
+                              note="the chain_sum value net on spell_backward"),
+                   composed, composed_half]
+        return Plan(configs, [f"task {task}: the composition rows only (the rest is the {MAIN_TASK} study)"])
+    if task != MAIN_TASK:
+        raise ValueError(f"unknown task {task!r} (known: {MAIN_TASK}, {OTHER_TASK})")
+    # Proxy-tuning, the IVL paper's baseline: the full fine-tune as expert, its untuned base as
+    # anti-expert, added to each base the value net is (on SmolLM2 itself it is the full
+    # fine-tune's distribution again, up to quantization: a check of the term).
+    proxy = ProxyRef(expert=ft_smol, anti=SMOL)
 
     # Plan order is run order: what needs no training first, then everything that uses the
     # SmolLM2 value net, then the Gemma value net, then the norm-0 net (a long run stopped
@@ -218,6 +288,11 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     if not quick:
         configs.append(EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma))
     configs += [
+        EvalConfig("smollm2 + proxy", "proxy-tuning", SMOL, proxy=proxy),
+        EvalConfig("gemma3 + proxy[smollm2]", "proxy-tuning", GEMMA, proxy=proxy),
+        EvalConfig("smollm2 + value[spell]", "other-task", SMOL, v_other,
+                   note="the spell_backward value net on chain_sum"),
+        composed, composed_half,
         cross_gemma,
         EvalConfig("smollm2 + value[gemma3] aligned", "cross-vocab-aligned", SMOL, v_gemma,
                    token_map=AlignedMap(SMOL, v_gemma, max_bytes=corpus_cap)),
@@ -232,6 +307,10 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     # (partial fine-tuning; embeddings and head stay frozen).
     # Both train for QWEN_STEPS (the same data and budget; capped because a step of the
     # 630M-parameter value net takes ~27 s on 2 cores, 4-5x SmolLM2's).
+    # The SmolLM2 value net and proxy-tuning on a base that can already add (the 1.5B):
+    # whether a cross-vocabulary value net carries the format to it, next to the baseline.
+    on_qwen_large = [EvalConfig("qwen1.5b + value[smollm2]", "cross-vocab", QWEN_LARGE, v_smol),
+                     EvalConfig("qwen1.5b + proxy[smollm2]", "proxy-tuning", QWEN_LARGE, proxy=proxy)]
     if installed(QWEN_SMALL) and installed(QWEN_LARGE) and not quick:
         qwen_steps = min(steps, QWEN_STEPS)
         v_qwen = Trained(QWEN_SMALL, init="pretrained", steps=qwen_steps, extra=common)
@@ -245,9 +324,7 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
                     # the same value net across vocabularies (Qwen's 152k BPE -> SmolLM2, Gemma)
                     EvalConfig("smollm2 + value[qwen0.5b]", "cross-vocab", SMOL, v_qwen),
                     EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen),
-                    # and the SmolLM2 value net on a base that can already add (the 1.5B):
-                    # whether a cross-vocabulary value net carries the format to it
-                    EvalConfig("qwen1.5b + value[smollm2]", "cross-vocab", QWEN_LARGE, v_smol)]
+                    *on_qwen_large]
         transfer.append(same)
     else:
         for name in (QWEN_SMALL, QWEN_LARGE):
@@ -260,6 +337,8 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
         for name in (QWEN_SMALL, QWEN_LARGE):
             if installed(name) and not quick:
                 configs.append(EvalConfig(name.replace("qwen2.5-coder-", "qwen"), "base", name))
+        if installed(QWEN_LARGE) and not quick:
+            configs += on_qwen_large
 
     # The in-distribution sweep is where its alpha is chosen (on --split valid; --alpha-from).
     sweep_of = [in_dist] + transfer if not quick else [cross_smol]   # quick: one cross-vocab sweep

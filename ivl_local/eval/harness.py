@@ -50,11 +50,11 @@ class ConfigResult:
     def map_kind(self) -> str:
         """How value tokens reach the base: '-' (no value), 'identity' (same vocabulary),
         'aligned' (a corpus-aligned map) or 'exact-text' (the default map)."""
-        if self.config.value is None:
+        if self.config.value is None and self.config.proxy is None:
             return "-"
         if self.config.token_map is not None:
             return "aligned"
-        base, value = (self.files.get(role) or {} for role in ("base", "value"))
+        base, value = (self.files.get(role) or {} for role in ("base", "value" if self.config.value else "expert"))
         if base.get("vocab") and base.get("vocab") == value.get("vocab"):
             return "identity"
         return "exact-text"
@@ -81,7 +81,7 @@ class ConfigResult:
 
     def summary(self) -> dict:
         c = self.config
-        return {"name": c.name, "kind": c.kind, "base": label_of(c.base), "value": label_of(c.value),
+        return {"name": c.name, "kind": c.kind, "base": label_of(c.base), "value": c.value_label,
                 "alpha": c.alpha, "token_map": self.map_kind,
                 "value_prompt": c.value_prompt,
                 "n": self.n, "score": self.score, "score_ci": list(self.score_ci),
@@ -108,23 +108,26 @@ def _default_command(quick: bool, split: str, limit: int | None) -> str:
 
 
 def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test", limit: int | None = None,
-             quick: bool = False, out_dir: str | os.PathLike = "docs/results", *, seed: int = 0,
+             quick: bool = False, out_dir: str | os.PathLike = "docs/results", *, task: str = "arith",
+             seed: int = 0,
              max_tokens: int = MAX_TOKENS, workspace=None, runner_factory: Callable | None = None,
              command: str | None = None, log: Callable[[str], None] = print,
              progress: bool = True) -> EvalReport:
     """Evaluate `configs` (None: the quick or full plan) on `split`; write the report.
 
+    `task` names whose split is read (task.TASKS: "arith", "spell"); None plans use it too.
     Quick mode writes under out_dir/quick/ so it never overwrites a full run's report.
     `workspace` (artifacts) and `runner_factory` (answers) are replaceable for tests."""
     from . import report as report_mod
 
     started = time.time()
-    plan = configs if isinstance(configs, Plan) else (build_plan(quick) if configs is None else Plan(list(configs)))
+    plan = configs if isinstance(configs, Plan) else (
+        build_plan(quick, task=task) if configs is None else Plan(list(configs)))
     _check_names(plan.configs)
     for line in plan.skipped:
         log(f"skipped: {line}")
     limit = QUICK_LIMIT if (quick and limit is None) else limit
-    examples = load_split(split, limit)
+    examples = load_split(split, limit, task)
     if workspace is None:
         from ..models import cache_dir
         from .artifacts import Workspace
@@ -179,19 +182,34 @@ class _Resolved:
     value: Path | None
     token_map: Path | None
     torch_base_gguf: Path | None
+    terms: list = field(default_factory=list)     # ivl_local term specs (proxy, extra value nets)
+    term_files: dict = field(default_factory=dict)   # role -> path, for the report
 
 
 def _resolve(c: EvalConfig, workspace, failed: dict) -> _Resolved:
     """Paths of a configuration's files, building artifacts on first use (IVLError if not)."""
+    from ..terms import Proxy, ValueNet
+
+    def model(ref) -> Path:
+        return Path(_cached(failed, ref, lambda: workspace.model(ref)))
+
     base = _cached(failed, c.base, lambda: workspace.model(c.base))
     value = None if c.value is None else _cached(failed, c.value, lambda: workspace.model(c.value))
+    terms, term_files = [], {}
+    for i, (ref, weight) in enumerate(c.extra_values, 2):
+        term_files[f"value {i}"] = path = model(ref)
+        terms.append(ValueNet(str(path), weight))
+    if c.proxy is not None:
+        term_files["expert"], term_files["anti-expert"] = expert, anti = model(c.proxy.expert), model(c.proxy.anti)
+        terms.append(Proxy(str(expert), str(anti), weight=c.proxy.weight))
     token_map = None if c.token_map is None else _cached(
         failed, c.token_map, lambda: workspace.token_map(c.token_map))
     torch_gguf = None
     if Path(base).is_dir():   # a torch checkpoint: prompts use the training base's GGUF
         assert isinstance(c.base, Trained)
         torch_gguf = workspace.model(c.base.base)
-    return _Resolved(c, Path(base), value and Path(value), token_map and Path(token_map), torch_gguf)
+    return _Resolved(c, Path(base), value and Path(value), token_map and Path(token_map), torch_gguf,
+                     terms, term_files)
 
 
 def _cached(failed: dict, key, build):
@@ -228,8 +246,9 @@ def _answer_all(configs: list[EvalConfig], examples: list[Example], workspace, r
                     skipped.append(f"{c.name}: {e}")
                     log(f"skipped: {c.name}: {e}")
                 continue
+            extra = {"terms": r0.terms} if r0.terms else {}   # a factory without terms still works
             runner = runner_factory(r0.base, r0.value, r0.token_map, seed, r0.torch_base_gguf,
-                                    value_prompt=members[0].value_prompt)
+                                    value_prompt=members[0].value_prompt, **extra)
             try:
                 by_alpha: dict[float, tuple[list[str], float]] = {}
                 for c in members:
@@ -256,6 +275,8 @@ def _scored(r: _Resolved, config: EvalConfig, answers: list[str], examples: list
         files["value"] = workspace.describe(r.value)
     if r.token_map is not None:
         files["token_map"] = workspace.describe(r.token_map)
+    for role, path in r.term_files.items():
+        files[role] = workspace.describe(path)
     return ConfigResult(config, list(answers), scores, lenient, seconds, files)
 
 

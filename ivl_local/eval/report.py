@@ -53,8 +53,8 @@ def comparisons(results: dict) -> list[dict]:
             "clearly positive (CI above 0)" if positive_goal else "",
             (lo > 0) if positive_goal else None)
         value = c.value
-        if c.kind == "in-distribution" and isinstance(value, Trained):
-            ft = _reference_for(results, value.base)
+        if c.kind == "in-distribution" and isinstance(value, Trained) and not c.extra_values:
+            ft = _reference_for(results, value.base, value.task)
             if ft is not None:
                 _reference_rows(add, r, alone, ft, GOAL_RECOVERY,
                                 f"full-FT gain: {ft.config.name} vs {alone.config.name}",
@@ -81,6 +81,8 @@ def comparisons(results: dict) -> list[dict]:
             if exact is not None:
                 d, dlo, dhi = paired_difference(r.scores, exact.scores)
                 add(f"aligned - exact-text map: {c.name}", c.kind, d, dlo, dhi)
+        if c.kind == "composed":
+            _composed_rows(results, r, add)
         if c.kind == "norm-weight-0" and isinstance(value, Trained):
             default = replace(value, norm_weight=1.0)
             with_norm = _find(results, lambda o: o.kind != "alpha-sweep" and o.base == c.base
@@ -89,6 +91,9 @@ def comparisons(results: dict) -> list[dict]:
             if with_norm is not None:
                 d, dlo, dhi = paired_difference(with_norm.scores, r.scores)
                 add(f"norm penalty (weight 1 - weight 0): {with_norm.config.name}", c.kind, d, dlo, dhi)
+    for r in results.values():
+        if r.config.proxy is not None and r.config.kind != "alpha-sweep":
+            _proxy_rows(results, r, add)
     for r in results.values():   # alpha 0 must reproduce the base alone exactly (greedy)
         c = r.config
         if c.kind == "alpha-sweep" and c.alpha == 0:
@@ -121,6 +126,49 @@ def _same_family_rows(results, r, alone, add) -> None:
                         f"share of {ref.config.name} gain recovered: {c.name}")
 
 
+def _single(results, base, value):
+    """The row adding only `value` (alpha 1, no other term) to `base`, if it was run."""
+    return _find(results, lambda o: o.base == base and o.value == value and not o.extra_values
+                 and o.proxy is None and o.token_map is None and o.value_prompt == "own"
+                 and o.alpha == 1.0 and o.kind != "alpha-sweep")
+
+
+def _composed_rows(results, r, add) -> None:
+    """Several value nets added together against each of them alone, on the same items:
+    does one task's value net cost the other task anything?"""
+    c = r.config
+    for ref in c.values:
+        single = _single(results, c.base, ref)
+        if single is not None:
+            d, lo, hi = paired_difference(r.scores, single.scores)
+            add(f"composed - one value net: {c.name} vs {single.config.name}", c.kind, d, lo, hi)
+
+
+def _proxy_rows(results, r, add) -> None:
+    """Proxy-tuning, the IVL paper's baseline: its gain over the base alone, IVL's score
+    minus its own on the same items (the value net trained on the expert's base and data),
+    and on the expert's own base the share of the fine-tuning gain it recovers."""
+    c, expert = r.config, r.config.proxy.expert
+    alone = _alone(results, c.base)
+    if alone is not None:
+        gain, lo, hi = paired_difference(r.scores, alone.scores)
+        add(f"gain: {c.name} vs {alone.config.name}", c.kind, gain, lo, hi)
+    if not isinstance(expert, Trained):
+        return
+    ivl = _find(results, lambda o: o.base == c.base and o.proxy is None and not o.extra_values
+                and isinstance(o.value, Trained) and not o.value.full_finetune
+                and o.value.base == expert.base and o.value.task == expert.task
+                and o.value.norm_weight == 1.0 and o.token_map is None and o.value_prompt == "own"
+                and o.alpha == 1.0 and o.kind != "alpha-sweep")
+    if ivl is not None:
+        d, lo, hi = paired_difference(ivl.scores, r.scores)
+        add(f"IVL - proxy-tuning: {ivl.config.name} vs {c.name}", c.kind, d, lo, hi)
+    ft = _reference_for(results, c.base, expert.task)
+    if alone is not None and ft is not None and ft.config.base == expert:
+        ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, ft.scores, alone.scores)
+        add(f"share of full-FT gain recovered: {c.name}", c.kind, ratio, rlo, rhi)
+
+
 def _in_distribution(results, value: Trained):
     """(value net on its own training base, that base alone), or (None, None)."""
     indist = _find(results, lambda o: o.kind == "in-distribution" and o.value == value and o.base == value.base)
@@ -128,10 +176,10 @@ def _in_distribution(results, value: Trained):
     return (indist, train_alone) if indist is not None and train_alone is not None else (None, None)
 
 
-def _reference_for(results, base):
-    """The fine-tuning reference (full or partial) of `base`, if it was run."""
+def _reference_for(results, base, task: str | None = None):
+    """The fine-tuning reference (full or partial) of `base` (on `task`), if it was run."""
     return _find(results, lambda o: o.kind == "full-finetune" and isinstance(o.base, Trained)
-                 and o.base.base == base)
+                 and o.base.base == base and (task is None or o.base.task == task))
 
 
 def _reference_rows(add, r, alone, ref, goal: float, gain_label: str, share_label: str) -> None:
@@ -190,7 +238,7 @@ def markdown(report) -> str:
              f"- intervals: task score = {m['bootstrap']} bootstrap of the mean; exact = Wilson 95 %; "
              "comparisons = paired bootstrap over the same examples", "",
              "## Scores", "",
-             "| configuration | kind | base | value net | alpha | map | task score [95% CI] | exact (Wilson 95%) | first-number score | s |",
+             "| configuration | kind | base | added (value nets, proxy) | alpha | map | task score [95% CI] | exact (Wilson 95%) | first-number/word score | s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     order = {k: i for i, k in enumerate(KINDS)}
     for r in sorted(results.values(), key=lambda r: order[r.config.kind]):

@@ -25,8 +25,12 @@ from ..datasets import data_dir
 from ..errors import DataError
 
 DATA_DIR = data_dir()
-SPLITS = {"train": "arith_train.jsonl", "valid": "arith_valid.jsonl", "test": "arith_test.jsonl"}
+# Each task's splits: train (value nets, references), valid (choosing alpha), test (reports).
+TASKS = {name: {split: f"{name}_{split}.jsonl" for split in ("train", "valid", "test")}
+         for name in ("arith", "spell")}   # reasoning-gym chain_sum | spell_backward
+SPLITS = TASKS["arith"]
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+_WORD = re.compile(r"\w+")
 
 
 @lru_cache(maxsize=None)
@@ -54,7 +58,9 @@ class Example:
         return float(scorer_for(self.task)((answer or "").strip(), self.entry))
 
     def lenient_score(self, answer: str | None) -> float:
-        match = _NUMBER.search(answer or "")
+        """The score of the answer's first number (a numeric answer) or first word."""
+        pattern = _NUMBER if _NUMBER.fullmatch(self.answer) else _WORD
+        match = pattern.search(answer or "")
         return self.score(match.group(0)) if match else 0.0
 
 
@@ -84,11 +90,15 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     return out
 
 
-def split_path(split: str) -> Path:
-    if split in SPLITS:
-        return DATA_DIR / SPLITS[split]
-    return Path(split)   # a path to another JSONL file of the same shape
+def split_path(split: str, task: str = "arith") -> Path:
+    """A shipped split of `task` ("train", "valid", "test"), or a path to a JSONL file of the
+    same shape."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    if split in TASKS[task]:
+        return DATA_DIR / TASKS[task][split]
+    return Path(split)
 
 
-def load_split(split: str = "test", limit: int | None = None) -> list[Example]:
-    return load_examples(split_path(split), limit)
+def load_split(split: str = "test", limit: int | None = None, task: str = "arith") -> list[Example]:
+    return load_examples(split_path(split, task), limit)
