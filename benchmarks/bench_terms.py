@@ -11,7 +11,8 @@ from Gemma itself (CFG's second context). Rows, each in its own subprocess (clea
   base + 2 terms       Proxy(smollm2, smollm2): two SmolLM2 contexts, log-softmax, mapped
   base + 3 terms       the Proxy plus CFG (a second Gemma context on the same weights)
   ... concurrent       the same with concurrent=True (term decodes on worker threads)
-  base + CFG           memory: CFG's extra peak RSS against its KV cache
+  base + CFG           memory: CFG's extra peak RSS against its KV cache, at n_ctx 512 (the
+                       timing rows' window) and at each --memory-n-ctx (base alone beside it)
 
 Targets (issue 10): fusion + sampling <= 2 % of a step with 3 terms; sequential base + 2
 terms >= 0.95 x the ideal 1/(t_base + 2 t_smollm2); CFG's extra memory <= its KV cache + 10 %.
@@ -35,7 +36,7 @@ N_CTX = 512
 CONFIGS = ["base", "smollm2", "base+2", "base+3", "base+3-concurrent", "base+cfg"]
 
 
-def run(config: str, tokens: int, threads: int) -> dict:
+def run(config: str, tokens: int, threads: int, n_ctx: int = N_CTX) -> dict:
     from ivl_local import CFG, Proxy, SamplingConfig
     from ivl_local.engine import Engine
     from ivl_local.models import resolve_model
@@ -46,7 +47,7 @@ def run(config: str, tokens: int, threads: int) -> dict:
                    "base+3": (gemma, [proxy, cfg]), "base+3-concurrent": (gemma, [proxy, cfg]),
                    "base+cfg": (gemma, [cfg])}[config]
     warnings.simplefilter("ignore")
-    engine = Engine(base, None, terms=terms, n_ctx=N_CTX, n_threads=threads,
+    engine = Engine(base, None, terms=terms, n_ctx=n_ctx, n_threads=threads,
                     concurrent=config.endswith("concurrent"))
     sampling = SamplingConfig(seed=1)   # the CLI's chain: top-k 40, temperature 0.8, top-p, min-p
     engine.complete("Warm up.", max_tokens=2, sampling=sampling)
@@ -62,7 +63,10 @@ def run(config: str, tokens: int, threads: int) -> dict:
     n = s.completion_tokens - n0
     out = dict(tokens=n, tok_s=n / wall, cpu_ms=cpu / n * 1e3, step_ms=wall / n * 1e3,
                fuse_ms=(s.fuse_sample_s - fuse0) / n * 1e3, models=len(engine._models),
-               kv_mb=kv_cache_mb(gemma, N_CTX))
+               kv_mb=kv_cache_mb(gemma, n_ctx),
+               # the KV cache of every context but the base's, as llama.cpp allocated it
+               extra_kv_mb=sum(kv_cache_mb(gemma, c.n_ctx) for c in engine._contexts[1:]
+                               if c.model is engine._base_model))
     engine.close()
     out["rss_mb"] = peak_rss_mb()
     return out
@@ -73,18 +77,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--memory-n-ctx", default="2048,4096",
+                    help="more context sizes for the CFG memory rows (comma-separated; '' for none)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--n-ctx", type=int, default=N_CTX, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run(args.child, args.tokens, args.threads)))
+        print(json.dumps(run(args.child, args.tokens, args.threads, args.n_ctx)))
         return
+
+    def child(config: str, threads: int, n_ctx: int = N_CTX, tokens: int = args.tokens) -> dict:
+        proc = subprocess.run([sys.executable, __file__, "--child", config, "--tokens", str(tokens),
+                               "--threads", str(threads), "--n-ctx", str(n_ctx)],
+                              capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     best: dict[str, dict] = {}
     for r in range(args.rounds):
         for config in CONFIGS:
             threads = max(2, args.threads) if config.endswith("concurrent") else args.threads
-            proc = subprocess.run([sys.executable, __file__, "--child", config, "--tokens", str(args.tokens),
-                                   "--threads", str(threads)], capture_output=True, text=True, check=True)
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = child(config, threads)
             print(f"round {r + 1}: {config:18s} {result['tok_s']:6.1f} tok/s {result['cpu_ms']:6.1f} cpu ms/token",
                   flush=True)
             if config not in best or result["cpu_ms"] < best[config]["cpu_ms"]:
@@ -105,9 +117,14 @@ def main() -> None:
           f"{best['base+3']['tok_s'] / ideal3:.2f}x")
     print(f"fusion + sampling share of a 3-term step: {best['base+3']['fuse_ms'] / best['base+3']['step_ms']:.2%}")
     print(f"concurrent vs sequential (3 terms): {best['base+3-concurrent']['tok_s'] / best['base+3']['tok_s']:.2f}x")
-    extra = best["base+cfg"]["rss_mb"] - b["rss_mb"]
-    print(f"CFG: {best['base+cfg']['models']} model loaded; extra peak RSS {extra:.0f} MB vs its KV cache "
-          f"{b['kv_mb']:.0f} MB ({extra / b['kv_mb']:.2f}x)")
+    memory = [(N_CTX, b, best["base+cfg"])]
+    for n_ctx in (int(n) for n in args.memory_n_ctx.split(",") if n.strip()):
+        memory.append((n_ctx, child("base", args.threads, n_ctx, 8), child("base+cfg", args.threads, n_ctx, 8)))
+    for n_ctx, alone, cfg in memory:
+        extra = cfg["rss_mb"] - alone["rss_mb"]
+        print(f"CFG at n_ctx {n_ctx}: {cfg['models']} model loaded; extra peak RSS {extra:.1f} MB vs its "
+              f"KV cache {cfg['extra_kv_mb']:.1f} MB ({extra / cfg['extra_kv_mb']:.2f}x; "
+              f"{extra - cfg['extra_kv_mb']:+.1f} MB beside it)")
 
 
 if __name__ == "__main__":

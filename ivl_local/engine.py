@@ -259,7 +259,8 @@ class Engine:
                 raise ContextOverflowError(f"CFG's negative prompt is {len(negative)} tokens; the context "
                                            f"window is {self._n_ctx}: shorten it")
             # the negative prompt, then as long an answer as the base's window allows
-            ctx = self._context(self._base_model, self._config.n_ctx + len(negative))  # same weights
+            # (the prompt is at least one token, so the answer is at most n_ctx - 1)
+            ctx = self._context(self._base_model, self._config.n_ctx - 1 + len(negative))  # same weights
             uncond = Source("cfg-negative", ctx, FixedPrompt(ctx, negative, checkpoint=self._guard.check))
             return Term("cfg", "cfg", [(BASE, 1.0, RAW), (uncond, -1.0, RAW)], _weight=spec.scale, spec=spec)
         amateur = self._source("amateur", spec.amateur, spec.token_map)

@@ -180,3 +180,10 @@ def test_review_findings_on_terms(smollm2_path, tmp_path):
     with quiet_engine(smollm2_path, terms=[CFG(1.0, "word " * 200)]) as engine:
         text = engine.complete("Count: one two", max_tokens=None, sampling=GREEDY)
         assert text and engine.stats.context_used <= 256
+    # CFG's context holds the negative prompt plus at most n_ctx - 1 answer tokens: with the
+    # default (one token) it is the base's size, not rounded up to the next 256 (its KV cache
+    # is CFG's memory cost)
+    with quiet_engine(smollm2_path, terms=[CFG(1.0)]) as engine:
+        assert [c.n_ctx for c in engine._contexts] == [256, 256]
+        text = engine.complete("1", max_tokens=None, sampling=GREEDY)   # the longest answer there is
+        assert text and engine.stats.context_used <= 256
