@@ -49,36 +49,51 @@ def chat_deltas(engine, messages: list[dict], max_tokens: int | None = 256,
     return strip_leading(engine.generate_chat(messages, max_tokens, sampling, stop))
 
 
-def _ident() -> tuple[str, int]:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+def ident(prefix: str = "chatcmpl") -> tuple[str, int]:
+    """A fresh response id and its creation time (seconds), as the OpenAI API writes them."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+
+
+def usage(stats) -> dict:
+    """The `usage` object of a response, from a generation's GenerationStats."""
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+
+
+def completion_dict(model: str, content: str, stats, ident_created: tuple[str, int] | None = None) -> dict:
+    """A `chat.completion` dict for an answer already generated."""
+    ident_, created = ident_created or ident()
+    return {"id": ident_, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": stats.finish_reason}],
+            "usage": usage(stats)}
+
+
+def chunk_dict(ident_created: tuple[str, int], model: str, delta: dict, finish: str | None = None) -> dict:
+    """One `chat.completion.chunk` dict (delta: {"role": ...}, {"content": ...} or {})."""
+    ident_, created = ident_created
+    return {"id": ident_, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
 def chat_completion(engine, messages: list[dict], max_tokens: int | None = 256,
                     sampling: SamplingConfig | None = None, stop=None) -> dict:
     """An OpenAI-style `chat.completion` dict."""
-    ident, created = _ident()
+    ident_created = ident()
     content = "".join(chat_deltas(engine, messages, max_tokens, sampling, stop))
-    s = engine.stats
-    return {"id": ident, "object": "chat.completion", "created": created, "model": engine.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": s.finish_reason}],
-            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                      "total_tokens": s.prompt_tokens + s.completion_tokens}}
+    return completion_dict(engine.model_name, content, engine.stats, ident_created)
 
 
 def chat_chunks(engine, messages: list[dict], max_tokens: int | None = 256,
                 sampling: SamplingConfig | None = None, stop=None) -> Iterator[dict]:
     """OpenAI-style `chat.completion.chunk` dicts: the role, the content deltas, the finish."""
     deltas = chat_deltas(engine, messages, max_tokens, sampling, stop)  # arguments checked now
-    ident, created = _ident()
-    return _chunks(engine, deltas, ident, created)
+    return _chunks(engine, deltas, ident())
 
 
-def _chunks(engine, deltas: Iterator[str], ident: str, created: int) -> Iterator[dict]:
+def _chunks(engine, deltas: Iterator[str], ident_created: tuple[str, int]) -> Iterator[dict]:
     def chunk(delta: dict, finish=None):
-        return {"id": ident, "object": "chat.completion.chunk", "created": created,
-                "model": engine.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return chunk_dict(ident_created, engine.model_name, delta, finish)
     try:
         yield chunk({"role": "assistant"})
         for text in deltas:

@@ -35,6 +35,11 @@ def check_weight(value, name: str = "weight") -> float:
     return check_number(value, name, -WEIGHT_MAX, WEIGHT_MAX)
 
 
+def check_term_weight(kind: str, value, name: str = "weight") -> float:
+    """A loaded term's weight: a value net's is its alpha ([0, ALPHA_MAX]), any other's a weight."""
+    return (check_alpha if kind == "value" else check_weight)(value, name)
+
+
 def _check_model(value, name: str) -> Any:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ConfigError(f"{name} needs a model: a .gguf path or a known name")
@@ -149,8 +154,7 @@ class Term:
 
     @weight.setter
     def weight(self, value) -> None:
-        check = check_alpha if self.kind == "value" else check_weight   # a value net's is its alpha
-        self._weight = check(value, f"{self.name} weight")
+        self._weight = check_term_weight(self.kind, value, f"{self.name} weight")
 
     @property
     def sources(self) -> list[Source]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +94,91 @@ def build_terms(values: list[str], expert, anti_expert, proxy_weight, cfg_scale,
     return terms
 
 
+# --- the composition flags (ivl chat and ivl serve take the same) ---------------------------
+
+BaseOption = Annotated[str, typer.Option(
+    "--base", "-b", help="Base model: a .gguf path or a known name (see 'ivl models').", rich_help_panel="Models")]
+ValueOption = Annotated[Optional[list[str]], typer.Option(
+    "--value", help="Value network: .ivl.gguf path, known name, or 'none' for the base alone. "
+    "Repeat to add more, each with an optional weight after ':' (b.ivl.gguf:0.5). "
+    "Default: the default value network (ivl chat prepares it on first use).", rich_help_panel="Models")]
+ExpertOption = Annotated[Optional[str], typer.Option(
+    help="Proxy-tuning: a tuned model whose log-probabilities, minus its --anti-expert's, are added.",
+    rich_help_panel="Composition")]
+AntiExpertOption = Annotated[Optional[str], typer.Option(
+    help="Proxy-tuning: the expert's untuned base (same vocabulary as --expert).", rich_help_panel="Composition")]
+ProxyWeightOption = Annotated[Optional[float], typer.Option(
+    help="Proxy-tuning weight. Default 1.", rich_help_panel="Composition")]
+CfgScaleOption = Annotated[Optional[float], typer.Option(
+    help="Classifier-free guidance scale g: adds g * (z_cond - z_uncond).", rich_help_panel="Composition")]
+NegativePromptOption = Annotated[Optional[str], typer.Option(
+    help="CFG: what the unconditional context reads (default: nothing).", rich_help_panel="Composition")]
+AmateurOption = Annotated[Optional[str], typer.Option(
+    help="Contrastive decoding: a weaker model whose log-probabilities are subtracted.",
+    rich_help_panel="Composition")]
+CdBetaOption = Annotated[Optional[float], typer.Option(
+    help="Contrastive decoding strength. Default 0.5.", rich_help_panel="Composition")]
+CdAlphaOption = Annotated[Optional[float], typer.Option(
+    help="Contrastive decoding plausibility: keep tokens with p >= alpha * max p. Default 0.1.",
+    rich_help_panel="Composition")]
+AlphaOption = Annotated[Optional[float], typer.Option(
+    help="Scale of the value network (0 = base alone). Default: the value file's own.", rich_help_panel="Models")]
+MapOption = Annotated[Optional[Path], typer.Option(
+    "--map", help="Token map .npz for base/value vocabularies that differ (default: built and cached).",
+    rich_help_panel="Models")]
+ValuePromptOption = Annotated[str, typer.Option(
+    help="What a value model with another vocabulary reads: 'own' = the chat in its own "
+    "format (as trained), 'base' = the base's rendering.", rich_help_panel="Models")]
+CtxOption = Annotated[int, typer.Option(help="Context window (tokens) of each model.", rich_help_panel="Resources")]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    help="CPU threads (default: one per free core, from the load average).", rich_help_panel="Resources")]
+DebugOption = Annotated[bool, typer.Option(help="Show tracebacks for errors.")]
+
+
+@dataclass
+class Composition:
+    """What the composition flags ask to load: the checked flags, then the files found."""
+
+    values: list[str]                # every --value, as given
+    alpha: float | None              # the first value network's weight (--alpha or ':WEIGHT')
+    token_map: Path | None
+    value_prompt: str
+    base: Path | None = None         # resolve() fills these
+    value: Path | None = None
+    terms: list = field(default_factory=list)
+
+    @classmethod
+    def check(cls, value: list[str] | None, alpha, token_map, value_prompt) -> "Composition":
+        """The cheap checks (milliseconds, no file read but the map's existence)."""
+        if alpha is not None:
+            check_alpha(alpha, "--alpha")
+        values = list(value or [])
+        first_weight = split_value(values[0])[1] if values else None
+        if first_weight is not None and alpha is not None:
+            raise ConfigError("give the first value network's weight once: --alpha or ':WEIGHT'")
+        if token_map is not None and not token_map.is_file():
+            raise ModelFileError(f"no such token map file: {token_map}")
+        if value_prompt not in VALUE_PROMPTS:
+            raise ConfigError(f"--value-prompt must be {' or '.join(VALUE_PROMPTS)}, got {value_prompt!r}")
+        return cls(values, first_weight if first_weight is not None else alpha, token_map, value_prompt)
+
+    def resolve(self, base: str, expert, anti_expert, proxy_weight, cfg_scale, negative_prompt,
+                amateur, cd_beta, cd_alpha, *, prepare_default: bool = True) -> "Composition":
+        """Find and validate every file (the default value network: prepared on first use
+        when `prepare_default`, else an error saying how), before any model loads."""
+        from ..models import resolve_model
+
+        self.terms = build_terms(self.values[1:], expert, anti_expert, proxy_weight, cfg_scale,
+                                 negative_prompt, amateur, cd_beta, cd_alpha, self.token_map)
+        self.base = resolve_model(base)
+        self.value = resolve_value(split_value(self.values[0])[0] if self.values else None,
+                                   prepare=prepare_default)
+        return self
+
+    def engine_kwargs(self) -> dict:
+        return dict(token_map=self.token_map, value_prompt=self.value_prompt, terms=self.terms)
+
+
 # --- resolving what to load ---------------------------------------------------------------
 
 def default_value_dir() -> Path:
@@ -140,12 +225,18 @@ def prepare_default_value() -> Path:
 def run_child(cmd: list[str]) -> int:
     """Run a child process in this terminal and return its exit code.
 
+    The child's stdout goes to this process's stderr: stdout carries the answer alone (the
+    child `ivl train` prints the value file's path there, which broke `ivl-chat -p ... | cmd`).
     Ctrl-C is left to the child (a training run saves a resumable checkpoint before it
     exits with 130); this process ignores it until the child is gone.
     """
     import signal
 
-    child = subprocess.Popen(cmd)
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):   # a replaced sys.stderr (tests, embedding)
+        stderr_fd = 2
+    child = subprocess.Popen(cmd, stdout=stderr_fd)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return child.wait()
@@ -158,15 +249,20 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def resolve_value(value: str | None) -> Path | None:
-    """--value: None -> the default value network (prepared on first use); 'none' -> no value."""
+def resolve_value(value: str | None, prepare: bool = True) -> Path | None:
+    """--value: None -> the default value network (prepared on first use, or an error when
+    not `prepare`); 'none' -> no value."""
     from ..models import resolve_model
 
     if value is not None and value.strip().lower() in NO_VALUE:
         return None
     if value is not None:
         return resolve_model(value)
-    return find_default_value() or prepare_default_value()
+    found = find_default_value()
+    if found is None and not prepare:
+        raise ModelNotFoundError("the default value network is not prepared yet: run 'ivl chat' once "
+                                 "(it prepares it), give --value PATH, or --value none for the base alone")
+    return found or prepare_default_value()
 
 
 def build_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed) -> SamplingConfig:
@@ -215,41 +311,19 @@ def one_shot(engine, messages: list[dict], *, sampling: SamplingConfig, max_toke
 # --- the command ----------------------------------------------------------------------------
 
 def chat(
-    base: Annotated[str, typer.Option("--base", "-b", help="Base model: a .gguf path or a known name (see 'ivl models').",
-                                      rich_help_panel="Models")] = DEFAULT_BASE,
-    value: Annotated[Optional[list[str]], typer.Option(
-        "--value", help="Value network: .ivl.gguf path, known name, or 'none' for the base alone. "
-        "Repeat to add more, each with an optional weight after ':' (b.ivl.gguf:0.5). "
-        "Default: the default value network (prepared once on first use).", rich_help_panel="Models")] = None,
-    expert: Annotated[Optional[str], typer.Option(
-        help="Proxy-tuning: a tuned model whose log-probabilities, minus its --anti-expert's, are added.",
-        rich_help_panel="Composition")] = None,
-    anti_expert: Annotated[Optional[str], typer.Option(
-        help="Proxy-tuning: the expert's untuned base (same vocabulary as --expert).",
-        rich_help_panel="Composition")] = None,
-    proxy_weight: Annotated[Optional[float], typer.Option(
-        help="Proxy-tuning weight. Default 1.", rich_help_panel="Composition")] = None,
-    cfg_scale: Annotated[Optional[float], typer.Option(
-        help="Classifier-free guidance scale g: adds g * (z_cond - z_uncond).", rich_help_panel="Composition")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option(
-        help="CFG: what the unconditional context reads (default: nothing).", rich_help_panel="Composition")] = None,
-    amateur: Annotated[Optional[str], typer.Option(
-        help="Contrastive decoding: a weaker model whose log-probabilities are subtracted.",
-        rich_help_panel="Composition")] = None,
-    cd_beta: Annotated[Optional[float], typer.Option(
-        help="Contrastive decoding strength. Default 0.5.", rich_help_panel="Composition")] = None,
-    cd_alpha: Annotated[Optional[float], typer.Option(
-        help="Contrastive decoding plausibility: keep tokens with p >= alpha * max p. Default 0.1.",
-        rich_help_panel="Composition")] = None,
-    alpha: Annotated[Optional[float], typer.Option(
-        help="Scale of the value network (0 = base alone). Default: the value file's own.",
-        rich_help_panel="Models")] = None,
-    token_map: Annotated[Optional[Path], typer.Option(
-        "--map", help="Token map .npz for base/value vocabularies that differ (default: built and cached).",
-        rich_help_panel="Models")] = None,
-    value_prompt: Annotated[str, typer.Option(
-        help="What a value model with another vocabulary reads: 'own' = the chat in its own "
-        "format (as trained), 'base' = the base's rendering.", rich_help_panel="Models")] = "own",
+    base: BaseOption = DEFAULT_BASE,
+    value: ValueOption = None,
+    expert: ExpertOption = None,
+    anti_expert: AntiExpertOption = None,
+    proxy_weight: ProxyWeightOption = None,
+    cfg_scale: CfgScaleOption = None,
+    negative_prompt: NegativePromptOption = None,
+    amateur: AmateurOption = None,
+    cd_beta: CdBetaOption = None,
+    cd_alpha: CdAlphaOption = None,
+    alpha: AlphaOption = None,
+    token_map: MapOption = None,
+    value_prompt: ValuePromptOption = "own",
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", help="Answer this prompt and exit (one-shot). Also: text piped on stdin.")] = None,
@@ -261,9 +335,9 @@ def chat(
     repeat_penalty: Annotated[Optional[float], typer.Option(help="1 disables. Default 1.0.", rich_help_panel="Sampling")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.", rich_help_panel="Sampling")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens in one answer.", rich_help_panel="Sampling")] = DEFAULT_MAX_TOKENS,
-    ctx: Annotated[int, typer.Option(help="Context window (tokens) of each model.", rich_help_panel="Resources")] = DEFAULT_CTX,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: one per free core, from the load average).", rich_help_panel="Resources")] = None,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    ctx: CtxOption = DEFAULT_CTX,
+    threads: ThreadsOption = None,
+    debug: DebugOption = False,
     verbose: Annotated[bool, typer.Option(help="llama.cpp logs and per-answer timings on stderr.")] = False,
 ) -> None:
     """Chat with a base model steered by a value network (streamed, multi-turn).
@@ -279,29 +353,15 @@ def chat(
             sampling = build_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed)
             check_max_tokens(max_tokens, "--max-tokens")
             EngineConfig(n_ctx=ctx, n_threads=threads or default_threads())
-            if alpha is not None:
-                check_alpha(alpha, "--alpha")
-            values = list(value or [])
-            first, first_weight = split_value(values[0]) if values else (None, None)
-            if first_weight is not None and alpha is not None:
-                raise ConfigError("give the first value network's weight once: --alpha or ':WEIGHT'")
-            alpha = first_weight if first_weight is not None else alpha
+            composition = Composition.check(value, alpha, token_map, value_prompt)
             text = read_one_shot_prompt(prompt)
             if as_json and text is None:
                 raise ConfigError("--json needs a prompt: -p TEXT or text on stdin")
-            if token_map is not None and not token_map.is_file():
-                raise ModelFileError(f"no such token map file: {token_map}")
-            if value_prompt not in VALUE_PROMPTS:
-                raise ConfigError(f"--value-prompt must be {' or '.join(VALUE_PROMPTS)}, got {value_prompt!r}")
-
-            from ..models import resolve_model
-
-            terms = build_terms(values[1:], expert, anti_expert, proxy_weight, cfg_scale,
-                                negative_prompt, amateur, cd_beta, cd_alpha, token_map)
-            base_path = resolve_model(base)
-            value_path = resolve_value(first)
+            composition.resolve(base, expert, anti_expert, proxy_weight, cfg_scale, negative_prompt,
+                                amateur, cd_beta, cd_alpha)
+            base_path, value_path, alpha = composition.base, composition.value, composition.alpha
             kwargs = dict(n_ctx=ctx, n_threads=threads, seed=seed if seed is not None else 0,
-                          token_map=token_map, verbose=verbose, value_prompt=value_prompt, terms=terms)
+                          verbose=verbose, **composition.engine_kwargs())
             if text is None and not verbose:
                 # Interactive: the prompt shows at once, the models load while the user types.
                 from .loading import BackgroundLoad
