@@ -1,6 +1,6 @@
 """The apps behind the console scripts (see pyproject's [project.scripts]).
 
-    ivl chat | train | convert | inspect | models     # `app`
+    ivl chat | serve | train | convert | inspect | models     # `app`
     ivl-chat / ivl-train / ivl-convert                # the same commands, standalone
 
     python -m ivl_local.cli.main chat -p "Hello"      # without installed scripts
@@ -15,6 +15,7 @@ from .align_cmd import align
 from .chat import chat
 from .models_cmd import models_app
 from .produce import convert, inspect, train
+from .serve import serve
 
 _APP_SETTINGS = dict(
     pretty_exceptions_enable=False,        # bugs get a plain traceback; user errors one line
@@ -27,6 +28,7 @@ app = typer.Typer(
     help="ivl-local: steer a local model with a small value network (inverse value learning).",
     **_APP_SETTINGS)
 app.command("chat")(chat)
+app.command("serve")(serve)
 app.command("train")(train)
 app.command("convert")(convert)
 app.command("inspect")(inspect)
