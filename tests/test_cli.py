@@ -355,6 +355,40 @@ def test_run_child_returns_exit_code_and_restores_sigint():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+# What `ivl train --recipe default` does at its end: write the value file and print its path on
+# stdout (right for `ivl train`; in ivl-chat's child it must not reach the answer's stdout).
+FAKE_RECIPE = ("import pathlib, sys; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True); "
+               "f = out / 'gemma3-270m-chat.ivl.gguf'; f.write_bytes(b'GGUF'); print(f); print('note', file=sys.stderr)")
+
+
+def test_run_child_sends_the_childs_stdout_to_stderr(capfd):
+    assert chat_mod.run_child([sys.executable, "-c", "import sys; print('path'); print('bar', file=sys.stderr)"]) == 0
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == ["path", "bar"]
+
+
+def test_first_use_one_shot_stdout_is_the_answer_alone(fake, base_file, monkeypatch, cache, capfd):
+    """`ivl-chat -p` on a fresh cache prepares the default value network in a child process
+    (here a stand-in that prints the value file's path on stdout, as `ivl train` does); the
+    process's stdout -- file descriptor 1, which the child inherits -- is the answer alone."""
+    real_run_child = chat_mod.run_child
+
+    def recipe_child(cmd):
+        return real_run_child([sys.executable, "-c", FAKE_RECIPE, cmd[cmd.index("--out") + 1]])
+
+    monkeypatch.setattr(chat_mod, "torch_available", lambda: True)
+    monkeypatch.setattr(chat_mod, "run_child", recipe_child)
+    fake.engine.outputs = [" Eight legs."]
+    r = run(["chat", "--base", str(base_file), "-p", "How many legs does a spider have?"])
+    assert r.exit_code == 0, r.output
+    value = cache / "default-value" / "gemma3-270m-chat.ivl.gguf"
+    assert fake.kwargs["value"] == value
+    captured = capfd.readouterr()           # what reached the real file descriptors
+    assert r.stdout + captured.out == "Eight legs.\n"
+    assert str(value) in captured.err and "one-time step" in r.stderr
+
+
 # --- other commands ------------------------------------------------------------------------
 
 def test_models_table_lists_every_known_model():
