@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import CheckpointError
 
 WEIGHTS = "model.safetensors"      # HF names; a tied lm_head is not stored
+WEIGHTS_INDEX = "model.safetensors.index.json"   # a sharded HF folder's tensor -> shard map
 HF_CONFIG = "config.json"          # the network's HF config (to_dict())
 META = "ivl_checkpoint.json"       # training base, recipe, progress
 STATE = "state.pt"                 # optimizer/scheduler/RNG state for --resume (torch)

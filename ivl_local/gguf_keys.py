@@ -9,7 +9,7 @@ from __future__ import annotations
 # Major changes break readers; minor changes only add keys. A reader refuses a file whose
 # major version is newer than FORMAT_MAJOR and accepts any minor version.
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1                # 1.1: ivl.value.source, ivl.value.source_detail
 
 
 class Keys:
@@ -20,6 +20,8 @@ class Keys:
     BASE_VOCAB_FINGERPRINT = "ivl.training_base.vocab_fingerprint"  # str (see vocab_fingerprint)
     BASE_VOCAB_SIZE = "ivl.training_base.vocab_size"   # uint32
     INIT = "ivl.value.init"                            # str: pretrained | pruned:K | fresh
+    SOURCE = "ivl.value.source"                        # str: ivl-train | foreign (an HF folder)
+    SOURCE_DETAIL = "ivl.value.source_detail"          # str: e.g. "LlamaForCausalLM folder value"
     NORM_WEIGHT = "ivl.recipe.norm_weight"             # float32
     NORM_KIND = "ivl.recipe.norm_kind"                 # str: "mean_abs" (official code)
     STEPS = "ivl.recipe.steps"                         # uint32

@@ -558,6 +558,7 @@ class ValueFileInfo:
     training_base_fingerprint: str | None = None
     training_base_vocab_size: int | None = None
     init: str | None = None
+    source: str | None = None        # ivl-train | foreign (format 1.1; None in 1.0 files)
     created: str | None = None
     tool: str | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
@@ -604,7 +605,8 @@ def value_info_from_header(header: GGUFHeader) -> ValueFileInfo:
         default_alpha=alpha, training_base_name=_opt_str(p, ivl, Keys.BASE_NAME),
         training_base_fingerprint=_opt_str(p, ivl, Keys.BASE_VOCAB_FINGERPRINT),
         training_base_vocab_size=None if vocab_size is None else int(vocab_size),
-        init=_opt_str(p, ivl, Keys.INIT), created=_opt_str(p, ivl, Keys.CREATED),
+        init=_opt_str(p, ivl, Keys.INIT), source=_opt_str(p, ivl, Keys.SOURCE),
+        created=_opt_str(p, ivl, Keys.CREATED),
         tool=_opt_str(p, ivl, Keys.TOOL), recipe=recipe)
 
 

@@ -452,7 +452,7 @@ def test_convert_and_inspect_call_ivl_convert(monkeypatch, tmp_path):
 
     calls = []
 
-    def convert_checkpoint(ckpt, out, out_type, progress, base_gguf):
+    def convert_checkpoint(ckpt, out, out_type, progress, base_gguf, **kwargs):
         calls.append((ckpt, out, out_type, base_gguf))
         return out
     monkeypatch.setattr(ivl_convert, "convert_checkpoint", convert_checkpoint)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ivl_local.errors import CheckpointError, ConfigError, ModelFileError
+from ivl_local.errors import CheckpointError, ConfigError, ModelFileError, VocabMismatchError
 from ivl_local.gguf_keys import REQUIRED, Keys
 
 pytest.importorskip("gguf")
@@ -93,6 +93,32 @@ def test_wrong_shape_and_unknown_arch(tmp_path):
         read_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
         read_checkpoint(tmp_path / "nope")
+
+
+def test_safetensors_reader_takes_bf16_and_refuses_forged_files(tmp_path):
+    import struct
+
+    from ivl_convert.safetensors_np import read_safetensors
+
+    def write(header: dict, data: bytes, length: int | None = None) -> Path:
+        raw = json.dumps(header).encode()
+        path = tmp_path / "t.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+        return path
+
+    values = np.array([1.0, -2.5, 3.140625], np.float32)           # exact in bf16
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    got = read_safetensors(write({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}, bf16))
+    np.testing.assert_array_equal(got["w"], values)
+    for header, data, length, needle in [
+        ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}, b"\0" * 8, None, "does not fit"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12, None, "does not fit"),
+        ({"w": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None, "expected float"),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "malformed"),
+        ({}, b"", 1 << 40, "header of"),
+    ]:
+        with pytest.raises(CheckpointError, match=needle):
+            read_safetensors(write(header, data, length))
 
 
 def test_bad_out_type(tmp_path):
@@ -180,7 +206,7 @@ def test_ivl_convert_onto_a_full_disk_prints_one_error_line(tmp_path, monkeypatc
 
     (tmp_path / "ck").mkdir()
 
-    def convert(ckpt, out, out_type, progress, base_gguf):
+    def convert(ckpt, out, out_type, progress, base_gguf, **kwargs):
         _write_tiny(Path(out))
 
     import gguf
@@ -269,7 +295,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, smollm2_path, monkeypatch):
 @pytest.mark.real
 def test_vocab_mismatch_with_base_is_refused(tmp_path, smollm2_path):
     ckpt = write_checkpoint(tmp_path / "ck", tiny_config(vocab=300), base_file=str(smollm2_path))
-    with pytest.raises(CheckpointError, match="300 logits"):
+    with pytest.raises(VocabMismatchError, match="300 logits"):
         convert_checkpoint(ckpt, tmp_path / "v.gguf", progress=False)
     assert not (tmp_path / "v.gguf").exists()
 
@@ -344,3 +370,186 @@ def test_move_into_place_gives_the_usual_file_mode(tmp_path):
     assert final.read_bytes() == b"data" and not Path(tmp).exists()
     assert final.stat().st_mode & 0o777 == 0o644
     assert os.umask(old) == old                                # the umask is left as it was
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face folders made elsewhere (transformers' save_pretrained), with SmolLM2's real
+# tokenizer (transformers rebuilds it from the GGUF; its tokenizer.json is what an HF folder
+# trained on SmolLM2 carries)
+
+
+def tiny_hf_model(arch: str, vocab: int = VOCAB, seed: int = 0):
+    """A random transformers causal LM of `arch` (llama | qwen2), 2 layers, hidden 64."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                  rms_norm_eps=1e-6)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**common, head_dim=16, tie_word_embeddings=False)
+        cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+        cls = transformers.Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():                     # norms away from 1, so a wrong norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_hf_folder(model, folder: Path, tokenizer_dir: Path | None, shard: str | None = None,
+                   bf16: bool = False) -> Path:
+    """save_pretrained (safetensors; sharded when `shard`, e.g. "2MB"); -> the folder.
+    With bf16 the model itself is rounded to bf16 and back, so it stays the reference."""
+    import shutil
+
+    import torch
+
+    if bf16:
+        model.to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size=shard or "10GB")
+    if bf16:
+        model.to(torch.float32)
+    if tokenizer_dir is not None:
+        shutil.copy(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_dir(tmp_path_factory, smollm2_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name).save_pretrained(folder)
+    return folder
+
+
+def llama_cpp_logits(path: Path, text: bytes) -> tuple[list[int], np.ndarray]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, verbose=False)
+    tokens = llm.tokenize(text, add_bos=False)
+    llm.eval(tokens)
+    got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    del llm
+    return tokens, got
+
+
+def assert_logits_match(got: np.ndarray, model, tokens: list[int]) -> None:
+    import torch
+
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].float().numpy()
+    scale = float(np.abs(ref).max())
+    assert scale > 0.1                      # not a degenerate all-zero comparison
+    assert float(np.abs(got - ref).max()) < 2e-3 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("arch, shard, bf16", [("llama", "2MB", True), ("qwen2", None, False)])
+def test_hf_folder_converts_and_matches_transformers_logits(tmp_path, smollm2_path, smollm2_tokenizer_dir,
+                                                            arch, shard, bf16):
+    """An HF folder (llama: sharded, bf16, untied head; qwen2: one file, f32, tied) -> a value
+    file whose llama.cpp logits are transformers' on the same weights, marked as foreign."""
+    from ivl_local.train.basefile import BaseGGUF
+    from ivl_local.valuefile import read_value_info
+
+    model = tiny_hf_model(arch)
+    folder = save_hf_folder(model, tmp_path / f"hf-{arch}", smollm2_tokenizer_dir, shard=shard, bf16=bf16)
+    assert (folder / "model.safetensors.index.json").is_file() == bool(shard)
+    out = convert_checkpoint(folder, tmp_path / "v.ivl.gguf", out_type="f32", progress=False,
+                             base_gguf=str(smollm2_path))
+    info = inspect_value_file(out)
+    assert info["architecture"] == arch and info["is_value_file"]
+    ivl = info["ivl"]
+    assert ivl[Keys.SOURCE] == "foreign" and ivl[Keys.SOURCE_DETAIL].startswith(type(model).__name__)
+    assert ivl[Keys.BASE_NAME] == str(smollm2_path)
+    assert ivl[Keys.BASE_VOCAB_FINGERPRINT] == BaseGGUF.open(str(smollm2_path)).fingerprint
+    assert Keys.STEPS not in ivl and Keys.INIT not in ivl       # a foreign recipe is not made up
+    assert read_value_info(out).source == "foreign"
+    tokens, got = llama_cpp_logits(out, b"Hello world, 12 + 30 = 42. How are you?")
+    assert_logits_match(got, model, tokens)
+
+
+@pytest.mark.real
+def test_hf_folder_bad_input_is_one_clear_error_each(tmp_path, smollm2_path, gemma3_path, smollm2_tokenizer_dir):
+    from typer.testing import CliRunner
+
+    from ivl_local.cli.main import app
+
+    folder = save_hf_folder(tiny_hf_model("llama"), tmp_path / "hf", smollm2_tokenizer_dir, shard="2MB")
+    out = tmp_path / "v.ivl.gguf"
+
+    def error(*flags) -> str:
+        r = CliRunner().invoke(app, ["convert", str(folder), "-o", str(out), *flags])
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.exit_code != 0 and len(lines) == 1 and "Traceback" not in r.output, r.output
+        assert not out.exists()
+        return lines[0]
+
+    assert "give the base it steers with --base" in error()
+    # another vocabulary: the size, then (same size) a token that differs
+    assert "262144 tokens, but" in error("--base", str(gemma3_path))
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    token, id_ = next((t, i) for t, i in tj["model"]["vocab"].items() if i == 1000)
+    tj["model"]["vocab"][token + "x"] = tj["model"]["vocab"].pop(token)
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    line = error("--base", str(smollm2_path))
+    assert f"differs from {smollm2_path.name}'s on 1 of 49152 tokens (id 1000" in line and "--allow-other-vocab" in line
+    assert "needs --allow-other-vocab" in error("--base", str(smollm2_path), "--vocab-gguf", str(smollm2_path))
+    assert "needs --vocab-gguf" in error("--base", str(smollm2_path), "--allow-other-vocab")
+    (folder / "tokenizer.json").unlink()
+    # a missing shard
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (folder / shard).rename(tmp_path / shard)
+    assert f"missing shard {shard} (listed in model.safetensors.index.json)" in error("--base", str(smollm2_path))
+    (tmp_path / shard).rename(folder / shard)
+    # a truncated shard
+    data = (folder / shard).read_bytes()
+    (folder / shard).write_bytes(data[:len(data) // 2])
+    assert "unreadable safetensors file" in error("--base", str(smollm2_path))
+    (folder / shard).write_bytes(data)
+    # an architecture ivl-convert does not write
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
+    assert "unsupported architecture 'gpt2'" in error("--base", str(smollm2_path))
+    (folder / "config.json").write_text(json.dumps(config))
+    # without a tokenizer.json only the size can be checked: a warning line, and it converts
+    r = CliRunner().invoke(app, ["convert", str(folder), "-o", str(out), "--base", str(smollm2_path)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(out)
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        f"warning: {folder} has no tokenizer.json: only its vocabulary size (49152) could be checked "
+        f"against {smollm2_path.name}"]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_hf_folder_of_another_vocabulary_steers_through_a_token_map(tmp_path, smollm2_path, gemma3_path,
+                                                                     smollm2_tokenizer_dir):
+    """--allow-other-vocab: a SmolLM2-vocabulary folder as a value network for Gemma 3. The
+    file carries SmolLM2's tokenizer (from --vocab-gguf), records Gemma as its training base,
+    and the engine reads it through a token map."""
+    from ivl_local.engine import Engine
+    from ivl_local.train.basefile import BaseGGUF
+
+    folder = save_hf_folder(tiny_hf_model("qwen2"), tmp_path / "hf", smollm2_tokenizer_dir)
+    out = convert_checkpoint(folder, tmp_path / "v.ivl.gguf", out_type="q8_0", progress=False,
+                             base_gguf="gemma3-270m", allow_other_vocab=True, vocab_gguf=str(smollm2_path))
+    info = inspect_value_file(out)
+    assert info["tokenizer"]["n_tokens"] == VOCAB
+    assert info["ivl"][Keys.BASE_NAME] == "gemma3-270m"
+    assert info["ivl"][Keys.BASE_VOCAB_FINGERPRINT] == BaseGGUF.open(str(gemma3_path)).fingerprint
+    with Engine(gemma3_path, out, 1.0, n_ctx=256, n_threads=1) as engine:
+        assert not engine.mapping.identity
+        text = engine.complete("The capital of France is", max_tokens=3)
+    assert isinstance(text, str)

@@ -1,7 +1,11 @@
-"""Read and validate a training checkpoint folder without torch (json + safetensors/numpy).
+"""Read and validate a checkpoint folder without torch (json + numpy).
 
-The layout is written by ivl_local.train.checkpoint: model.safetensors (HF llama or qwen2
-names), config.json (the HF config), ivl_checkpoint.json (training base, recipe).
+Two kinds of folder:
+  * an ivl-train checkpoint (ivl_local.train.checkpoint): model.safetensors (HF names),
+    config.json (the HF config), ivl_checkpoint.json (training base, recipe);
+  * a Hugging Face causal-LM folder made elsewhere (the paper's official code, any HF
+    trainer): config.json, model.safetensors or model.safetensors.index.json + shards
+    (f32, f16 or bf16), usually a tokenizer.json -- read by read_hf_folder().
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ivl_local.ckpt_layout import CONVERTIBLE_ARCHS, HF_CONFIG, META, WEIGHTS, read_json
+from ivl_local.ckpt_layout import CONVERTIBLE_ARCHS, HF_CONFIG, META, WEIGHTS, WEIGHTS_INDEX, read_json
 from ivl_local.errors import CheckpointError
+
+from .safetensors_np import read_safetensors
 
 
 @dataclass(frozen=True)
@@ -99,37 +105,102 @@ def expected_shapes(h: HParams) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def load_weights(folder: Path) -> tuple[dict[str, np.ndarray], Path]:
+    """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists;
+    -> (tensors, the file named in errors)."""
+    single, index = folder / WEIGHTS, folder / WEIGHTS_INDEX
+    if single.is_file():
+        return read_safetensors(single), single
+    if not index.is_file():
+        hint = (" (pytorch_model.bin needs torch to read: save the model with "
+                "safe_serialization=True)" if (folder / "pytorch_model.bin").is_file() else "")
+        raise CheckpointError(f"{folder}: not a complete checkpoint (missing {WEIGHTS} or "
+                              f"{WEIGHTS_INDEX}){hint}")
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: no weight_map of tensor name -> shard file")
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:             # a shard is a file of this folder, no path
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file name in the folder")
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"{folder}: missing shard {shard} (listed in {WEIGHTS_INDEX})")
+        tensors.update(read_safetensors(folder / shard))
+    return tensors, index
+
+
+def _validated(stored: dict[str, np.ndarray], hparams: HParams, where: Path) -> dict[str, np.ndarray]:
+    """Exactly the tensors the config implies, with their shapes, as float32."""
+    if hparams.tied:
+        stored.pop("lm_head.weight", None)  # a tied head may be saved redundantly
+    for name in [n for n in stored if n.endswith("rotary_emb.inv_freq")]:
+        del stored[name]                    # older transformers saved RoPE's buffer
+    expected = expected_shapes(hparams)
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unknown = [name for name in stored if name not in expected]
+    if unknown:
+        raise CheckpointError(f"{where}: unexpected tensor {unknown[0]} for this config")
+    for name, shape in expected.items():
+        if tuple(stored[name].shape) != shape:
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(stored[name].shape)}, "
+                                  f"config.json implies {shape}")
+    return {name: np.asarray(stored[name], dtype=np.float32) for name in expected}
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face model folder rather than an ivl-train checkpoint."""
+    path = Path(path)
+    return (path / HF_CONFIG).is_file() and not (path / META).is_file()
+
+
+def read_hf_folder(folder: str | Path) -> Checkpoint:
+    """A causal-LM folder made elsewhere, as a value network. Its meta says where it came
+    from; the training base is the caller's to add (ivl-convert's --base)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such model folder")
+    config = read_json(path / HF_CONFIG)
+    hparams = _hparams(config, path / HF_CONFIG)
+    stored, where = load_weights(path)
+    classes = config.get("architectures") or [hparams.arch]
+    meta = {"kind": "value", "source": "foreign",
+            "source_detail": f"{classes[0]} folder {path.resolve().name}"}
+    return Checkpoint(path, meta, hparams, _validated(stored, hparams, where))
+
+
+def hf_vocabulary(folder: Path) -> dict[int, str] | None:
+    """id -> token text from the folder's tokenizer.json (model vocab + added tokens), or
+    None when the folder has none."""
+    file = Path(folder) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    data = read_json(file)
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    vocab = model.get("vocab")
+    out: dict[int, str] = {}
+    if isinstance(vocab, dict):                   # BPE / WordPiece: token -> id
+        out.update({i: t for t, i in vocab.items() if type(i) is int})
+    elif isinstance(vocab, list):                 # Unigram: [[piece, score], ...]
+        out.update({i: e[0] for i, e in enumerate(vocab) if isinstance(e, list) and e})
+    else:
+        raise CheckpointError(f"{file}: no model vocabulary")
+    for added in data.get("added_tokens") or []:
+        if isinstance(added, dict) and type(added.get("id")) is int:
+            out[added["id"]] = added.get("content")
+    return out
+
+
 def read_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
     path = Path(ckpt_dir)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     meta = read_json(path / META)
     hparams = _hparams(read_json(path / HF_CONFIG), path / HF_CONFIG)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: not a complete checkpoint (missing {WEIGHTS})")
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        stored = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights}: unreadable ({e})") from None
-    if hparams.tied:
-        stored.pop("lm_head.weight", None)  # a tied head may be saved redundantly
-    expected = expected_shapes(hparams)
-    missing = [name for name in expected if name not in stored]
-    if missing:
-        raise CheckpointError(f"{weights}: missing tensor {missing[0]}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unknown = [name for name in stored if name not in expected]
-    if unknown:
-        raise CheckpointError(f"{weights}: unexpected tensor {unknown[0]} for this config")
-    for name, shape in expected.items():
-        if tuple(stored[name].shape) != shape:
-            raise CheckpointError(f"{weights}: tensor {name} has shape {tuple(stored[name].shape)}, "
-                                  f"config.json implies {shape}")
-    tensors = {name: np.asarray(stored[name], dtype=np.float32) for name in expected}
+    stored, where = load_weights(path)
+    tensors = _validated(stored, hparams, where)
     if meta.get("kind", "value") == "value":
         base = meta.get("training_base") or {}
         if base.get("vocab_size") not in (None, hparams.vocab_size):

@@ -1,22 +1,30 @@
-"""Checkpoint folder -> `.ivl.gguf`: a plain llama.cpp llama- or qwen2-arch GGUF carrying the training
-base's tokenizer (copied key by key from the base GGUF, so the file loads on its own) and
-the `ivl.*` metadata of ivl_local.gguf_keys.
+"""Checkpoint folder -> `.ivl.gguf`: a plain llama.cpp GGUF (CONVERTIBLE_ARCHS) carrying a
+tokenizer copied key by key from a GGUF (so the file loads on its own) and the `ivl.*`
+metadata of ivl_local.gguf_keys.
+
+The folder is an ivl-train checkpoint (training base and recipe recorded in it) or a Hugging
+Face causal-LM folder made elsewhere (`base_gguf` is then required: the base it steers,
+recorded as its training base). A foreign folder's vocabulary must be the base's (checked
+token by token against its tokenizer.json), unless `allow_other_vocab`: then the file
+carries the folder's own tokenizer, copied from `vocab_gguf`, and the engine steers the
+base through a token map.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from ivl_local.errors import CheckpointError, ConfigError, ModelFileError
+from ivl_local.errors import CheckpointError, ConfigError, ModelFileError, VocabMismatchError
 from ivl_local.gguf_keys import FORMAT_MAJOR, FORMAT_MINOR, Keys
 from ivl_local.valuefile import read_gguf_header
 from ivl_local.vocab_fp import vocab_fingerprint
 
-from .checkpoint import Checkpoint, HParams, read_checkpoint
+from .checkpoint import Checkpoint, HParams, hf_vocabulary, is_hf_folder, read_checkpoint, read_hf_folder
 from .writer import OUT_TYPES, ValueFileWriter
 
 FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}   # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
@@ -82,7 +90,9 @@ def _arch_hparams(w: ValueFileWriter, h: HParams) -> None:
 
 def _base_gguf(ckpt: Checkpoint, base_gguf: str | os.PathLike | None) -> Path:
     if base_gguf is not None:
-        path = Path(base_gguf)
+        from ivl_local.models import resolve_model
+
+        path = resolve_model(base_gguf)      # a .gguf path or a known model name
     else:
         recorded = (ckpt.meta.get("training_base") or {})
         path = Path(recorded.get("file", ""))
@@ -97,68 +107,141 @@ def _base_gguf(ckpt: Checkpoint, base_gguf: str | os.PathLike | None) -> Path:
     return path
 
 
-def _tokenizer(w: ValueFileWriter, ckpt: Checkpoint, base_path: Path) -> str:
-    """Copy every tokenizer.* key of the base GGUF, with its stored type; returns the vocab
-    fingerprint."""
+def _vocabulary(path: Path):
+    """(header, tokens, fingerprint) of a GGUF's tokenizer."""
+    header = read_gguf_header(path)
+    tokens = header.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ModelFileError(f"{path}: GGUF has no tokenizer to copy")
+    types = header.get("tokenizer.ggml.token_type")
+    return header, tokens, vocab_fingerprint(tokens, None if types is None else types.tolist())
+
+
+def _copy_tokenizer(w: ValueFileWriter, header, path: Path) -> None:
+    """Every tokenizer.* key of a GGUF, with its stored type."""
     from gguf import GGUFValueType as V
 
-    base = read_gguf_header(base_path)
-    tokens = base.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise ModelFileError(f"{base_path}: GGUF has no tokenizer to copy")
-    types = base.get("tokenizer.ggml.token_type")
-    fingerprint = vocab_fingerprint(tokens, None if types is None else types.tolist())
-    expected = (ckpt.meta.get("training_base") or {}).get("vocab_fingerprint")
-    if expected and expected != fingerprint:
-        raise CheckpointError(f"{base_path}: vocabulary fingerprint {fingerprint} differs from the "
-                              f"one the checkpoint was trained with ({expected})")
-    if len(tokens) != ckpt.hparams.vocab_size:
-        raise CheckpointError(f"{base_path}: {len(tokens)} tokens, but the checkpoint has "
-                              f"{ckpt.hparams.vocab_size} logits")
-    for key, value in base.metadata.items():
+    for key, value in header.metadata.items():
         if not key.startswith("tokenizer."):
             continue
-        vtype, elem = base.value_type(key)
+        vtype, elem = header.value_type(key)
         if elem == V.ARRAY:
-            raise ModelFileError(f"{base_path}: {key} is an array of arrays; cannot copy it")
+            raise ModelFileError(f"{path}: {key} is an array of arrays; cannot copy it")
         if isinstance(value, np.ndarray):
             value = value.tolist()      # the gguf writer takes sequences
         w.add_metadata(key, value, vtype, elem)
-    return fingerprint
 
 
-def _ivl_keys(w: ValueFileWriter, ckpt: Checkpoint, fingerprint: str) -> None:
+def _check_logit_count(ckpt: Checkpoint, tokens: list, path: Path, hint: str = "") -> None:
+    if len(tokens) != ckpt.hparams.vocab_size:
+        raise VocabMismatchError(f"{path}: {len(tokens)} tokens, but {ckpt.path} has "
+                                 f"{ckpt.hparams.vocab_size} logits{hint}")
+
+
+OTHER_VOCAB_HINT = ("; give the base it was trained with as --base, or --allow-other-vocab with "
+                    "--vocab-gguf (a GGUF of its own vocabulary) to steer through a token map")
+
+
+def _check_hf_vocabulary(ckpt: Checkpoint, tokens: list[bytes], path: Path, hint: str) -> None:
+    """The folder's tokenizer.json, id by id, against a GGUF's tokens (a GGUF may pad its
+    vocabulary past the tokenizer's, as llama.cpp does for Qwen's 151936 logits)."""
+    _check_logit_count(ckpt, tokens, path, hint)
+    own = hf_vocabulary(ckpt.path)
+    if own is None:
+        warnings.warn(f"{ckpt.path} has no tokenizer.json: only its vocabulary size "
+                      f"({len(tokens)}) could be checked against {path.name}", UserWarning, stacklevel=3)
+        return
+    differ = [i for i in sorted(own) if i >= len(tokens) or own[i] != tokens[i].decode("utf-8", "replace")]
+    if differ:
+        i = differ[0]
+        theirs = tokens[i].decode("utf-8", "replace") if i < len(tokens) else None
+        raise VocabMismatchError(f"{ckpt.path}: its tokenizer differs from {path.name}'s on {len(differ)} of "
+                                 f"{len(own)} tokens (id {i} is {own[i]!r} there, {theirs!r} in "
+                                 f"{path.name}){hint}")
+
+
+def _ivl_keys(w: ValueFileWriter, ckpt: Checkpoint, base: dict) -> None:
+    """`base`: the training base's name, vocab fingerprint and size."""
     from gguf import GGUFValueType as V
 
     import ivl_local
 
-    base = ckpt.meta.get("training_base") or {}
-    recipe = ckpt.meta.get("recipe") or {}
-    for key, value, vtype in [
+    recipe = ckpt.meta.get("recipe")
+    keys = [
         (Keys.FORMAT_VERSION, f"{FORMAT_MAJOR}.{FORMAT_MINOR}", V.STRING),
-        (Keys.CONNECTION, recipe.get("connection", "residual"), V.STRING),
+        (Keys.CONNECTION, (recipe or {}).get("connection", "residual"), V.STRING),
         (Keys.DEFAULT_ALPHA, 1.0, V.FLOAT32),
         (Keys.BASE_NAME, str(base.get("name", "?")), V.STRING),
-        (Keys.BASE_VOCAB_FINGERPRINT, fingerprint, V.STRING),
-        (Keys.BASE_VOCAB_SIZE, ckpt.hparams.vocab_size, V.UINT32),
-        (Keys.INIT, str(ckpt.meta.get("init", "?")), V.STRING),
-        (Keys.NORM_WEIGHT, float(recipe.get("norm_weight", 1.0)), V.FLOAT32),
-        (Keys.NORM_KIND, recipe.get("norm_kind", "mean_abs"), V.STRING),
-        (Keys.STEPS, int(recipe.get("steps", ckpt.meta.get("step", 0))), V.UINT32),
-        (Keys.LEARNING_RATE, float(recipe.get("learning_rate", 0.0)), V.FLOAT32),
-        (Keys.DATA, str(recipe.get("data", "?")), V.STRING),
-        (Keys.CREATED, datetime.now(timezone.utc).isoformat(timespec="seconds"), V.STRING),
-        (Keys.TOOL, f"ivl-local {ivl_local.__version__}", V.STRING),
-    ]:
+        (Keys.BASE_VOCAB_FINGERPRINT, base["vocab_fingerprint"], V.STRING),
+        (Keys.BASE_VOCAB_SIZE, int(base["vocab_size"]), V.UINT32),
+        (Keys.SOURCE, ckpt.meta.get("source", "ivl-train"), V.STRING),
+    ]
+    detail = ckpt.meta.get("source_detail", f"ivl-train checkpoint {ckpt.path.resolve().name}")
+    keys.append((Keys.SOURCE_DETAIL, detail, V.STRING))
+    if "init" in ckpt.meta:
+        keys.append((Keys.INIT, str(ckpt.meta["init"]), V.STRING))
+    if recipe is not None:             # a foreign folder's recipe is unknown: no recipe keys
+        keys += [
+            (Keys.NORM_WEIGHT, float(recipe.get("norm_weight", 1.0)), V.FLOAT32),
+            (Keys.NORM_KIND, recipe.get("norm_kind", "mean_abs"), V.STRING),
+            (Keys.STEPS, int(recipe.get("steps", ckpt.meta.get("step", 0))), V.UINT32),
+            (Keys.LEARNING_RATE, float(recipe.get("learning_rate", 0.0)), V.FLOAT32),
+            (Keys.DATA, str(recipe.get("data", "?")), V.STRING),
+        ]
+    keys += [(Keys.CREATED, datetime.now(timezone.utc).isoformat(timespec="seconds"), V.STRING),
+             (Keys.TOOL, f"ivl-local {ivl_local.__version__}", V.STRING)]
+    for key, value, vtype in keys:
         w.add_metadata(key, value, vtype)
+
+
+def _plan(ckpt_dir, base_gguf, allow_other_vocab: bool, vocab_gguf):
+    """-> (checkpoint, tokenizer header, its GGUF path, training base {name, vocab_fingerprint,
+    vocab_size}), every check done."""
+    from ivl_local.models import resolve_model
+
+    if not is_hf_folder(ckpt_dir):
+        if allow_other_vocab or vocab_gguf is not None:
+            raise ConfigError("--allow-other-vocab and --vocab-gguf are for Hugging Face folders; an "
+                              "ivl-train checkpoint carries its training base's vocabulary")
+        ckpt = read_checkpoint(ckpt_dir)
+        path = _base_gguf(ckpt, base_gguf)
+        header, tokens, fingerprint = _vocabulary(path)
+        expected = (ckpt.meta.get("training_base") or {}).get("vocab_fingerprint")
+        if expected and expected != fingerprint:
+            raise CheckpointError(f"{path}: vocabulary fingerprint {fingerprint} differs from the "
+                                  f"one the checkpoint was trained with ({expected})")
+        _check_logit_count(ckpt, tokens, path)
+        name = (ckpt.meta.get("training_base") or {}).get("name", "?")
+        return ckpt, header, path, {"name": name, "vocab_fingerprint": fingerprint, "vocab_size": len(tokens)}
+    if base_gguf is None:
+        raise ConfigError(f"{ckpt_dir} is a Hugging Face model folder: give the base it steers with "
+                          "--base (a .gguf file or a known model name)")
+    if vocab_gguf is not None and not allow_other_vocab:
+        raise ConfigError("--vocab-gguf needs --allow-other-vocab")
+    ckpt = read_hf_folder(ckpt_dir)
+    base_path = resolve_model(base_gguf)
+    base_header, base_tokens, base_fp = _vocabulary(base_path)
+    base = {"name": os.fspath(base_gguf), "vocab_fingerprint": base_fp, "vocab_size": len(base_tokens)}
+    if not allow_other_vocab:
+        _check_hf_vocabulary(ckpt, base_tokens, base_path, OTHER_VOCAB_HINT)
+        return ckpt, base_header, base_path, base
+    if vocab_gguf is None:
+        raise ConfigError("--allow-other-vocab needs --vocab-gguf: a GGUF with the folder's own "
+                          "vocabulary (e.g. its base model), whose tokenizer the value file carries")
+    own_path = resolve_model(vocab_gguf)
+    own_header, own_tokens, _ = _vocabulary(own_path)
+    _check_hf_vocabulary(ckpt, own_tokens, own_path, " (--vocab-gguf must hold the folder's own vocabulary)")
+    return ckpt, own_header, own_path, base
 
 
 def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
                        out_type: str = "f16", progress: bool = True,
-                       base_gguf: str | os.PathLike | None = None) -> Path:
+                       base_gguf: str | os.PathLike | None = None, allow_other_vocab: bool = False,
+                       vocab_gguf: str | os.PathLike | None = None) -> Path:
     """Write `out_path` (f32 | f16 | q8_0; norms stay f32) and return it. Nothing is left at
-    out_path unless the whole file was written. Raises CheckpointError, ModelFileError,
-    ConfigError."""
+    out_path unless the whole file was written. `base_gguf` (a file or known model name):
+    the training base, if it moved since training; required for a Hugging Face folder.
+    Raises CheckpointError, ModelFileError, VocabMismatchError, ConfigError."""
     from gguf import GGUFValueType as V
 
     from ivl_local.progress import byte_progress
@@ -166,19 +249,17 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
     if out_type not in OUT_TYPES:
         raise ConfigError(f"out_type must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
     out_path = Path(out_path)
-    ckpt = read_checkpoint(ckpt_dir)
-    base_path = _base_gguf(ckpt, base_gguf)
+    ckpt, tok_header, tok_path, base = _plan(ckpt_dir, base_gguf, allow_other_vocab, vocab_gguf)
     with ValueFileWriter(out_path, arch=ckpt.hparams.arch) as w:
-        base_name = (ckpt.meta.get("training_base") or {}).get("name", "?")
         kind = "value network" if ckpt.is_value_net else "fine-tuned model"
-        w.add_metadata("general.name", f"ivl {kind} for {base_name}", V.STRING)
+        w.add_metadata("general.name", f"ivl {kind} for {base['name']}", V.STRING)
         w.add_metadata("general.file_type", FILE_TYPE[out_type], V.UINT32)
         if out_type == "q8_0":
             w.add_metadata("general.quantization_version", 2, V.UINT32)
         _arch_hparams(w, ckpt.hparams)
-        fingerprint = _tokenizer(w, ckpt, base_path)
+        _copy_tokenizer(w, tok_header, tok_path)
         if ckpt.is_value_net:  # a full fine-tune is an ordinary model, not a value file
-            _ivl_keys(w, ckpt, fingerprint)
+            _ivl_keys(w, ckpt, base)
         for name, array in gguf_tensors(ckpt):
             w.add_tensor(name, array, out_type)
         total = sum(a.nbytes for a in ckpt.tensors.values())

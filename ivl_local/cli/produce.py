@@ -116,23 +116,29 @@ class OutType(str, Enum):
 
 
 def convert(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder written by 'ivl train'.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder written by 'ivl train', or a Hugging Face causal-LM folder (llama, qwen2, gemma3).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Value file to write (.ivl.gguf).")],
     out_type: Annotated[OutType, typer.Option("--type", "-t", help="Tensor type of the weights.")] = OutType.f16,
-    base_gguf: Annotated[Optional[Path], typer.Option(
-        help="The training base's .gguf (its tokenizer is copied), if it moved since training.")] = None,
+    base_gguf: Annotated[Optional[str], typer.Option(
+        "--base", "--base-gguf",
+        help="The training base (.gguf or known name): its tokenizer is copied. Required for a "
+             "Hugging Face folder; for an ivl train checkpoint only if the base moved.")] = None,
+    allow_other_vocab: Annotated[bool, typer.Option(
+        "--allow-other-vocab", help="Hugging Face folder whose vocabulary is not --base's: the value "
+        "file carries its own (--vocab-gguf) and steers the base through a token map.")] = False,
+    vocab_gguf: Annotated[Optional[str], typer.Option(
+        help="With --allow-other-vocab: a .gguf of the folder's own vocabulary (e.g. its base model).")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
 ) -> None:
-    """Convert a training checkpoint into a .ivl.gguf value file (no torch needed)."""
+    """Convert a training checkpoint or a Hugging Face model folder into a .ivl.gguf value file (no torch needed)."""
     with user_errors(debug), one_line_warnings():
         if not checkpoint.exists():
             raise ModelFileError(f"no such checkpoint: {checkpoint}")
         import ivl_convert
 
-        if base_gguf is not None and not base_gguf.is_file():
-            raise ModelFileError(f"no such file: {base_gguf}")
         result = ivl_convert.convert_checkpoint(checkpoint, out, out_type.value,
-                                                progress=sys.stderr.isatty(), base_gguf=base_gguf)
+                                                progress=sys.stderr.isatty(), base_gguf=base_gguf,
+                                                allow_other_vocab=allow_other_vocab, vocab_gguf=vocab_gguf)
         print(result if result is not None else out)
 
 
