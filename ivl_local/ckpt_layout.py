@@ -18,10 +18,12 @@ META = "ivl_checkpoint.json"       # training base, recipe, progress
 STATE = "state.pt"                 # optimizer/scheduler/RNG state for --resume (torch)
 METRICS = "metrics.jsonl"          # one JSON line per logged step / evaluation
 
-# HF model types a checkpoint may hold for ivl-convert to write (and so the architectures a
-# pretrained value net may copy). qwen2 is llama plus q/k/v biases and NEOX-style RoPE
-# (llama.cpp's qwen2 arch takes HF's q/k layout as is).
-CONVERTIBLE_ARCHS = ("llama", "qwen2")
+# HF model type -> the llama.cpp architecture ivl-convert writes it as: what a checkpoint or HF
+# folder may hold, and so what a pretrained / pruned:K value net may copy. The one list.
+# qwen2 is llama plus q/k/v biases and NEOX-style RoPE (llama.cpp takes HF's q/k layout as is);
+# gemma3 adds q/k norms, post-attention/FFN norms stored as (1 + w), a sqrt(hidden) embedding
+# scale and every 6th layer full attention (ivl_convert.checkpoint checks the rest).
+CONVERTIBLE_ARCHS = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 
 
 def read_json(path: Path) -> dict:

@@ -85,8 +85,8 @@ def test_wrong_shape_and_unknown_arch(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="has shape"):
         read_checkpoint(ckpt)
-    (ckpt / "config.json").write_text(json.dumps(dict(config, model_type="gemma3_text")))
-    with pytest.raises(CheckpointError, match="unsupported architecture 'gemma3_text'"):
+    (ckpt / "config.json").write_text(json.dumps(dict(config, model_type="mistral")))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'mistral'"):
         read_checkpoint(ckpt)
     (ckpt / "ivl_checkpoint.json").unlink()
     with pytest.raises(CheckpointError, match="missing ivl_checkpoint.json"):
@@ -553,3 +553,82 @@ def test_hf_folder_of_another_vocabulary_steers_through_a_token_map(tmp_path, sm
         assert not engine.mapping.identity
         text = engine.complete("The capital of France is", max_tokens=3)
     assert isinstance(text, str)
+
+
+# --------------------------------------------------------------------------------------
+# gemma3: llama.cpp's gemma3 architecture (norms stored as 1 + w, q/k norms, pre/post FFN
+# norms, sqrt(hidden) embedding scale, every 6th layer full attention, the others sliding)
+
+GEMMA_VOCAB = 262144
+
+
+def tiny_gemma3_config(vocab: int = GEMMA_VOCAB, **changes) -> dict:
+    """7 layers: sliding, ..., full (layer 5), sliding; a window of 4 tokens, so a test prompt
+    longer than that exercises the sliding mask."""
+    from ivl_convert.checkpoint import gemma3_layer_types
+
+    config = {"model_type": "gemma3_text", "vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 7,
+              "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 128,
+              "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 16,
+              "sliding_window": 4, "layer_types": gemma3_layer_types(7), "tie_word_embeddings": True,
+              "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                  "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+              "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None,
+              "attn_logit_softcapping": None}
+    config.update(changes)
+    return config
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"layer_types": ["full_attention"] * 7}, "not every 6th layer full attention"),
+    ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ({"sliding_window": None}, "sliding_window None"),
+    ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+                          "full_attention": {"rope_type": "default", "rope_theta": 1e6}}}, "RoPE base 5000"),
+    ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}},
+     "RoPE scaling 'linear'"),
+])
+def test_gemma3_configs_llama_cpp_cannot_express_are_refused(tmp_path, changes, needle):
+    ckpt = write_checkpoint(tmp_path / "ck", tiny_gemma3_config(vocab=300))
+    read_checkpoint(ckpt)                                   # the tiny config itself is fine
+    (ckpt / "config.json").write_text(json.dumps(tiny_gemma3_config(vocab=300, **changes)))
+    with pytest.raises(CheckpointError, match=needle):
+        read_checkpoint(ckpt)
+
+
+def test_gemma3_older_config_spelling_is_read(tmp_path):
+    """transformers 4.x wrote rope_theta / rope_local_base_freq / sliding_window_pattern."""
+    old = {k: v for k, v in tiny_gemma3_config(vocab=300).items() if k not in ("rope_parameters", "layer_types")}
+    old.update(rope_theta=1e6, rope_local_base_freq=10000.0, sliding_window_pattern=6, rope_scaling=None)
+    ckpt = write_checkpoint(tmp_path / "ck", old)
+    h = read_checkpoint(ckpt).hparams
+    assert (h.arch, h.rope_theta, h.sliding_window, h.tied) == ("gemma3", 1e6, 4, True)
+
+
+@pytest.mark.real
+def test_gemma3_hf_folder_matches_transformers_logits(tmp_path, gemma3_path):
+    """A tiny Gemma3ForCausalLM over Gemma 3's real vocabulary -> llama.cpp's gemma3 logits
+    equal transformers' (prompt longer than the 4-token window, so sliding layers slide)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    config = tiny_gemma3_config()
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **{k: v for k, v in config.items() if k != "model_type"})).eval()
+    with torch.no_grad():                     # norms away from 0 (Gemma's identity), so +1 matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    folder = save_hf_folder(model, tmp_path / "hf-gemma3", None)
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        out = convert_checkpoint(folder, tmp_path / "v.ivl.gguf", out_type="f32", progress=False,
+                                 base_gguf=str(gemma3_path))
+    info = inspect_value_file(out)
+    assert info["architecture"] == "gemma3" and info["hparams"]["gemma3.attention.sliding_window"] == 4
+    assert info["ivl"][Keys.SOURCE] == "foreign" and info["tokenizer"]["n_tokens"] == GEMMA_VOCAB
+    tokens, got = llama_cpp_logits(out, b"Hello world, 12 + 30 = 42. How are you today, my friend?")
+    assert len(tokens) > 3 * config["sliding_window"]
+    assert_logits_match(got, model, tokens)

@@ -169,12 +169,12 @@ def test_loss_decreases_and_checkpoint_is_complete(trained):
 
 
 def torch_value_logits(ckpt: Path, tokens: list[int]) -> np.ndarray:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The checkpoint's network in transformers (any architecture its config.json names)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ivl_local.train.checkpoint import load_weights_into
 
-    config = LlamaConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
     load_weights_into(model, ckpt)
     model.eval()
     with torch.no_grad():
@@ -248,15 +248,17 @@ def test_hf_and_gguf_tokenizers_agree(smollm2_path):
     assert report["mismatches"] == 0, report["first"]
 
 
-def test_auto_init_is_pretrained_for_llama_bases_else_fresh():
+def test_auto_init_is_pretrained_for_convertible_bases_else_fresh():
     from types import SimpleNamespace
 
     from ivl_local.train.model import resolve_init
 
     llama = SimpleNamespace(config=SimpleNamespace(model_type="llama"))
     gemma = SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text"))
+    other = SimpleNamespace(config=SimpleNamespace(model_type="mistral"))
     assert resolve_init(TrainConfig(), llama) == "pretrained"
-    assert resolve_init(TrainConfig(), gemma) == "fresh"
+    assert resolve_init(TrainConfig(), gemma) == "pretrained"     # gemma3 converts since issue 13
+    assert resolve_init(TrainConfig(), other) == "fresh"
     assert resolve_init(TrainConfig(init="pruned:3"), gemma) == "pruned:3"
 
 
@@ -290,3 +292,38 @@ def test_partial_finetune_changes_only_the_last_layers(tmp_path, smollm2_path):
     before = {k: v.numpy() for k, v in load_causal_lm(str(smollm2_path)).state_dict().items()}
     changed = {k for k in after if not np.array_equal(after[k], before[k])}
     assert changed and all(k.startswith(("model.layers.29.", "model.norm.")) for k in changed), sorted(changed)[:5]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_pruned_gemma3_copy_trains_and_converts_to_llama_cpp_gemma3(tmp_path, gemma3_path):
+    """pruned:1 on the Gemma 3 base (its first layer, embeddings, final norm): the loss falls,
+    and the converted gemma3 file's llama.cpp logits equal the torch value net's."""
+    import llama_cpp
+    from ivl_convert import convert_checkpoint, inspect_value_file
+
+    from ivl_local.train.api import train
+
+    ckpt = train(small_cfg(tmp_path, base="gemma3-270m", init="pruned:1", max_steps=5, batch_size=2,
+                           max_len=40), progress=False)
+    meta = json.loads((ckpt / "ivl_checkpoint.json").read_text())
+    history = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert meta["init"] == "pruned:1" and meta["training_base"]["arch"] == "gemma3"
+    assert json.loads((ckpt / "config.json").read_text())["num_hidden_layers"] == 1
+    assert history[-1]["loss"] < history[0]["loss"]
+    print(f"\ngemma3 pruned:1 loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, "
+          f"steps/s {meta['stats']['steps_per_s']:.3f}, peak RSS {meta['stats']['peak_rss_mb']:.0f} MB")
+
+    path = convert_checkpoint(ckpt, tmp_path / "v.f32.ivl.gguf", out_type="f32", progress=False)
+    info = inspect_value_file(path)
+    assert info["architecture"] == "gemma3" and info["ivl"]["ivl.value.init"] == "pruned:1"
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False)
+    tokens = llm.tokenize(b"State the final answer: 12 + 30 = 42", add_bos=True, special=True)
+    llm.eval(tokens)
+    got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
+    del llm
+    ref = torch_value_logits(ckpt, tokens)
+    scale = float(np.abs(ref).max())
+    assert scale > 0.1
+    assert float(np.abs(got - ref).max()) < 2e-3 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).all()

@@ -32,9 +32,10 @@ class HParams:
     intermediate: int
     context_length: int
     rms_eps: float
-    rope_theta: float
+    rope_theta: float                # gemma3: the full-attention layers' base
     tied: bool
-    arch: str = "llama"              # GGUF general.architecture: llama | qwen2
+    arch: str = "llama"              # GGUF general.architecture: CONVERTIBLE_ARCHS' values
+    sliding_window: int = 0          # gemma3: tokens a sliding-attention layer sees
 
 
 @dataclass
@@ -49,22 +50,78 @@ class Checkpoint:
         return self.meta.get("kind", "value") == "value"
 
 
+# llama.cpp's gemma3 hard-codes what HF's config spells out: every 6th layer full attention, the
+# others sliding-window with RoPE base 10000, attention scale 1/sqrt(head_dim) (1/sqrt(hidden /
+# heads) at 62 layers, Gemma 3 27B), tanh-GELU, no soft-capping. A config it cannot express is
+# refused here, not converted into a file that computes something else.
+GEMMA3_SWA_PERIOD = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+
+
+def gemma3_layer_types(n_layers: int) -> list[str]:
+    return ["full_attention" if (i + 1) % GEMMA3_SWA_PERIOD == 0 else "sliding_attention"
+            for i in range(n_layers)]
+
+
+def _rope_thetas(config: dict, model_type: str, where: Path) -> tuple[float, float | None]:
+    """(theta of full attention, theta of sliding layers or None); only unscaled RoPE."""
+    params = config.get("rope_parameters") or {}
+    if model_type == "gemma3_text" and isinstance(params.get("full_attention"), dict):
+        per_type = params                 # transformers 5: one dict per layer type
+    else:
+        flat = params or config.get("rope_scaling") or {}
+        per_type = {"full_attention": {**flat, "rope_theta": flat.get("rope_theta", config.get(
+                        "rope_theta", 1e6 if model_type == "gemma3_text" else 10000.0))},
+                    "sliding_attention": {"rope_theta": config.get("rope_local_base_freq",
+                                                                   GEMMA3_LOCAL_ROPE_THETA)}}
+    for kind, rope in per_type.items():
+        if (rope or {}).get("rope_type", "default") not in ("default", None):
+            raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
+    local = per_type.get("sliding_attention") or {}
+    return (float(per_type["full_attention"].get("rope_theta")),
+            float(local["rope_theta"]) if model_type == "gemma3_text" else None)
+
+
+def _check_gemma3(config: dict, h: HParams, local_theta: float | None, where: Path) -> None:
+    def refuse(what: str) -> None:
+        raise CheckpointError(f"{where}: {what}; llama.cpp's gemma3 cannot express it")
+
+    types = config.get("layer_types") or gemma3_layer_types(h.layers)
+    pattern = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", GEMMA3_SWA_PERIOD))
+    if list(types) != gemma3_layer_types(h.layers) or pattern != GEMMA3_SWA_PERIOD:
+        refuse(f"layer_types {list(types)} are not every {GEMMA3_SWA_PERIOD}th layer full attention")
+    if h.sliding_window <= 0:
+        refuse(f"sliding_window {config.get('sliding_window')!r}")
+    if local_theta != GEMMA3_LOCAL_ROPE_THETA:
+        refuse(f"sliding layers' RoPE base {local_theta:g} (not {GEMMA3_LOCAL_ROPE_THETA:g})")
+    scalar = config.get("query_pre_attn_scalar", h.head_dim)
+    expected = h.hidden // h.heads if h.layers == 62 else h.head_dim
+    if scalar != expected:
+        refuse(f"query_pre_attn_scalar {scalar} (llama.cpp scales by {expected} at {h.layers} layers)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if config.get(key):
+            refuse(f"{key} {config[key]}")
+    if config.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        refuse(f"hidden_activation {config.get('hidden_activation')!r}")
+    if config.get("use_bidirectional_attention") or config.get("attention_bias"):
+        refuse("bidirectional attention or attention biases")
+
+
 def _hparams(config: dict, where: Path) -> HParams:
     model_type = config.get("model_type")
     if model_type not in CONVERTIBLE_ARCHS:
         raise CheckpointError(f"{where}: unsupported architecture {model_type!r} "
-                              f"(ivl-convert writes {' and '.join(CONVERTIBLE_ARCHS)} networks)")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
+                              f"(ivl-convert writes {', '.join(CONVERTIBLE_ARCHS)} networks)")
     if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
         raise CheckpointError(f"{where}: llama with biases is not supported")
     if model_type == "qwen2" and config.get("use_sliding_window"):
         raise CheckpointError(f"{where}: qwen2 with sliding-window attention is not supported")
+    gemma = model_type == "gemma3_text"
     try:
+        rope_theta, local_theta = _rope_thetas(config, model_type, where)
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
-        return HParams(
+        h = HParams(
             vocab_size=int(config["vocab_size"]), hidden=hidden,
             layers=int(config["num_hidden_layers"]), heads=heads,
             kv_heads=int(config.get("num_key_value_heads") or heads),
@@ -72,12 +129,16 @@ def _hparams(config: dict, where: Path) -> HParams:
             intermediate=int(config["intermediate_size"]),
             context_length=int(config.get("max_position_embeddings", 2048)),
             rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            tied=bool(config.get("tie_word_embeddings", False)),
-            arch=model_type,
+            rope_theta=rope_theta,
+            tied=bool(config.get("tie_word_embeddings", gemma)),   # Gemma ties by default
+            arch=CONVERTIBLE_ARCHS[model_type],
+            sliding_window=int(config.get("sliding_window") or 0) if gemma else 0,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: config.json lacks a usable {e}") from None
+    if gemma:
+        _check_gemma3(config, h, local_theta, where)
+    return h
 
 
 def expected_shapes(h: HParams) -> dict[str, tuple[int, ...]]:
@@ -102,6 +163,11 @@ def expected_shapes(h: HParams) -> dict[str, tuple[int, ...]]:
         if h.arch == "qwen2":
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
+        if h.arch == "gemma3":
+            shapes.update({p + "self_attn.q_norm.weight": (h.head_dim,),
+                           p + "self_attn.k_norm.weight": (h.head_dim,),
+                           p + "pre_feedforward_layernorm.weight": (h.hidden,),
+                           p + "post_feedforward_layernorm.weight": (h.hidden,)})
     return shapes
 
 

@@ -40,38 +40,54 @@ def permute_for_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_tensors(ckpt: Checkpoint):
-    """(GGUF name, array) in llama.cpp order; q/k permuted for llama (qwen2's NEOX RoPE takes
-    HF's layout as is, plus its q/k/v biases)."""
+    """(GGUF name, array) in llama.cpp order; q/k permuted for llama (qwen2's and gemma3's
+    NEOX RoPE take HF's layout as is; qwen2 adds q/k/v biases, gemma3 four more norms)."""
     h, t = ckpt.hparams, ckpt.tensors
-    llama = h.arch == "llama"
+    llama, gemma = h.arch == "llama", h.arch == "gemma3"
+
+    def norm(name: str) -> np.ndarray:
+        # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's gemma3 multiplies by the stored
+        # weight, so the stored weight is 1 + w (as llama.cpp's own converter writes it).
+        return t[name] + np.float32(1.0) if gemma else t[name]
+
     yield "token_embd.weight", t["model.embed_tokens.weight"]
     for i in range(h.layers):
         p = f"model.layers.{i}."
         q, k = t[p + "self_attn.q_proj.weight"], t[p + "self_attn.k_proj.weight"]
         if llama:
             q, k = permute_for_llama_cpp(q, h.heads), permute_for_llama_cpp(k, h.kv_heads)
-        yield f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"]
+        yield f"blk.{i}.attn_norm.weight", norm(p + "input_layernorm.weight")
         yield f"blk.{i}.attn_q.weight", q
         yield f"blk.{i}.attn_k.weight", k
         yield f"blk.{i}.attn_v.weight", t[p + "self_attn.v_proj.weight"]
-        if not llama:
+        if h.arch == "qwen2":
             for proj in ("q", "k", "v"):
                 yield f"blk.{i}.attn_{proj}.bias", t[p + f"self_attn.{proj}_proj.bias"]
+        if gemma:
+            yield f"blk.{i}.attn_q_norm.weight", norm(p + "self_attn.q_norm.weight")
+            yield f"blk.{i}.attn_k_norm.weight", norm(p + "self_attn.k_norm.weight")
         yield f"blk.{i}.attn_output.weight", t[p + "self_attn.o_proj.weight"]
-        yield f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"]
+        if gemma:
+            yield f"blk.{i}.post_attention_norm.weight", norm(p + "post_attention_layernorm.weight")
+            yield f"blk.{i}.ffn_norm.weight", norm(p + "pre_feedforward_layernorm.weight")
+        else:
+            yield f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"]
         yield f"blk.{i}.ffn_gate.weight", t[p + "mlp.gate_proj.weight"]
         yield f"blk.{i}.ffn_up.weight", t[p + "mlp.up_proj.weight"]
         yield f"blk.{i}.ffn_down.weight", t[p + "mlp.down_proj.weight"]
-    yield "output_norm.weight", t["model.norm.weight"]
+        if gemma:
+            yield f"blk.{i}.post_ffw_norm.weight", norm(p + "post_feedforward_layernorm.weight")
+    yield "output_norm.weight", norm("model.norm.weight")
     if not h.tied:
         yield "output.weight", t["lm_head.weight"]
 
 
 def _arch_hparams(w: ValueFileWriter, h: HParams) -> None:
-    """The `<arch>.*` keys; llama and qwen2 read the same set."""
+    """The `<arch>.*` keys; llama and qwen2 read the same set, gemma3 adds its window (its
+    sliding layers' pattern and RoPE base are llama.cpp constants, checked on reading)."""
     from gguf import GGUFValueType as V
 
-    for key, value, vtype in [
+    keys = [
         ("context_length", h.context_length, V.UINT32),
         ("embedding_length", h.hidden, V.UINT32),
         ("block_count", h.layers, V.UINT32),
@@ -84,7 +100,10 @@ def _arch_hparams(w: ValueFileWriter, h: HParams) -> None:
         ("attention.key_length", h.head_dim, V.UINT32),
         ("attention.value_length", h.head_dim, V.UINT32),
         ("vocab_size", h.vocab_size, V.UINT32),
-    ]:
+    ]
+    if h.arch == "gemma3":
+        keys.append(("attention.sliding_window", h.sliding_window, V.UINT32))
+    for key, value, vtype in keys:
         w.add_metadata(f"{h.arch}.{key}", value, vtype)
 
 

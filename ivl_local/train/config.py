@@ -25,8 +25,9 @@ class TrainConfig:
     out_dir: Path = Path("runs/value")  # checkpoint folder (created; holds model + state)
 
     # --- the value network ---------------------------------------------------------------
-    # auto = "pretrained" when the base is llama-arch (a trainable copy of the base, as the
-    # paper did with TinyLlama), else "fresh". pruned:K keeps the first K layers of the copy.
+    # auto = "pretrained" when ivl-convert can write the base's arch (llama, qwen2, gemma3): a
+    # trainable copy of the base, as the paper did with TinyLlama; else "fresh". pruned:K keeps
+    # the first K layers of the copy.
     init: str = "auto"
     init_from: str | None = None       # model to copy for pretrained/pruned (default: the base)
     fresh_hidden: int = 256            # fresh llama: hidden size (262k-vocab logits dominate cost)

@@ -3,10 +3,10 @@
 The base is loaded once from its GGUF (transformers dequantises it to fp32), frozen
 (requires_grad False, eval()) and only ever run under torch.no_grad(). The value network is
 a causal LM over the base's vocabulary that ivl-convert can write as a plain llama.cpp model
-(ivl_local.ckpt_layout.CONVERTIBLE_ARCHS: llama, qwen2):
+(ivl_local.ckpt_layout.CONVERTIBLE_ARCHS: llama, qwen2, gemma3):
 
-    pretrained   a trainable copy of a llama- or qwen2-arch model with the base's tokenizer
-                 (the base itself by default, as the paper did with TinyLlama)
+    pretrained   a trainable copy of a llama-, qwen2- or gemma3-arch model with the base's
+                 tokenizer (the base itself by default, as the paper did with TinyLlama)
     pruned:K     that copy cut to its first K decoder layers (+ embeddings, final norm, head)
     fresh        a small llama (TrainConfig.fresh_*), tied embeddings, optionally initialised
                  from the base's input embeddings (PCA-projected when narrower)
