@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import struct
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
@@ -38,6 +39,14 @@ def _is_number(value) -> bool:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _f32(value: float) -> float:
+    """`value` as the C++ sampler sees it (a float): 1e300 is inf there, 1e-320 is 0."""
+    try:
+        return struct.unpack("f", struct.pack("f", float(value)))[0]
+    except OverflowError:   # past a float's range, or an int past a double's (10**400)
+        return math.inf if value > 0 else -math.inf
 
 
 def check_number(value, name: str, low: float, high: float) -> float:
@@ -111,15 +120,22 @@ class SamplingConfig:
                                   f"got {getattr(self, name)!r}")
         if self.seed is not None:
             check_seed(self.seed)
+        # The sampler takes floats: each rule holds for the value and for its float, so a
+        # 1e300 penalty or a 1e-300 top_p is this error, not the sampler's at the first token.
+        # (An int is taken as its float: math.isfinite(10**400) raises OverflowError.)
+        values = {name: getattr(self, name) for name in
+                  ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")}
+        f = {name: (_f32(v) if isinstance(v, numbers.Integral) else v, _f32(v)) for name, v in values.items()}
         checks = [
-            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (all(math.isfinite(v) and v >= 0 for v in f["temperature"]), "temperature must be >= 0 (and < 3.4e38)"),
             (0 <= self.top_k < 2**31, "top_k must be in [0, 2^31) (0 disables it)"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1)"),
-            (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (all(0.0 < v <= 1.0 for v in f["top_p"]), "top_p must be in (0, 1] (and >= 1e-45)"),
+            (all(0.0 <= v < 1.0 for v in f["min_p"]), "min_p must be in [0, 1) (and 1 - min_p >= 3e-8)"),
+            (all(math.isfinite(v) and v > 0 for v in f["repeat_penalty"]),
+             "repeat_penalty must be > 0 (and in [1e-45, 3.4e38])"),
             (0 <= self.repeat_last_n < 2**31, "repeat_last_n must be in [0, 2^31)"),
-            (math.isfinite(self.presence_penalty), "presence_penalty must be finite"),
-            (math.isfinite(self.frequency_penalty), "frequency_penalty must be finite"),
+            (all(math.isfinite(v) for v in f["presence_penalty"]), "presence_penalty must be finite (|p| < 3.4e38)"),
+            (all(math.isfinite(v) for v in f["frequency_penalty"]), "frequency_penalty must be finite (|p| < 3.4e38)"),
         ]
         for ok, message in checks:
             if not ok:

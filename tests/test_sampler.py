@@ -281,6 +281,29 @@ def test_invalid_settings_raise(bad):
         _core.Sampler(**bad)
 
 
+@pytest.mark.parametrize("setting", [
+    dict(temperature=1e308), dict(temperature=3.5e38), dict(temperature=1e-320), dict(top_p=1e-320),
+    dict(top_p=1e-46), dict(min_p=0.99999999999), dict(repeat_penalty=1e-300), dict(repeat_penalty=1e39),
+    dict(presence_penalty=1e300), dict(presence_penalty=-1e39), dict(frequency_penalty=-1e300),
+    dict(presence_penalty=3e38), dict(top_p=1e-40), dict(min_p=0.9999999),
+    dict(temperature=10**400), dict(presence_penalty=-10**400), dict(temperature=1), dict(top_p=1),
+])
+def test_a_sampling_config_is_refused_or_builds_its_sampler(setting):
+    """SamplingConfig checks in Python floats, the sampler in C++ floats: a 1e300 penalty (inf
+    as a float) or a 1e-320 top_p (0) passed the first and failed the second at the first
+    token (ivl serve: a 500)."""
+    from ivl_local.config import SamplingConfig
+    from ivl_local.errors import ConfigError
+
+    try:
+        config = SamplingConfig(**setting)
+    except ConfigError as e:
+        assert "invalid sampling setting" in str(e)
+        return
+    _core.Sampler(config.temperature, config.top_k, config.top_p, config.min_p, config.repeat_penalty,
+                  config.repeat_last_n, config.presence_penalty, config.frequency_penalty, 1)
+
+
 # --- fused chunked fuse + top-k / argmax (fuse_and_sample without penalties) -------------
 
 def _fused_inputs(rng, n, mapped):
