@@ -38,6 +38,7 @@ from typing import Any, AsyncIterator, Iterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -187,8 +188,11 @@ class CompletionRequest(_Generation):
 def _parse(body: bytes, kind: type[_Generation], limits: ServerLimits) -> _Generation:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:   # [[[[...: nested past Python's recursion limit
+        raise APIError(400, "the body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # bad UTF-8, bad JSON, an integer of more than 4300 digits
+        message = str(e) if isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)) else "a number is too long"
+        raise APIError(400, f"the body is not valid JSON: {message}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}")
     for name, neutral in _NEUTRAL.items():
@@ -288,7 +292,7 @@ class TermWeights:
         return weights, enabled
 
     def _index(self, key: str) -> int:
-        if key.isdigit() and int(key) < len(self.names):
+        if key.isascii() and key.isdigit() and int(key) < len(self.names):   # not '²' (isdigit, not int)
             return int(key)
         matches = [i for i, n in enumerate(self.names) if n == key]
         if len(matches) == 1:
@@ -548,6 +552,16 @@ def create_app(engines: list, limits: ServerLimits | None = None) -> FastAPI:
                     **composition.describe()}}]}
 
     async def generation(request: Request, kind: type[_Generation]):
+        """_generation(), every error an OpenAI-style answer: an exception that reached
+        Starlette's last handler was answered, then re-raised and logged with its traceback."""
+        try:
+            return await _generation(request, kind)
+        except ClientDisconnect:
+            raise APIError(499, "the client went away while sending its request") from None
+        except Exception as e:
+            raise api_error_from(e) from None
+
+    async def _generation(request: Request, kind: type[_Generation]):
         authorize(request)
         body = _parse(await read_body(request), kind, limits)
         if body.model is not None and body.model != composition.model_id:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -321,6 +322,40 @@ def test_every_bad_request_gets_its_status_and_one_clear_message(composed):
     with pytest.raises(openai.BadRequestError, match="context_length_exceeded|context window"):
         client(composed).chat.completions.create(model=model_id(composed), messages=[
             {"role": "user", "content": TOO_LONG}], max_tokens=4)
+
+
+HOSTILE = [   # each of these was a 500 ("internal error") with a traceback in the server's log
+    (b"[" * 8000 + b"]" * 8000, "nested too deeply"),                       # RecursionError in json
+    (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", "a number is too long"),  # > 4300 digits
+    ({"messages": MESSAGES, "presence_penalty": 1e300}, "presence_penalty"),   # inf as the sampler's float
+    ({"messages": MESSAGES, "frequency_penalty": -1e39}, "frequency_penalty"),
+    ({"messages": MESSAGES, "temperature": 1e308}, "temperature"),
+    ({"messages": MESSAGES, "top_p": 1e-320}, "top_p"),                        # 0 as a float
+    ({"messages": MESSAGES, "min_p": 0.99999999999}, "min_p"),                 # 1 as a float
+    ({"messages": MESSAGES, "repeat_penalty": 1e-300}, "repeat_penalty"),
+    ({"messages": MESSAGES, "weights": {"\u00b2": 1}}, "no term"),             # '²'.isdigit(), int('²') fails
+]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_hostile_bodies_are_a_400_and_leave_no_traceback_in_the_log(composed, caplog):
+    caplog.set_level(logging.ERROR)
+    with httpx.Client(base_url=composed, timeout=TIMEOUT) as http:
+        for body, message in HOSTILE:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = http.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (content[:80], r.text)
+            assert message in r.json()["error"]["message"], (content[:80], r.text)
+    # a client that goes away in the middle of its body
+    with socket.create_connection(("127.0.0.1", int(composed.rsplit(":", 1)[1])), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mess")
+    deadline = time.monotonic() + TIMEOUT
+    while health(composed)["busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health(composed)["busy"] == 0
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not logged, [(r.name, r.getMessage()) for r in logged]
 
 
 @pytest.mark.real
