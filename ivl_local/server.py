@@ -516,7 +516,11 @@ def create_app(engines: list, limits: ServerLimits | None = None) -> FastAPI:
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), limits.api_key.encode())
+        # the header's bytes (Starlette decodes them as latin-1) against the key's UTF-8: a
+        # non-ASCII key could never match (argv bytes that are not UTF-8 come back as they were
+        # given); strip() only HTTP's blanks ('à' ends in 0xa0, NBSP in latin-1)
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(key.strip(" \t").encode("latin-1"),
+                                                                limits.api_key.encode("utf-8", "surrogateescape"))
         if not ok:
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the "
                                 "server's --api-key", type="authentication_error", code="invalid_api_key",

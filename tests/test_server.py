@@ -380,6 +380,32 @@ def test_a_wrong_or_missing_key_is_401_and_cors_is_off_unless_asked(single, comp
     assert "access-control-allow-origin" not in r.headers                  # no --cors-origin: no CORS
 
 
+class _FakeEngine:
+    """What create_app and GET /v1/models read of an engine: no model needed."""
+    terms, value_path, value_enabled, model_name, n_ctx = [], None, False, "fake.gguf", 64
+
+    class base_path:
+        name = "fake.gguf"
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("key", ["clé-à", "ключ", "k\udcff"])   # 'à' is c3 a0 (a0: NBSP in latin-1)
+def test_a_non_ascii_api_key_can_be_sent(key):
+    """Starlette decodes header bytes as latin-1: the key was compared as UTF-8 of that text
+    (never equal for a non-ASCII key) after a str.strip() that ate a trailing 0xa0 byte; a
+    key from argv that is not UTF-8 (a surrogate escape) raised UnicodeEncodeError (500)."""
+    sent = key.encode("utf-8", "surrogateescape")
+    # a real server: Starlette's TestClient re-encodes header bytes that are not UTF-8
+    with live_server([_FakeEngine()], ServerLimits(api_key=key)) as url, \
+            httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        assert http.get("/v1/models", headers={"Authorization": b"Bearer " + sent}).status_code == 200
+        for wrong in (sent[:-1], sent + b"x", b"k"):
+            r = http.get("/v1/models", headers={"Authorization": b"Bearer " + wrong})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", wrong
+
+
 # --- the command ------------------------------------------------------------------------------------
 
 def test_serve_flags_are_checked_before_anything_loads(tmp_path):
