@@ -327,3 +327,92 @@ def test_pruned_gemma3_copy_trains_and_converts_to_llama_cpp_gemma3(tmp_path, ge
     assert scale > 0.1
     assert float(np.abs(got - ref).max()) < 2e-3 * scale
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+# --------------------------------------------------------------------------------------
+# several processes: torchrun, gloo on CPU
+
+
+def test_global_batch_shards_and_token_counts():
+    from ivl_local.train.dist import Dist
+    from ivl_local.train.trainer import shard, token_counts
+
+    examples = [Example((1, 2, 3, 4), (IGNORE, IGNORE, 3, 4), 1), Example((1, 2, 3), (IGNORE, 2, 3), 2),
+                Example((5, 6), (IGNORE, 6), 3)]
+    parts = [shard(examples, Dist(rank=r, world=2)) for r in range(2)]
+    assert [e.source_line for e in parts[0]] == [1, 3] and [e.source_line for e in parts[1]] == [2]
+    assert token_counts(examples, "response") == (5, 5) and token_counts(examples, "all") == (5, 9)
+    # the shares of a split batch, each over the global counts, sum to the whole batch's loss
+    base_logits, value_logits, targets = random_case(n=12, vocab=9, seed=3)
+    norm_mask = torch.ones(12)
+    whole = fused_loss(value_logits, base_logits, targets, norm_mask, identity, identity, 0.5)
+    counts = (int((targets != IGNORE).sum()), 12)
+    halves = [fused_loss(value_logits[p], base_logits[p], targets[p], norm_mask[p], identity, identity, 0.5,
+                         denominators=counts).loss for p in (slice(0, 5), slice(5, 12))]
+    assert torch.allclose(halves[0] + halves[1], whole.loss, atol=1e-5)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_and_resume_on_one(tmp_path, smollm2_path):
+    """`torchrun --nproc_per_node 2` (DDP, gloo) on a SmolLM2 pruned:1 value net, global batch
+    4: the loss curve equals a one-process run with the same global batch (relative 1e-5),
+    rank 0 alone writes and prints; the 2-process checkpoint paused at step 2 resumes on ONE
+    process (with --grad-checkpointing, which must not change the result) and ends at the
+    one-process run's weights: relative L2 difference < 1e-4 and every weight within the
+    learning rate (AdamW's first steps move a weight by about lr * sign(grad), so a gradient
+    that is ~0 may take the other sign under another summation order)."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    from ivl_local.cli.produce import build_train_config
+    from ivl_local.train.api import train
+
+    small_cfg(tmp_path)                                   # writes arith48.jsonl
+    flags = dict(base="smollm2-135m", data=tmp_path / "arith48.jsonl", init="pruned:1", steps=4,
+                 batch_size=4, max_len=48, lr=1e-3, eval_every=0, threads=1, seed=0, check_tokenizer=False)
+    ref = train(build_train_config(out=tmp_path / "ref", **flags), progress=False)
+
+    dist_dir = tmp_path / "dist"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if k != "check_tokenizer"]
+    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ivl_local.cli.main", "train", *args, "--no-check-tokenizer", "--out", str(dist_dir),
+           "--pause-after", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == [str(dist_dir)]                 # one line, rank 0's
+    assert "x 2 processes (DDP, global batch 4)" in r.stderr
+    assert sum(line.startswith("done:") for line in r.stderr.splitlines()) == 1
+
+    def metrics(folder):
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    expected = metrics(ref)
+    got = metrics(dist_dir)
+    assert [m["step"] for m in got] == [1, 2]                      # written once, by rank 0
+    meta = json.loads((dist_dir / "ivl_checkpoint.json").read_text())
+    assert meta["step"] == 2 and not meta["complete"]
+
+    train(build_train_config(out=dist_dir, resume=True, grad_checkpointing=True, **flags), progress=False)
+    got = metrics(dist_dir)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for a, b in zip(got, expected):
+        for key in ("loss", "ce", "norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    w_ref, w_dist = load_file(str(ref / "model.safetensors")), load_file(str(dist_dir / "model.safetensors"))
+    assert w_ref.keys() == w_dist.keys()
+    diff = sum(float(((w_ref[k] - w_dist[k]) ** 2).sum()) for k in w_ref) ** 0.5
+    norm = sum(float((w_ref[k] ** 2).sum()) for k in w_ref) ** 0.5
+    max_abs = max(float(np.abs(w_ref[k] - w_dist[k]).max()) for k in w_ref)
+    print(f"\n2 procs + resume on 1 vs 1 proc: relative L2 {diff / norm:.2e}, max |dw| {max_abs:.2e}")
+    assert diff / norm < 1e-4 and max_abs < 1e-3
+
+
+def test_batch_not_divisible_by_world_is_a_config_error():
+    from ivl_local.train.dist import Dist
+    from ivl_local.train.trainer import setup
+
+    with pytest.raises(ConfigError, match="global micro-batch: it must be a multiple of the 2 processes"):
+        setup(TrainConfig(batch_size=3), dist=Dist(rank=0, world=2))

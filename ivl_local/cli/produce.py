@@ -68,6 +68,7 @@ def train(
     norm_weight: Annotated[Optional[float], typer.Option(help="Weight of mean(|value logits|) (default 1).", rich_help_panel="Optimisation")] = None,
     max_len: Annotated[Optional[int], typer.Option(help="Tokens per example (default 256).", rich_help_panel="Optimisation")] = None,
     max_seconds: Annotated[Optional[float], typer.Option(help="Stop (and save) after this wall time.", rich_help_panel="Optimisation")] = None,
+    pause_after: Annotated[Optional[int], typer.Option(help="Stop (and save) after this optimizer step; continue with --resume.", rich_help_panel="Checkpoints")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (default 0).", rich_help_panel="Optimisation")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Steps between evaluations (0 = at the end).", rich_help_panel="Checkpoints")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (0 = at the end).", rich_help_panel="Checkpoints")] = None,
@@ -75,7 +76,10 @@ def train(
     full_finetune: Annotated[Optional[bool], typer.Option("--full-finetune", help="Reference mode: fine-tune the base itself.", rich_help_panel="Modes")] = None,
     train_layers: Annotated[Optional[int], typer.Option(help="With --full-finetune: train only the last N decoder layers and the final norm (partial FT, for bases too big for full AdamW).", rich_help_panel="Modes")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N].", rich_help_panel="Modes")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default 2).", rich_help_panel="Modes")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default 2; per process under torchrun).", rich_help_panel="Modes")] = None,
+    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing", help="Recompute the value net's activations in backward: less memory, more compute.", rich_help_panel="Modes")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast and a bf16 base on CUDA, fp32 on CPU) | fp32 | bf16.", rich_help_panel="Modes")] = None,
+    check_tokenizer: Annotated[Optional[bool], typer.Option("--check-tokenizer/--no-check-tokenizer", help="Compare transformers' tokenizer with the GGUF's on sample text first (default on).", rich_help_panel="Modes")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
 ) -> None:
     """Train a value network against a frozen base (needs the 'train' extra)."""
@@ -98,15 +102,19 @@ def train(
                                  grad_accum=grad_accum, norm_weight=norm_weight, max_len=max_len,
                                  max_seconds=max_seconds, seed=seed, eval_every=eval_every,
                                  save_every=save_every, resume=resume, full_finetune=full_finetune,
-                                 train_layers=train_layers,
-                                 device=device, threads=threads)
+                                 train_layers=train_layers, pause_after=pause_after,
+                                 device=device, threads=threads, grad_checkpointing=grad_checkpointing,
+                                 precision=precision, check_tokenizer=check_tokenizer)
         if not cfg.data.is_file():
             raise ModelFileError(f"no such demonstrations file: {cfg.data}")
         _need_train_extra("training")
         from ..train.api import train as run_training
 
+        from ..train.dist import launched_rank
+
         result = run_training(cfg)
-        print(result if result is not None else cfg.out_dir)
+        if launched_rank() == 0:          # under torchrun: one line, from rank 0
+            print(result if result is not None else cfg.out_dir)
 
 
 class OutType(str, Enum):

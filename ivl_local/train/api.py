@@ -26,12 +26,20 @@ def _log(progress: bool):
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train (or resume) a value network; returns the checkpoint folder.
 
+    Under torchrun / accelerate launch (RANK, WORLD_SIZE, ... in the environment) every
+    process calls this; they train one network with DDP and rank 0 alone logs and saves.
+
     Raises DataError (file:line), ConfigError, ModelFileError, CheckpointError, and
     TrainingInterrupted after Ctrl-C (a resumable checkpoint is saved first)."""
-    from .trainer import run, setup  # torch is imported here, not when the CLI starts
+    from . import dist as distributed
+    from .trainer import pick_device, run, setup  # torch is imported here, not when the CLI starts
 
-    log = _log(progress)
-    return run(setup(cfg, log=log), progress=progress, log=log)
+    d = distributed.start(use_cuda=pick_device(cfg.device).type == "cuda")
+    try:
+        log = _log(progress and d.main)
+        return run(setup(cfg, log=log, dist=d), progress=progress and d.main, log=log)
+    finally:
+        distributed.stop(d)
 
 
 def default_data_path() -> Path:

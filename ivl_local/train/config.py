@@ -52,6 +52,8 @@ class TrainConfig:
     max_steps: int | None = None       # optimizer steps; None = epochs * steps per epoch
     epochs: float = 3.0                # used when max_steps is None (official: 3)
     max_seconds: float | None = None   # stop (and save) after this wall time; None = no limit
+    pause_after: int | None = None     # stop (and save, resumable) after this optimizer step:
+                                       # training in sessions, e.g. on preemptible machines
     grad_clip: float = 1.0             # global grad-norm clip; 0 disables
     seed: int = 0
 
@@ -69,6 +71,9 @@ class TrainConfig:
     device: str = "auto"               # auto = cuda when available, else cpu
     threads: int = 2                   # torch CPU threads (shared laptops: keep it small)
     check_tokenizer: bool = True       # compare the HF tokenizer with the GGUF one on sample text
+    grad_checkpointing: bool = False   # recompute the value net's layer activations in backward
+                                       # (less memory, ~30 % more compute)
+    precision: str = "auto"            # auto = bf16 autocast + bf16 base on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,6 +103,8 @@ class TrainConfig:
             (self.threads >= 1, "threads must be >= 1"),
             (self.train_layers >= 0, "train_layers must be >= 0"),
             (self.train_layers == 0 or self.full_finetune, "train_layers needs full_finetune"),
+            (self.pause_after is None or self.pause_after >= 1, "pause_after must be >= 1"),
+            (self.precision in ("auto", "fp32", "bf16"), "precision must be auto | fp32 | bf16"),
         ]
         for ok, message in checks:
             if not ok:
@@ -115,5 +122,5 @@ class TrainConfig:
         return out
 
     # Fields that may differ between a run and its resumption without changing the result.
-    RESUMABLE_CHANGES = ("resume", "max_seconds", "device", "threads", "out_dir", "eval_every",
-                         "save_every", "check_tokenizer")
+    RESUMABLE_CHANGES = ("resume", "max_seconds", "pause_after", "device", "threads", "out_dir",
+                         "eval_every", "save_every", "check_tokenizer", "grad_checkpointing")

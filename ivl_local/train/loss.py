@@ -53,11 +53,14 @@ def _chunk_terms(value_hidden, base_logits, targets, norm_mask, value_head: Head
 
 def fused_loss(value_hidden: torch.Tensor, base_hidden: torch.Tensor | None, targets: torch.Tensor,
                norm_mask: torch.Tensor, value_head: Head, base_head: Head | None,
-               norm_weight: float, chunk: int = 1024) -> LossParts:
+               norm_weight: float, chunk: int = 1024,
+               denominators: tuple[int, int] | None = None) -> LossParts:
     """value_hidden (N, Hv) and base_hidden (N, Hb): the real (non-padding) positions of a
     batch; targets (N,): the next token, IGNORE where it is not a response token;
     norm_mask (N,): 1.0 where the norm penalty applies. base_head None (full fine-tuning
-    reference): the model's own logits are scored.
+    reference): the model's own logits are scored. denominators (response tokens, norm
+    positions): divide by these instead of this batch's own counts -- a process's share of a
+    global batch split over processes, whose shares sum to the global mean.
 
     Base logits are computed once, only where a response token is scored (never recomputed
     in backward); chunks larger than `chunk` positions recompute their value logits in
@@ -83,8 +86,9 @@ def fused_loss(value_hidden: torch.Tensor, base_hidden: torch.Tensor | None, tar
         correct += int(k)
     n_response = int((targets != IGNORE).sum())
     n_norm = float(norm_mask.sum())
-    ce = ce_sum / max(n_response, 1)
-    norm = norm_sum / max(n_norm, 1.0)
+    ce_div, norm_div = denominators if denominators is not None else (n_response, n_norm)
+    ce = ce_sum / max(ce_div, 1)
+    norm = norm_sum / max(norm_div, 1.0)
     loss = ce + norm_weight * norm
     return LossParts(loss, float(ce.detach()), float(norm.detach()), n_response, correct)
 

@@ -1,8 +1,9 @@
 """The training loop: frozen base + value network, AdamW with warm-up + cosine, gradient
-accumulation, held-out evaluation, checkpoints, resume, Ctrl-C.
+accumulation, held-out evaluation, checkpoints, resume, Ctrl-C; one process or several under
+torchrun (DDP; see ivl_local.train.dist for the contract).
 
 Reads top-down: setup() builds everything from a TrainConfig, run() loops over optimizer
-steps, each the sum of `grad_accum` micro-batches.
+steps, each the sum of `grad_accum` global micro-batches (each rank computes its share).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, IVLError
 from . import checkpoint as ckpt
+from . import dist as distributed
 from .basefile import BaseGGUF
 from .config import TrainConfig
 from .data import IGNORE, Example, data_digest, load_examples, split_eval
@@ -38,11 +40,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto = cuda when available; under a launcher, each process its own GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but torch sees no CUDA device")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -62,6 +67,19 @@ def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids.to(device), "labels": labels.to(device),
             "attention_mask": attention_mask.to(device)}
+
+
+def shard(examples: list[Example], d: distributed.Dist) -> list[Example]:
+    """This rank's part of a global micro-batch: examples rank, rank + N, ..."""
+    return examples[d.rank::d.world]
+
+
+def token_counts(examples: list[Example], norm_positions: str) -> tuple[int, int]:
+    """(response tokens scored, positions the norm penalty covers) of a micro-batch, as
+    fused_loss counts them: the global denominators every rank divides its sums by."""
+    n_response = sum(sum(1 for label in e.labels[1:] if label != IGNORE) for e in examples)
+    n_norm = n_response if norm_positions == "response" else sum(len(e.input_ids) for e in examples)
+    return n_response, n_norm
 
 
 def micro_batch(examples: list[Example], index: int, batch_size: int, seed: int) -> list[Example]:
@@ -111,20 +129,52 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
     history: list = field(default_factory=list)
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+    ddp: nn.Module | None = None      # the objective under DistributedDataParallel
+    bf16: bool = False                # autocast the value net's forward to bfloat16
 
 
-def compute_loss(s: Setup, batch: dict) -> LossParts:
+class _Objective(nn.Module):
+    """objective() as a module holding the trained network, so DDP wraps the whole forward
+    (the frozen base stays outside: DDP neither broadcasts nor syncs it)."""
+
+    def __init__(self, s: Setup):
+        super().__init__()
+        self.model = s.model
+        self._setup = [s]             # a list: not registered as a submodule
+
+    def forward(self, batch: dict, denominators: tuple[int, int] | None):
+        return objective(self._setup[0], batch, denominators)
+
+
+def compute_loss(s: Setup, batch: dict, denominators: tuple[int, int] | None = None) -> LossParts:
+    """The loss of a micro-batch; under DDP (when training) through the wrapped objective,
+    whose backward averages the gradients over the processes."""
+    if s.ddp is not None and torch.is_grad_enabled():
+        return s.ddp(batch, denominators)
+    return objective(s, batch, denominators)
+
+
+def objective(s: Setup, batch: dict, denominators: tuple[int, int] | None = None) -> LossParts:
+    if s.bf16:
+        with torch.autocast(s.device.type, dtype=torch.bfloat16):
+            return _objective(s, batch, denominators)
+    return _objective(s, batch, denominators)
+
+
+def _objective(s: Setup, batch: dict, denominators) -> LossParts:
     mask = batch["attention_mask"].bool()                        # (B, T)
     targets = next_token_targets(batch["labels"])                # (B, T)
     norm_mask = norm_mask_of(batch["attention_mask"], targets, s.cfg.norm_positions)
     value_hidden = last_hidden(s.model, batch)[mask]             # (N, Hv) real positions
     if s.base_model is None:
         return fused_loss(value_hidden, None, targets[mask], norm_mask[mask] * 0,
-                          logits_head(s.model), None, norm_weight=0.0)
+                          logits_head(s.model), None, norm_weight=0.0, denominators=denominators)
     with torch.no_grad():
         base_hidden = last_hidden(s.base_model, batch)[mask]     # (N, Hb), frozen
     return fused_loss(value_hidden, base_hidden, targets[mask], norm_mask[mask],
-                      logits_head(s.model), logits_head(s.base_model), s.cfg.norm_weight)
+                      logits_head(s.model), logits_head(s.base_model), s.cfg.norm_weight,
+                      denominators=denominators)
 
 
 @torch.no_grad()
@@ -136,7 +186,7 @@ def evaluate(s: Setup) -> dict:
     n_resp = n_correct = batches = 0
     for start in range(0, len(s.eval_examples), s.cfg.batch_size):
         batch = collate(s.eval_examples[start:start + s.cfg.batch_size], s.base.eos_id, s.device)
-        parts = compute_loss(s, batch)
+        parts = objective(s, batch)
         ce_sum += parts.ce * parts.n_response
         norm_sum += parts.norm
         n_resp += parts.n_response
@@ -197,10 +247,25 @@ def _unfreeze_for_finetune(model: nn.Module, train_layers: int) -> None:
             p.requires_grad_(True)
 
 
-def setup(cfg: TrainConfig, log=print) -> Setup:
+def _checkpoint_activations(model: nn.Module) -> None:
+    """transformers' own activation checkpointing of every decoder layer (non-reentrant, so
+    it composes with DDP); the method's name changed in transformers 5."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def setup(cfg: TrainConfig, log=print, dist: distributed.Dist | None = None) -> Setup:
+    dist = dist or distributed.Dist()
+    if cfg.batch_size % dist.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global micro-batch: it must be a "
+                          f"multiple of the {dist.world} processes")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, dist.local_rank)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     base = BaseGGUF.open(cfg.base)
     examples, dropped = load_examples(cfg.data, base, cfg.max_len)
     train_examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
@@ -219,15 +284,22 @@ def setup(cfg: TrainConfig, log=print) -> Setup:
         base_model = None
     else:
         model, init = build_value_net(cfg, base, base_model)
-        base_model.to(device)
+        base_model.to(device=device, dtype=torch.bfloat16 if bf16 else None)   # frozen: bf16 halves it
     model.to(device)
+    if cfg.grad_checkpointing:
+        _checkpoint_activations(model)
     per_step = cfg.batch_size * cfg.grad_accum
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_examples) / per_step))
     optimizer = _optimizer(model, cfg)
     s = Setup(cfg, base, base_model, model, init, train_examples, eval_examples, dropped, device,
-              total, optimizer, _schedule(optimizer, total, cfg))
+              total, optimizer, _schedule(optimizer, total, cfg), dist=dist, bf16=bf16)
     if cfg.resume:
-        _resume(s)
+        _resume(s)                    # before DDP: its broadcast then carries rank 0's weights
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        s.ddp = DDP(_Objective(s), device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False)   # buffers are RoPE tables: equal, never synced
     return s
 
 
@@ -235,7 +307,8 @@ def _resume(s: Setup) -> None:
     meta = ckpt.load_meta(s.cfg.out_dir)
     saved = meta.get("train_config", {})
     now = s.cfg.to_json()
-    changed = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    defaults = TrainConfig(data=s.cfg.data, out_dir=s.cfg.out_dir).to_json()  # for settings added later
+    changed = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]
     if changed:
         raise ConfigError(f"cannot resume {s.cfg.out_dir}: settings differ from the saved run "
                           f"({', '.join(changed)})")
@@ -286,34 +359,40 @@ def save(s: Setup, complete: bool, stats: dict) -> None:
 
 
 def run(s: Setup, progress: bool = True, log=print) -> Path:
-    cfg = s.cfg
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, d = s.cfg, s.dist
+    main = d.main                      # rank 0 alone logs, evaluates and writes the checkpoint
+    if main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
     trainable = count_parameters(s.model, trainable_only=True)
     what = "fine-tuning" if cfg.full_finetune else "value net"
+    procs = f" x {d.world} processes (DDP, global batch {cfg.batch_size})" if d.active else ""
     log(f"base {s.base.name} ({s.base.arch}, vocab {s.base.vocab_size}); {what} "
         f"{s.init}, {trainable / 1e6:.1f}M trainable params; {len(s.train_examples)} train / "
-        f"{len(s.eval_examples)} eval examples ({s.dropped} dropped); {s.total_steps} steps on {s.device}")
+        f"{len(s.eval_examples)} eval examples ({s.dropped} dropped); {s.total_steps} steps on {s.device}{procs}")
     started = time.perf_counter()
     first_step, tokens = s.step, 0
     stats: dict = {}
-    bar = _Bar(s.total_steps, s.step, enabled=progress)
+    bar = _Bar(s.total_steps, s.step, enabled=progress and main)
     try:
         with bar:
             while s.step < s.total_steps:
-                if cfg.max_seconds and time.perf_counter() - started > cfg.max_seconds:
+                over_time = bool(cfg.max_seconds) and time.perf_counter() - started > cfg.max_seconds
+                if distributed.any_rank(d, over_time):
                     log(f"stopping after {cfg.max_seconds:.0f} s (max_seconds) at step {s.step}")
+                    break
+                if cfg.pause_after and s.step >= cfg.pause_after:
+                    log(f"pausing at step {s.step} (pause_after); continue with --resume")
                     break
                 s.optimizer.zero_grad(set_to_none=True)
                 ce = norm = 0.0
                 for micro in range(cfg.grad_accum):
                     index = s.step * cfg.grad_accum + micro
-                    batch = collate(micro_batch(s.train_examples, index, cfg.batch_size, cfg.seed),
-                                    s.base.eos_id, s.device)
-                    parts = compute_loss(s, batch)
-                    (parts.loss / cfg.grad_accum).backward()
+                    parts, n_tokens = _micro_step(s, micro_batch(s.train_examples, index, cfg.batch_size, cfg.seed))
                     ce += parts.ce / cfg.grad_accum
                     norm += parts.norm / cfg.grad_accum
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += n_tokens
+                if d.active:                    # each rank's ce/norm is its share of the global mean
+                    ce, norm = distributed.sum_over_ranks(d, [ce, norm])
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
                 lr = s.scheduler.get_last_lr()[0]
@@ -322,29 +401,54 @@ def run(s: Setup, progress: bool = True, log=print) -> Path:
                 s.step += 1
                 record = {"step": s.step, "loss": ce + cfg.norm_weight * norm * (not cfg.full_finetune),
                           "ce": ce, "norm": norm, "lr": lr}
-                if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == s.total_steps:
+                if main and ((cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == s.total_steps):
                     record.update(evaluate(s))
                     if "eval_ce" in record:
                         bar.note(f"step {s.step}: eval ce {record['eval_ce']:.4f}, "
                                  f"token acc {record['eval_token_acc']:.3f}")
                 s.history.append(record)
-                ckpt.append_metrics(cfg.out_dir, record)
+                if main:
+                    ckpt.append_metrics(cfg.out_dir, record)
                 bar.update(s.step, record["loss"])
-                if cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
+                if main and cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
                     save(s, complete=False, stats=_stats(s, started, first_step, tokens))
     except KeyboardInterrupt:
         # Weights only change at optimizer steps, so they are those of step s.step.
-        save(s, complete=False, stats=_stats(s, started, first_step, tokens))
+        if main:
+            save(s, complete=False, stats=_stats(s, started, first_step, tokens))
         raise TrainingInterrupted(f"training interrupted at step {s.step}/{s.total_steps}; "
                                   f"checkpoint saved in {cfg.out_dir} (continue with --resume)") from None
     stats = _stats(s, started, first_step, tokens)
-    if s.history and "eval_ce" not in s.history[-1]:
+    if main and s.history and "eval_ce" not in s.history[-1]:
         s.history[-1].update(evaluate(s))
     stats["final"] = s.history[-1] if s.history else {}
-    save(s, complete=s.step >= s.total_steps, stats=stats)
+    if main:
+        save(s, complete=s.step >= s.total_steps, stats=stats)
     log(f"done: {s.step} steps, {stats['steps_per_s']:.2f} steps/s, {stats['tokens_per_s']:.0f} "
         f"tokens/s, peak RSS {stats['peak_rss_mb']:.0f} MB; checkpoint {cfg.out_dir}")
     return cfg.out_dir
+
+
+def _micro_step(s: Setup, examples: list[Example]) -> tuple[LossParts, int]:
+    """Forward + backward of this rank's share of one global micro-batch; -> (its loss parts,
+    the global micro-batch's tokens). Under DDP each rank divides by the global token counts
+    and scales by the world size (DDP averages), so the gradient is the one-process one; a
+    rank left without an example (a short last batch) runs one with weight 0, as every rank
+    must take part in each backward."""
+    d, accum = s.dist, s.cfg.grad_accum
+    n_tokens = sum(len(e.input_ids) for e in examples)
+    if not d.active:
+        parts = compute_loss(s, collate(examples, s.base.eos_id, s.device))
+        (parts.loss / accum).backward()
+        return parts, n_tokens
+    mine = shard(examples, d)
+    weight = float(d.world) if mine else 0.0
+    batch = collate(mine or examples[:1], s.base.eos_id, s.device)
+    parts = compute_loss(s, batch, token_counts(examples, s.cfg.norm_positions))
+    (parts.loss * (weight / accum)).backward()
+    if not mine:
+        parts = LossParts(parts.loss, 0.0, 0.0, 0, 0)
+    return parts, n_tokens
 
 
 def _stats(s: Setup, started: float, first_step: int, tokens: int) -> dict:
