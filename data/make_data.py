@@ -26,23 +26,24 @@ ARITH_TRAIN_SEED, ARITH_TEST_SEED, ARITH_VALID_SEED = 1234, 5678, 9012
 ARITH_TRAIN_SIZE, ARITH_TEST_SIZE, ARITH_VALID_SIZE = 2000, 800, 800
 
 
-def arithmetic() -> tuple[list[dict], list[dict], list[dict]]:
+def gym_rows(task: str, config: dict, seed: int, size: int, keep=lambda entry: True) -> list[dict]:
+    """One exact-answer row per reasoning-gym entry that `keep` accepts."""
     import reasoning_gym
 
+    dataset = reasoning_gym.create_dataset(task, seed=seed, size=size, **config)
+    return [{"messages": [{"role": "user", "content": entry["question"]},
+                          {"role": "assistant", "content": str(entry["answer"])}],
+             "question": entry["question"],
+             "answer": str(entry["answer"]),
+             "metadata": entry["metadata"],
+             "task": task,
+             "task_config": {**config, "seed": seed, "size": size}}
+            for entry in dataset if keep(entry)]
+
+
+def arithmetic() -> tuple[list[dict], list[dict], list[dict]]:
     def rows(seed: int, size: int) -> list[dict]:
-        dataset = reasoning_gym.create_dataset(ARITH_TASK, seed=seed, size=size, **ARITH_CONFIG)
-        out = []
-        for entry in dataset:
-            out.append({
-                "messages": [{"role": "user", "content": entry["question"]},
-                             {"role": "assistant", "content": str(entry["answer"])}],
-                "question": entry["question"],
-                "answer": str(entry["answer"]),
-                "metadata": entry["metadata"],
-                "task": ARITH_TASK,
-                "task_config": {**ARITH_CONFIG, "seed": seed, "size": size},
-            })
-        return out
+        return gym_rows(ARITH_TASK, ARITH_CONFIG, seed, size)
 
     train = rows(ARITH_TRAIN_SEED, ARITH_TRAIN_SIZE)
     seen = {r["metadata"]["expression"] for r in train}
@@ -64,28 +65,16 @@ SPELL_TRAIN_SIZE, SPELL_TEST_SIZE, SPELL_VALID_SIZE = 2000, 800, 800
 def spelling() -> tuple[list[dict], list[dict], list[dict]]:
     """spell_backward rows; a word appears in one split only, and once in it (the generator
     repeats words: its list of 3-5 letter words is a few thousand long)."""
-    import reasoning_gym
-
     seen: set[str] = set()
 
+    def first_time(entry: dict) -> bool:
+        word = entry["metadata"]["word"].lower()
+        new = word not in seen
+        seen.add(word)
+        return new
+
     def rows(seed: int, size: int) -> list[dict]:
-        dataset = reasoning_gym.create_dataset(SPELL_TASK, seed=seed, size=size, **SPELL_CONFIG)
-        out = []
-        for entry in dataset:
-            word = entry["metadata"]["word"]
-            if word.lower() in seen:
-                continue
-            seen.add(word.lower())
-            out.append({
-                "messages": [{"role": "user", "content": entry["question"]},
-                             {"role": "assistant", "content": str(entry["answer"])}],
-                "question": entry["question"],
-                "answer": str(entry["answer"]),
-                "metadata": entry["metadata"],
-                "task": SPELL_TASK,
-                "task_config": {**SPELL_CONFIG, "seed": seed, "size": size},
-            })
-        return out
+        return gym_rows(SPELL_TASK, SPELL_CONFIG, seed, size, keep=first_time)
 
     train = rows(SPELL_TRAIN_SEED, SPELL_TRAIN_SIZE)
     test = rows(SPELL_TEST_SEED, SPELL_TEST_SIZE)
