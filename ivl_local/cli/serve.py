@@ -29,6 +29,7 @@ from .chat import (DEFAULT_BASE, DEFAULT_CTX, AlphaOption, AmateurOption, AntiEx
 DEFAULT_MAX_TOKENS = 1024
 SLOTS_MAX = 64
 QUEUE_MAX = 10_000
+CONNECTION_HEADROOM = 32   # connections beyond slots + queue (health checks, 503 answers)
 
 
 def _missing_extra() -> str | None:
@@ -174,7 +175,11 @@ def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negativ
     # the app cancels what still runs after --shutdown-timeout and every response ends cleanly;
     # uvicorn's own cut (of connections still open) comes later, as a backstop
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
-                            timeout_graceful_shutdown=shutdown_timeout + 5, lifespan="on", server_header=False)
+                            timeout_graceful_shutdown=shutdown_timeout + 5, lifespan="on", server_header=False,
+                            # open connections are capped (uvicorn answers 503 past it): each may
+                            # buffer a body of up to --max-body, so without a cap a local client
+                            # could exhaust memory; the headroom serves /health and the 503s
+                            limit_concurrency=slots + queue + CONNECTION_HEADROOM)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
