@@ -457,3 +457,20 @@ def test_top_k_off_draws_agree_across_levels():
     finally:
         _core.set_simd_level("auto")
     assert len({tuple(d) for d in draws.values()}) == 1
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-8])
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (40, 0.95, 0.05), (0, 0.95, 0.0)])
+def test_a_tiny_temperature_samples_the_best_token(temperature, top_k, top_p, min_p):
+    """logit / 1e-38 overflows a float to inf and the softmax after it to NaN: the sampler
+    answered garbage (' shabe kounounso' where greedy said 'Hello'). Now the distance below
+    the best logit is divided instead: the best token, every time; ties share the draws."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal(50_000) * 3).astype(np.float32)
+    logits[123] = logits.max() + 0.5
+    for seed in range(5):
+        sampler = _core.Sampler(temperature, top_k, top_p, min_p, 1.0, 64, 0.0, 0.0, seed)
+        assert {sampler.sample(logits) for _ in range(20)} == {123}
+    logits[456] = logits[123]   # a tie: both, and only them
+    sampler = _core.Sampler(temperature, top_k, top_p, min_p, 1.0, 64, 0.0, 0.0, 7)
+    assert {sampler.sample(logits) for _ in range(200)} <= {123, 456}

@@ -188,7 +188,13 @@ public:
     void apply(CandidateSet& cs) override {
         cs.make_sparse(negligible_log_ratio(cs.n_vocab) * t_);
         if (t_ == 1.0f) return;
-        for (auto& c : cs.items) c.logit /= t_;
+        float top = -std::numeric_limits<float>::infinity();
+        for (const auto& c : cs.items) top = std::max(top, c.logit);
+        // A tiny temperature (1e-38) would overflow logit / t to +-inf and the softmax after it
+        // to NaN: then divide the distance below the best logit instead (the same
+        // distribution: the best at 0, the others finite or -inf).
+        const bool overflow = std::isfinite(top) && !std::isfinite(top / t_);
+        for (auto& c : cs.items) c.logit = overflow ? (c.logit - top) / t_ : c.logit / t_;
     }
 
 private:
