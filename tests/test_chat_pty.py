@@ -75,7 +75,9 @@ def test_interactive_session(session, tmp_path):
     # answer going for seconds, so the Ctrl-C lands in it even on a loaded machine.)
     child.sendline("Count from 1 to 200, separated by commas.")
     child.expect(r"commas\.\r\n")      # the echo of the typed line...
-    child.expect(r"\w")                 # ...then the first streamed text: stop it there
+    # ...then streamed numbers, so the answer loop surely runs (one CI run lost a Ctrl-C sent
+    # at the first character; not reproduced in 5 runs since, cause not found)
+    child.expect(r"\d+, \d+")
     child.sendintr()
     child.expect("interrupted")
     child.expect(PROMPT)
