@@ -60,6 +60,25 @@ def kv_cache_mb(path, n_ctx: int) -> float:
 
 # --- one configuration, in a subprocess -------------------------------------------------------
 
+def steady_state(engine, prompt: str, tokens: int, sampling) -> dict:
+    """Warm up, then time `tokens` decoded after `prompt`: the clock starts once the prompt is
+    decoded and a token is out. Per-token wall and CPU time, and each engine timer's share."""
+    engine.complete("Warm up.", max_tokens=2, sampling=sampling)
+    engine.clear_cache()
+    stream = engine.generate(prompt, max_tokens=tokens, sampling=sampling)
+    next(stream)
+    s = engine.stats
+    timers = {"base_ms": "base_decode_s", "value_ms": "value_decode_s", "fuse_ms": "fuse_sample_s"}
+    n0, start = s.completion_tokens, {key: getattr(s, name) for key, name in timers.items()}
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in stream:
+        pass
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    n = s.completion_tokens - n0
+    return dict(tokens=n, tok_s=n / wall, cpu_ms_per_token=cpu / n * 1e3, step_ms=wall / n * 1e3,
+                **{key: (getattr(s, name) - start[key]) / n * 1e3 for key, name in timers.items()})
+
+
 def run_engine(config: str, tokens: int, threads: int) -> dict:
     from ivl_local import SamplingConfig
     from ivl_local.engine import Engine
@@ -71,22 +90,8 @@ def run_engine(config: str, tokens: int, threads: int) -> dict:
     engine = Engine(base, value, ALPHA, n_ctx=N_CTX, n_threads=threads,
                     concurrent=config == "fused-concurrent")
     sampling = SamplingConfig(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=1)
-    engine.complete("Warm up.", max_tokens=2, sampling=sampling)
-    engine.clear_cache()
-    # Steady state only: the clock starts once the prompt is decoded and a token is out.
-    stream = engine.generate(PROMPT, max_tokens=tokens, sampling=sampling)
-    next(stream)
-    s = engine.stats
-    n0, base0, value0, fuse0 = s.completion_tokens, s.base_decode_s, s.value_decode_s, s.fuse_sample_s
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in stream:
-        pass
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    n = s.completion_tokens - n0
-    out = dict(tokens=n, tok_s=n / wall, cpu_ms_per_token=cpu / n * 1e3, step_ms=wall / n * 1e3,
-               base_ms=(s.base_decode_s - base0) / n * 1e3, value_ms=(s.value_decode_s - value0) / n * 1e3,
-               fuse_ms=(s.fuse_sample_s - fuse0) / n * 1e3,
-               files_mb=(os.path.getsize(base) + (os.path.getsize(value) if value else 0)) / 2**20,
+    out = steady_state(engine, PROMPT, tokens, sampling)
+    out.update(files_mb=(os.path.getsize(base) + (os.path.getsize(value) if value else 0)) / 2**20,
                kv_mb=kv_cache_mb(base, engine.n_ctx) + (kv_cache_mb(value, engine._value_ctx.n_ctx)
                                                           if value else 0.0))
     engine.close()

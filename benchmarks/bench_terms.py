@@ -25,11 +25,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_engine import kv_cache_mb, peak_rss_mb  # noqa: E402  (shared measuring helpers)
+from bench_engine import kv_cache_mb, peak_rss_mb, steady_state  # noqa: E402  (shared measuring helpers)
 
 PROMPT = "Here is a short story about a robot who learns to paint:\n"
 N_CTX = 512
@@ -50,20 +49,8 @@ def run(config: str, tokens: int, threads: int, n_ctx: int = N_CTX) -> dict:
     engine = Engine(base, None, terms=terms, n_ctx=n_ctx, n_threads=threads,
                     concurrent=config.endswith("concurrent"))
     sampling = SamplingConfig(seed=1)   # the CLI's chain: top-k 40, temperature 0.8, top-p, min-p
-    engine.complete("Warm up.", max_tokens=2, sampling=sampling)
-    engine.clear_cache()
-    stream = engine.generate(PROMPT, max_tokens=tokens, sampling=sampling)
-    next(stream)   # steady state: the clock starts once the prompt is decoded
-    s = engine.stats
-    n0, fuse0 = s.completion_tokens, s.fuse_sample_s
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in stream:
-        pass
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    n = s.completion_tokens - n0
-    out = dict(tokens=n, tok_s=n / wall, cpu_ms=cpu / n * 1e3, step_ms=wall / n * 1e3,
-               fuse_ms=(s.fuse_sample_s - fuse0) / n * 1e3, models=len(engine._models),
-               kv_mb=kv_cache_mb(gemma, n_ctx),
+    out = steady_state(engine, PROMPT, tokens, sampling)
+    out.update(models=len(engine._models), kv_mb=kv_cache_mb(gemma, n_ctx),
                # the KV cache of every context but the base's, as llama.cpp allocated it
                extra_kv_mb=sum(kv_cache_mb(gemma, c.n_ctx) for c in engine._contexts[1:]
                                if c.model is engine._base_model))
@@ -97,9 +84,9 @@ def main() -> None:
         for config in CONFIGS:
             threads = max(2, args.threads) if config.endswith("concurrent") else args.threads
             result = child(config, threads)
-            print(f"round {r + 1}: {config:18s} {result['tok_s']:6.1f} tok/s {result['cpu_ms']:6.1f} cpu ms/token",
+            print(f"round {r + 1}: {config:18s} {result['tok_s']:6.1f} tok/s {result['cpu_ms_per_token']:6.1f} cpu ms/token",
                   flush=True)
-            if config not in best or result["cpu_ms"] < best[config]["cpu_ms"]:
+            if config not in best or result["cpu_ms_per_token"] < best[config]["cpu_ms_per_token"]:
                 best[config] = result
     b, v = best["base"], best["smollm2"]
     ideal2 = 1e3 / (b["step_ms"] + 2 * v["step_ms"])
