@@ -193,8 +193,8 @@ def _resolve(c: EvalConfig, workspace, failed: dict) -> _Resolved:
     def model(ref) -> Path:
         return Path(_cached(failed, ref, lambda: workspace.model(ref)))
 
-    base = _cached(failed, c.base, lambda: workspace.model(c.base))
-    value = None if c.value is None else _cached(failed, c.value, lambda: workspace.model(c.value))
+    base = model(c.base)
+    value = None if c.value is None else model(c.value)
     terms, term_files = [], {}
     for i, (ref, weight) in enumerate(c.extra_values, 2):
         term_files[f"value {i}"] = path = model(ref)
@@ -205,10 +205,10 @@ def _resolve(c: EvalConfig, workspace, failed: dict) -> _Resolved:
     token_map = None if c.token_map is None else _cached(
         failed, c.token_map, lambda: workspace.token_map(c.token_map))
     torch_gguf = None
-    if Path(base).is_dir():   # a torch checkpoint: prompts use the training base's GGUF
+    if base.is_dir():   # a torch checkpoint: prompts use the training base's GGUF
         assert isinstance(c.base, Trained)
         torch_gguf = workspace.model(c.base.base)
-    return _Resolved(c, Path(base), value and Path(value), token_map and Path(token_map), torch_gguf,
+    return _Resolved(c, base, value, token_map and Path(token_map), torch_gguf,
                      terms, term_files)
 
 
