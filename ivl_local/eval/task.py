@@ -27,7 +27,9 @@ from ..errors import DataError
 DATA_DIR = data_dir()
 # Each task's splits: train (value nets, references), valid (choosing alpha), test (reports).
 TASKS = {name: {split: f"{name}_{split}.jsonl" for split in ("train", "valid", "test")}
-         for name in ("arith", "spell")}   # reasoning-gym chain_sum | spell_backward
+         for name in ("arith", "spell", "ifeval")}   # reasoning-gym chain_sum | spell_backward | eval/ifeval.py
+# What a task's answers need, where it differs from the harness's defaults (short exact answers).
+TASK_LIMITS = {"ifeval": {"max_tokens": 256, "n_ctx": 1024}}   # paragraphs, lists; prompt + answer fit
 SPLITS = TASKS["arith"]
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 _WORD = re.compile(r"\w+")
@@ -101,4 +103,16 @@ def split_path(split: str, task: str = "arith") -> Path:
 
 
 def load_split(split: str = "test", limit: int | None = None, task: str = "arith") -> list[Example]:
+    if task == "ifeval":   # prompts with IFEval instructions, scored by their checkers
+        from .ifeval import load_examples as load_ifeval
+
+        return load_ifeval(split_path(split, task), limit)
     return load_examples(split_path(split, task), limit)
+
+
+def scorer_name(task: str) -> str:
+    """What scores a task's answers, for reports."""
+    if task == "ifeval":
+        return ("IFEval checkers (if-verifiable 0.1.2), prompt-level strict; "
+                "lenient = prompt-level loose")
+    return "reasoning_gym.get_score_answer_fn(task)"

@@ -1,0 +1,208 @@
+"""The ifeval task: IFEval's checkers (if-verifiable) on hand-made answers, the shipped splits
+(disjoint base requests and instruction combinations, every prompt satisfiable), and that no
+checker needing NLTK data is ever reached."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ivl_local.errors import DataError
+from ivl_local.eval import ifeval
+from ivl_local.eval.ifeval import EXCLUDED, INSTRUCTIONS, load_examples, summarize, verify
+from ivl_local.eval.task import load_split, split_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(split: str) -> list[dict]:
+    return [json.loads(line) for line in split_path(split, "ifeval").read_text().splitlines()]
+
+
+# --- the scorer: verdicts on hand-made answers ---------------------------------------------
+
+# (instruction, kwargs, an answer that follows it, one that does not)
+CASES = [
+    ("keywords:existence", {"keywords": ["ocean", "story"]},
+     "The ocean has a long story.", "The sea has a long tale."),
+    ("keywords:frequency", {"keyword": "music", "frequency": 2, "relation": "at least"},
+     "Music is good. I like music.", "Music is good."),
+    ("keywords:frequency", {"keyword": "music", "frequency": 2, "relation": "less than"},
+     "Music is good.", "Music is good. I like music."),
+    ("keywords:forbidden_words", {"forbidden_words": ["light"]},
+     "The lamp shines at night.", "The light shines at night."),
+    ("keywords:letter_frequency", {"letter": "z", "let_frequency": 2, "let_relation": "at least"},
+     "Zebras zigzag.", "Horses run."),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2},
+     "One part.\n***\nAnother part.", "One part only."),
+    ("length_constraints:number_words", {"num_words": 5, "relation": "less than"},
+     "Four words are here.", "These are six words right here."),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "also"},
+     "Bees make honey.\n\nAlso, they pollinate flowers.", "Bees make honey.\n\nThey pollinate flowers."),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2},
+     "Meet me at [place] on [date].", "Meet me at the park on [date]."),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."},
+     "Hello there.\nP.S. See you soon.", "Hello there. See you soon."),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2},
+     "* first point\n* second point", "* first point\n* second point\n* third point"),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 1},
+     "This is *important* to know.", "Nothing is highlighted here."),
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2},
+     "Section 1\nfirst\nSection 2\nsecond", "Section 1\nonly one"),
+    ("detectable_format:json_format", {}, '{"answer": "yes"}', "answer: yes"),
+    ("detectable_format:title", {}, "<<On Bees>>\nBees make honey.", "On Bees\nBees make honey."),
+    ("combination:two_responses", {}, "First answer.\n******\nSecond answer.", "First answer.\n******\nFirst answer."),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Describe a kite."},
+     "Describe a kite. A kite flies in the wind.", "A kite flies in the wind."),
+    ("startend:end_checker", {"end_phrase": "Any other questions?"},
+     "Kites fly. Any other questions?", "Any other questions? Kites fly."),
+    ("startend:quotation", {}, '"Kites fly in the wind."', "Kites fly in the wind."),
+    ("change_case:english_capital", {}, "THE KITE IS FLYING HIGH IN THE SKY BECAUSE THE WIND IS STRONG TODAY.",
+     "The kite is flying high in the sky because the wind is strong today."),
+    ("change_case:english_lowercase", {}, "kites fly high in the wind on sunny days.", "Kites fly high in the wind."),
+    ("punctuation:no_comma", {}, "Kites fly high and far.", "Kites fly high, and far."),
+]
+
+
+def test_every_instruction_of_the_task_has_a_hand_made_case():
+    assert {case[0] for case in CASES} == set(INSTRUCTIONS)
+    assert not set(INSTRUCTIONS) & set(EXCLUDED)
+
+
+@pytest.mark.parametrize("iid, kwargs, good, bad", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_checker_verdicts_on_hand_made_answers(iid, kwargs, good, bad):
+    assert verify(good, [iid], [kwargs]).strict == (True,)
+    assert verify(bad, [iid], [kwargs]).strict == (False,)
+
+
+def test_loose_accepts_what_ifeval_loose_accepts_and_strict_does_not():
+    ids, kwargs = ["startend:end_checker", "punctuation:no_comma"], [{"end_phrase": "Any other questions?"}, {}]
+    # A trailing line after the phrase: strict fails, loose drops the last line and passes.
+    verdict = verify("Kites fly high.\nAny other questions?\nThanks, bye", ids, kwargs)
+    assert verdict.strict == (False, False) and verdict.loose == (True, True)
+    assert not verdict.prompt_strict and verdict.prompt_loose
+    # Markdown bold in a title line: loose also tries the answer without '*' and without line 1.
+    title = verify("**Kites**\n<<Kites>> fly", ["detectable_format:title"], [{}])
+    assert title.strict == (True,) and title.loose == (True,)
+
+
+def test_empty_answer_fails_every_instruction():
+    v = verify("   ", ["punctuation:no_comma", "detectable_format:title"], [{}, {}])
+    assert v.strict == (False, False) and v.loose == (False, False)
+    assert verify(None, ["punctuation:no_comma"], [{}]).prompt_strict is False
+
+
+def test_summary_is_ifevals_prompt_and_pooled_instruction_accuracy():
+    ids = ["punctuation:no_comma", "detectable_format:title"]
+    answers = ["<<A>> no commas", "<<A>>, a comma", "no title, and a comma"]
+    s = summarize([verify(a, ids, [{}, {}]) for a in answers])
+    assert s["prompts"] == 3 and s["instructions"] == 6
+    assert s["prompt_strict"] == pytest.approx(1 / 3)
+    assert s["instruction_strict"] == pytest.approx(3 / 6)     # pooled: 2 + 1 + 0 passes of 6
+    assert s["per_instruction_strict"]["detectable_format:title"] == (pytest.approx(2 / 3), 3)
+
+
+def test_instructions_outside_the_task_are_errors_never_silently_skipped():
+    with pytest.raises(DataError, match="punkt"):
+        ifeval.check_instructions(["length_constraints:number_sentences"], [{"num_sentences": 2, "relation": "at least"}])
+    with pytest.raises(DataError, match="not used"):
+        verify("hi", ["keywords:no_such_checker"], [{}])
+    with pytest.raises(DataError, match="bad kwargs"):
+        ifeval.check_instructions(["keywords:frequency"], [{"keyword": "a", "frequency": 1, "relation": "about"}])
+
+
+def test_excluded_checkers_really_need_nltk_data_and_the_task_never_reaches_them(tmp_path):
+    """In a child with an empty NLTK data path and nltk.download made to fail: the two
+    punkt-based checkers raise LookupError, and scoring every shipped test prompt's witness
+    touches neither ifbench (which downloads at import) nor the downloader."""
+    code = f"""
+import sys, nltk
+nltk.data.path[:] = [{str(tmp_path)!r}]
+def no_download(*a, **k):
+    raise SystemExit("nltk.download called")
+nltk.download = no_download
+from ivl_local.eval.ifeval import load_examples, _registry
+from ivl_local.eval.task import split_path
+import json
+_, registry = _registry()
+for iid, kw in [("length_constraints:number_sentences", dict(num_sentences=2, relation="at least")),
+                ("change_case:capital_word_frequency", dict(capital_frequency=1, capital_relation="at least"))]:
+    checker = registry[iid](iid)
+    checker.build_description(**kw)
+    try:
+        checker.check_following("One. TWO three.")
+    except LookupError:
+        print("needs-data", iid)
+rows = [json.loads(l) for l in split_path("test", "ifeval").read_text().splitlines()]
+examples = load_examples(split_path("test", "ifeval"))
+passed = sum(e.verdict(r["witness"]).prompt_strict for e, r in zip(examples, rows))
+print("witnesses", passed, len(rows))
+print("ifbench", "if_verifiable.ifbench" in sys.modules)
+"""
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'convert'}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert "needs-data length_constraints:number_sentences" in lines
+    assert "needs-data change_case:capital_word_frequency" in lines
+    n = len(rows("test"))
+    assert f"witnesses {n} {n}" in lines
+    assert "ifbench False" in lines
+
+
+# --- the shipped splits --------------------------------------------------------------------
+
+def test_splits_share_no_base_request_topic_or_combination():
+    splits = {s: rows(s) for s in ("train", "valid", "test")}
+    topics = {s: {r["base_id"].split("/")[0] for r in rs} for s, rs in splits.items()}
+    combos = {s: {r["combination"] for r in rs} for s, rs in splits.items()}
+    for a, b in (("train", "test"), ("train", "valid"), ("valid", "test")):
+        assert not topics[a] & topics[b], (a, b)
+        assert not combos[a] & combos[b], (a, b)
+    assert 250 <= len(splits["test"]) <= 500
+    for s, rs in splits.items():
+        for r in rs:
+            assert r["combination"] == "+".join(sorted(r["instruction_id_list"]))
+            assert 1 <= len(r["instruction_id_list"]) <= 3
+    # every instruction tested is also trained on (in other combinations)
+    trained = {i for r in splits["train"] for i in r["instruction_id_list"]}
+    assert {i for r in splits["test"] for i in r["instruction_id_list"]} <= trained == set(INSTRUCTIONS)
+
+
+def test_train_demonstrations_pass_every_checker_and_test_rows_hold_no_answer():
+    train = load_split("train", task="ifeval")
+    assert len(train) >= 500
+    for example, row in zip(train, rows("train")):
+        assert example.messages[-1]["role"] == "assistant" and row["source"].startswith("programmatic")
+        assert example.verdict(example.messages[-1]["content"]).prompt_strict, row["prompt"]
+        assert example.prompt_messages == [{"role": "user", "content": row["prompt"]}]
+    test = load_split("test", task="ifeval")
+    assert all([m["role"] for m in e.messages] == ["user"] for e in test)
+    # A non-answer passes few prompts (1 % when written): the task is not won by saying nothing.
+    assert summarize([e.verdict("I do not know.") for e in test])["prompt_strict"] < 0.05
+
+
+def test_generator_is_deterministic():
+    """make_ifeval.make_splits reproduces the shipped test split row for row."""
+    spec = importlib.util.spec_from_file_location("make_ifeval", ROOT / "data" / "make_ifeval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.make_splits()["test"] == rows("test")
+
+
+def test_malformed_rows_are_one_data_error(tmp_path):
+    good = rows("test")[0]
+    cases = {"not json": "{", "no ids": json.dumps({k: v for k, v in good.items() if k != "instruction_id_list"}),
+             "prompt differs": json.dumps(dict(good, prompt="something else")),
+             "excluded checker": json.dumps(dict(good, instruction_id_list=["language:response_language"],
+                                                 kwargs=[{"language": "fr"}]))}
+    for name, line in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(line + "\n")
+        with pytest.raises(DataError, match="bad.jsonl:1"):
+            load_examples(path)
