@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .config import TrainConfig
 
-__all__ = ["TrainConfig", "train", "default_recipe", "DEFAULT_RECIPE", "default_data_path"]
+__all__ = ["TrainConfig", "train", "evaluate_checkpoint", "default_recipe", "DEFAULT_RECIPE",
+           "default_data_path"]
 
 
 def _log(progress: bool):
@@ -40,6 +41,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         return run(setup(cfg, log=log, dist=d), progress=progress and d.main, log=log)
     finally:
         distributed.stop(d)
+
+
+def evaluate_checkpoint(ckpt_dir: Path, data: Path) -> dict:
+    """The trainer's held-out measures (eval_ce, eval_token_acc, ...) of a saved value network
+    on every example of `data`, with the base, recipe and sequence length it was trained with.
+    Raises CheckpointError for a folder that is not a checkpoint, DataError for bad data."""
+    from . import checkpoint as ckpt
+    from .trainer import evaluate, setup
+
+    saved = dict(ckpt.load_meta(Path(ckpt_dir)).get("train_config", {}))
+    known = TrainConfig(data=Path(data)).to_json().keys()
+    settings = {k: v for k, v in saved.items() if k in known}
+    settings.update(data=Path(data), out_dir=Path(ckpt_dir), resume=False, eval_fraction=0.0,
+                    check_tokenizer=False, grad_checkpointing=False, fsdp=False)
+    s = setup(TrainConfig(**settings), log=lambda message: None)
+    ckpt.load_weights_into(s.model, Path(ckpt_dir))
+    s.eval_examples, s.train_examples = s.train_examples, []
+    return evaluate(s)
 
 
 def default_data_path() -> Path:

@@ -74,6 +74,9 @@ class TrainConfig:
     grad_checkpointing: bool = False   # recompute the value net's layer activations in backward
                                        # (less memory, ~30 % more compute)
     precision: str = "auto"            # auto = bf16 autocast + bf16 base on CUDA, fp32 on CPU
+    fsdp: bool = False                 # under torchrun: shard the trained network, its gradients
+                                       # and AdamW state over the processes (FSDP2) instead of
+                                       # replicating them (DDP)
 
     def __post_init__(self) -> None:
         checks = [
@@ -123,4 +126,5 @@ class TrainConfig:
 
     # Fields that may differ between a run and its resumption without changing the result.
     RESUMABLE_CHANGES = ("resume", "max_seconds", "pause_after", "device", "threads", "out_dir",
-                         "eval_every", "save_every", "check_tokenizer", "grad_checkpointing")
+                         "eval_every", "save_every", "check_tokenizer", "grad_checkpointing",
+                         "fsdp")
