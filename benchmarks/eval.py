@@ -7,6 +7,7 @@
     python benchmarks/eval.py --split valid --only '^smollm2 \+ value( @a=.*)?$' --out docs/results/valid
     python benchmarks/eval.py --alpha-from docs/results/valid/results.json --only ...   # alpha chosen on valid
     python benchmarks/eval.py --task spell --limit 200 --out docs/results/compose-spell   # second task
+    python benchmarks/eval.py --task ifeval --quick --out docs/results/ifeval   # IFEval-style instructions
     python benchmarks/eval.py --smollm2-init pretrained --steps 100 --limit 100 \
         --skip 'value\[gemma3\]' 'norm 0' '^gemma3 \+ value$' --out docs/results/pretrained
 
@@ -36,8 +37,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small recipes, few examples, one alpha sweep")
     parser.add_argument("--limit", type=int, default=None, help="test examples per configuration")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--task", default="arith", choices=["arith", "spell"],
-                        help="arith: the study (chain_sum); spell: composed value nets on spell_backward")
+    parser.add_argument("--task", default="arith", choices=["arith", "spell", "ifeval"],
+                        help="arith: the study (chain_sum); spell: composed value nets on spell_backward; "
+                             "ifeval: instruction following scored by IFEval's checkers")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--only", nargs="*", default=None,
                         help="keep configurations whose name matches one of these regexes")

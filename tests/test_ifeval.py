@@ -206,3 +206,79 @@ def test_malformed_rows_are_one_data_error(tmp_path):
         path.write_text(line + "\n")
         with pytest.raises(DataError, match="bad.jsonl:1"):
             load_examples(path)
+
+
+# --- the task in the evaluation harness ----------------------------------------------------
+
+def test_ifeval_plans_have_the_studys_rows():
+    from ivl_local.eval import build_plan
+
+    quick = build_plan(quick=True, task="ifeval")
+    kinds = {c.kind for c in quick.configs}
+    assert {"base", "in-distribution", "full-finetune", "cross-vocab", "proxy-tuning", "alpha-sweep"} <= kinds
+    trained = [r for c in quick.configs for r in (c.value, c.base, c.proxy and c.proxy.expert)
+               if hasattr(r, "task")]
+    assert trained and all(r.task == "ifeval" for r in trained)
+    full = {c.name: c for c in build_plan(task="ifeval", installed=lambda name: True).configs}
+    for name in ("smollm2 Q4_0 + value", "smollm2 + value[gemma3]", "qwen1.5b + value[qwen0.5b]",
+                 "qwen1.5b partial-FT", "qwen1.5b + proxy[smollm2]", "gemma3 + value[smollm2] @a=0.5"):
+        assert name in full
+    assert dict(full["smollm2 + value"].value.extra)["max_len"] >= 256
+
+
+def test_quick_structure_with_the_real_scorer(tmp_path):
+    """The --quick ifeval plan through run_eval with a fake workspace and runners that answer
+    with the witnesses (the base alone: none): real prompts, real scorer, real report."""
+    from ivl_local.eval import Plan, build_plan, run_eval
+
+    witnesses = [r["witness"] for r in rows("test")]
+    created = []
+
+    class WitnessRunner:
+        def __init__(self, base, value, token_map, seed, torch_gguf, value_prompt="own", terms=(), n_ctx=256):
+            self.value, self.terms, self.alpha, self.n_ctx = value, terms, 1.0, n_ctx
+            created.append(self)
+
+        def answer_all(self, conversations, max_tokens, advance=lambda: None):
+            helped = self.value is not None or bool(self.terms)
+            out = [witnesses[i] if helped and self.alpha > 0 else "I do not know." for i in range(len(conversations))]
+            for _ in out:
+                advance()
+            return out
+
+        def close(self):
+            pass
+
+    class Workspace:
+        def model(self, ref):
+            return tmp_path / ((ref if isinstance(ref, str) else ref.label).replace(" ", "_") + ".gguf")
+
+        def token_map(self, spec):
+            return tmp_path / "map.npz"
+
+        def describe(self, path):
+            return {"file": str(path), "sha256": "0123456789ab"}
+
+    plan = build_plan(quick=True, task="ifeval")
+    report = run_eval(Plan(plan.configs), task="ifeval", quick=True, out_dir=tmp_path, workspace=Workspace(),
+                      runner_factory=WitnessRunner, progress=False, log=lambda line: None)
+    assert report.meta["max_tokens"] == 64 and "IFEval" in report.meta["scorer"]
+    assert {r.n_ctx for r in created} == {1024}
+    assert report.results["smollm2"].metrics["prompt_strict"] < 0.2
+    assert report.results["smollm2 + value"].score == 1.0 == report.results["smollm2 + value"].metrics["instruction_loose"]
+    md = (tmp_path / "quick" / "results.md").read_text()
+    assert "## IFEval accuracies" in md and "| smollm2 + value | 1.000 | 1.000 | 1.000 | 1.000 |" in md
+
+
+@pytest.mark.real
+def test_real_base_answers_ifeval_prompts(tmp_path, smollm2_path):
+    """SmolLM2 alone on 3 test prompts through the real runner, at the task's context and
+    answer length: every prompt fits, answers are scored and the report is written."""
+    from ivl_local.eval import EvalConfig, run_eval
+
+    report = run_eval([EvalConfig("smollm2", "base", "smollm2-135m")], task="ifeval", limit=3, max_tokens=48,
+                      out_dir=tmp_path, progress=False, log=lambda line: None)
+    result = report.results["smollm2"]
+    assert result.n == 3 and all(a.strip() for a in result.answers)
+    assert result.metrics["instructions"] == sum(len(e.instruction_ids) for e in load_split("test", 3, "ifeval"))
+    assert (tmp_path / "results.md").exists()

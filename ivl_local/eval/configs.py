@@ -209,6 +209,10 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     trainable copies of the base at the official lr 1e-4, as the paper did; "fresh" (the
     quick default: 10x cheaper) small llamas. Measured at 100 steps: pretrained recovered
     ~93 % of the full fine-tuning gain, fresh ~2 % (docs/results/README.md)."""
+    if task == "ifeval":   # instruction following with verifiable constraints: its own rows
+        from .ifeval_plan import build_ifeval_plan
+
+        return build_ifeval_plan(quick, installed, steps, smollm2_init)
     smollm2_init = smollm2_init or ("fresh" if quick else "pretrained")
     # Quick recipes are a smoke test of every kind, not a measurement: 16 steps of 4 examples
     # (~1-3 s a step on 2 free cores; 5-10x that on a shared machine).
@@ -250,7 +254,7 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
                    composed, composed_half]
         return Plan(configs, [f"task {task}: the composition rows only (the rest is the {MAIN_TASK} study)"])
     if task != MAIN_TASK:
-        raise ValueError(f"unknown task {task!r} (known: {MAIN_TASK}, {OTHER_TASK})")
+        raise ValueError(f"unknown task {task!r} (known: {MAIN_TASK}, {OTHER_TASK}, ifeval)")
     # Proxy-tuning, the IVL paper's baseline: the full fine-tune as expert, its untuned base as
     # anti-expert, added to each base the value net is (on SmolLM2 itself it is the full
     # fine-tune's distribution again, up to quantization: a check of the term).

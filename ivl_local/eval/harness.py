@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import IVLError
 from .configs import AlignedMap, EvalConfig, Plan, Trained, build_plan, label_of
 from .stats import bootstrap_interval, wilson_interval
-from .task import Example, load_split
+from .task import TASK_LIMITS, Example, load_split, scorer_name
 
 QUICK_LIMIT = 12      # examples per configuration in quick mode
 MAX_TOKENS = 16       # answers are at most 4 characters; a chatty model is cut here
@@ -41,6 +41,7 @@ class ConfigResult:
     lenient: np.ndarray           # task score of the first number in the answer
     seconds: float
     files: dict = field(default_factory=dict)   # role -> {"file", "sha256"}
+    metrics: dict = field(default_factory=dict)  # the task's own aggregate metrics (ifeval: IFEval's four)
 
     @property
     def n(self) -> int:
@@ -87,7 +88,8 @@ class ConfigResult:
                 "n": self.n, "score": self.score, "score_ci": list(self.score_ci),
                 "exact": self.exact, "exact_rate": self.exact / self.n if self.n else float("nan"),
                 "exact_ci": list(self.exact_ci), "lenient_score": self.lenient_score,
-                "seconds": round(self.seconds, 2), "files": self.files, "note": c.note}
+                "seconds": round(self.seconds, 2), "files": self.files, "note": c.note,
+                **({"metrics": self.metrics} if self.metrics else {})}
 
 
 @dataclass
@@ -110,13 +112,14 @@ def _default_command(quick: bool, split: str, limit: int | None) -> str:
 def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test", limit: int | None = None,
              quick: bool = False, out_dir: str | os.PathLike = "docs/results", *, task: str = "arith",
              seed: int = 0,
-             max_tokens: int = MAX_TOKENS, workspace=None, runner_factory: Callable | None = None,
+             max_tokens: int | None = None, workspace=None, runner_factory: Callable | None = None,
              command: str | None = None, log: Callable[[str], None] = print,
              progress: bool = True) -> EvalReport:
     """Evaluate `configs` (None: the quick or full plan) on `split`; write the report.
 
     `task` names whose split is read (task.TASKS: "arith", "spell"); None plans use it too.
     Quick mode writes under out_dir/quick/ so it never overwrites a full run's report.
+    `max_tokens` None: the task's own limit (task.TASK_LIMITS), else MAX_TOKENS.
     `workspace` (artifacts) and `runner_factory` (answers) are replaceable for tests."""
     from . import report as report_mod
 
@@ -127,6 +130,8 @@ def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test"
     for line in plan.skipped:
         log(f"skipped: {line}")
     limit = QUICK_LIMIT if (quick and limit is None) else limit
+    limits = TASK_LIMITS.get(task, {})
+    max_tokens = max_tokens or limits.get("quick_max_tokens" if quick else "max_tokens", MAX_TOKENS)
     examples = load_split(split, limit, task)
     if workspace is None:
         from ..models import cache_dir
@@ -144,7 +149,7 @@ def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test"
         "split": split, "examples": len(examples), "example_ids": [e.index for e in examples],
         "quick": quick, "seed": seed, "sampling": "greedy (temperature 0, argmax, ties -> lowest id)",
         "max_tokens": max_tokens, "bootstrap": "percentile, 2000 resamples, seed 0",
-        "task": examples[0].task if examples else "?", "scorer": "reasoning_gym.get_score_answer_fn(task)",
+        "task": examples[0].task if examples else "?", "scorer": scorer_name(task),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
                    f"load average {os.getloadavg()[0]:.1f} at start",
     }
@@ -160,7 +165,7 @@ def run_eval(configs: list[EvalConfig] | Plan | None = None, split: str = "test"
         report_mod.write_report(partial)
 
     results = _answer_all(plan.configs, examples, workspace, runner_factory, seed, max_tokens, log,
-                          progress, skipped, on_group=write_partial)
+                          progress, skipped, on_group=write_partial, n_ctx=limits.get("n_ctx"))
     meta["wall_seconds"] = round(time.time() - started, 1)
     rep = EvalReport(ordered(results), skipped, meta, out)
     report_mod.write_report(rep)
@@ -225,7 +230,8 @@ def _cached(failed: dict, key, build):
 
 def _answer_all(configs: list[EvalConfig], examples: list[Example], workspace, runner_factory,
                 seed: int, max_tokens: int, log, progress: bool, skipped: list[str],
-                on_group: Callable[[dict], None] = lambda results: None) -> dict[str, ConfigResult]:
+                on_group: Callable[[dict], None] = lambda results: None,
+                n_ctx: int | None = None) -> dict[str, ConfigResult]:
     """Group configurations by (base, value, map) in plan order; per group build what it
     needs, load it once and answer at each alpha. Results arrive group by group."""
     from ..progress import step_progress
@@ -247,6 +253,8 @@ def _answer_all(configs: list[EvalConfig], examples: list[Example], workspace, r
                     log(f"skipped: {c.name}: {e}")
                 continue
             extra = {"terms": r0.terms} if r0.terms else {}   # a factory without terms still works
+            if n_ctx:   # a task with long prompts or answers (else the runner's default)
+                extra["n_ctx"] = n_ctx
             runner = runner_factory(r0.base, r0.value, r0.token_map, seed, r0.torch_base_gguf,
                                     value_prompt=members[0].value_prompt, **extra)
             try:
@@ -270,6 +278,11 @@ def _scored(r: _Resolved, config: EvalConfig, answers: list[str], examples: list
             workspace) -> ConfigResult:
     scores = np.array([e.score(a) for e, a in zip(examples, answers)], dtype=np.float64)
     lenient = np.array([e.lenient_score(a) for e, a in zip(examples, answers)], dtype=np.float64)
+    metrics = {}
+    if examples and hasattr(examples[0], "verdict"):   # ifeval: IFEval's prompt/instruction accuracies
+        from .ifeval import summarize
+
+        metrics = summarize([e.verdict(a) for e, a in zip(examples, answers)])
     files = {"base": workspace.describe(r.base)}
     if r.value is not None:
         files["value"] = workspace.describe(r.value)
@@ -277,7 +290,7 @@ def _scored(r: _Resolved, config: EvalConfig, answers: list[str], examples: list
         files["token_map"] = workspace.describe(r.token_map)
     for role, path in r.term_files.items():
         files[role] = workspace.describe(path)
-    return ConfigResult(config, list(answers), scores, lenient, seconds, files)
+    return ConfigResult(config, list(answers), scores, lenient, seconds, files, metrics)
 
 
 __all__ = ["run_eval", "EvalReport", "ConfigResult", "QUICK_LIMIT", "AlignedMap"]

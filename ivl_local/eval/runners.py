@@ -79,10 +79,11 @@ class TorchRunner:
 
 def make_runner(base: Path, value: Path | None, token_map: Path | None, seed: int,
                 torch_base_gguf: Path | None = None, threads: int | None = None,
-                value_prompt: str = "own", terms=()) -> Runner:
+                value_prompt: str = "own", terms=(), n_ctx: int = 256) -> Runner:
     """A folder as base means a torch checkpoint (its GGUF tokenizer comes from torch_base_gguf)."""
     threads = threads or default_threads()
     if Path(base).is_dir():
         assert value is None and not terms and torch_base_gguf is not None
         return TorchRunner(base, torch_base_gguf, threads)
-    return EngineRunner(base, value, token_map, seed, threads=threads, value_prompt=value_prompt, terms=terms)
+    return EngineRunner(base, value, token_map, seed, n_ctx=n_ctx, threads=threads, value_prompt=value_prompt,
+                        terms=terms)

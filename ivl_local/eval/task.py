@@ -29,7 +29,9 @@ DATA_DIR = data_dir()
 TASKS = {name: {split: f"{name}_{split}.jsonl" for split in ("train", "valid", "test")}
          for name in ("arith", "spell", "ifeval")}   # reasoning-gym chain_sum | spell_backward | eval/ifeval.py
 # What a task's answers need, where it differs from the harness's defaults (short exact answers).
-TASK_LIMITS = {"ifeval": {"max_tokens": 256, "n_ctx": 1024}}   # paragraphs, lists; prompt + answer fit
+# ifeval: answers are paragraphs and lists (the longest demonstration is ~200 tokens); the quick
+# smoke test cuts them shorter.
+TASK_LIMITS = {"ifeval": {"max_tokens": 256, "quick_max_tokens": 64, "n_ctx": 1024}}
 SPLITS = TASKS["arith"]
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 _WORD = re.compile(r"\w+")

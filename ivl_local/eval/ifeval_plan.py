@@ -1,0 +1,86 @@
+"""The transfer study's configurations on the ifeval task (configs.build_plan(task="ifeval")).
+
+    plan = build_ifeval_plan(quick=True)    # a smoke test of every step: small recipes
+    plan = build_ifeval_plan()              # the study (Qwen rows when both Qwen models are installed)
+
+The same rows as the arithmetic study where they apply, every trained artifact learning the
+ifeval train split (data/ifeval_train.jsonl, programmatic demonstrations): the value net vs
+full fine-tuning on its training base, another quantization, across vocabularies in both
+directions (SmolLM2 <-> Gemma 3, SmolLM2 -> Qwen 1.5B), same family larger (Qwen 0.5B value
+net on the 1.5B vs the 1.5B's partial fine-tune), proxy-tuning on every base, alpha sweeps
+(their alpha is chosen on --split valid, then --alpha-from).
+"""
+
+from __future__ import annotations
+
+from .configs import (ALPHAS, GEMMA, QUICK_ALPHAS, QWEN_LARGE, QWEN_REF_LAYERS, QWEN_SMALL, QWEN_STEPS, SMOL,
+                      EvalConfig, Plan, ProxyRef, Requantized, Trained, alpha_sweep)
+
+TASK = "ifeval"
+# Demonstrations are at most ~200 tokens with the prompt (SmolLM2's tokenizer), plus the chat
+# template: 320 never truncates one.
+MAX_LEN = 320
+
+
+def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: int | None = None,
+                      smollm2_init: str | None = None) -> Plan:
+    smollm2_init = smollm2_init or ("fresh" if quick else "pretrained")
+    steps = steps or (16 if quick else 200)
+    common = (("max_len", MAX_LEN), ("batch_size", 4 if quick else 8), ("eval_every", 0), ("eval_fraction", 0.0))
+    fresh = common + (("learning_rate", 1e-3), ("warmup_ratio", 0.05))
+    v_smol = (Trained(SMOL, init="fresh", steps=steps, extra=fresh, task=TASK) if smollm2_init == "fresh"
+              else Trained(SMOL, init=smollm2_init, steps=steps, extra=common, task=TASK))
+    ft_smol = Trained(SMOL, full_finetune=True, steps=steps, extra=common, task=TASK)
+    v_gemma = Trained(GEMMA, init="fresh", steps=steps, extra=fresh, task=TASK)
+    proxy = ProxyRef(expert=ft_smol, anti=SMOL)
+    alphas = QUICK_ALPHAS if quick else ALPHAS
+    skipped: list[str] = []
+
+    in_dist = EvalConfig("smollm2 + value", "in-distribution", SMOL, v_smol)
+    cross_smol = EvalConfig("gemma3 + value[smollm2]", "cross-vocab", GEMMA, v_smol)
+    configs = [EvalConfig("smollm2", "base", SMOL), EvalConfig("gemma3", "base", GEMMA), in_dist,
+               EvalConfig("smollm2 full-FT", "full-finetune", ft_smol), cross_smol,
+               EvalConfig("smollm2 + proxy", "proxy-tuning", SMOL, proxy=proxy),
+               EvalConfig("gemma3 + proxy[smollm2]", "proxy-tuning", GEMMA, proxy=proxy)]
+    transfer = [cross_smol]
+    if quick:
+        skipped.append("ifeval quick plan: bases, the SmolLM2 value net and its full fine-tune, "
+                       "Gemma + the SmolLM2 value net, proxy-tuning, one alpha sweep")
+        return Plan(configs + alpha_sweep(cross_smol, alphas), skipped)
+
+    q4 = Requantized(SMOL, "Q4_0")
+    cross_gemma = EvalConfig("smollm2 + value[gemma3]", "cross-vocab", SMOL, v_gemma)
+    configs += [EvalConfig("smollm2 Q4_0", "base", q4),
+                EvalConfig("smollm2 Q4_0 + value", "other-quantization", q4, v_smol),
+                EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma), cross_gemma]
+    transfer += [configs[-3], cross_gemma]
+    if installed(QWEN_LARGE):
+        on_large = [EvalConfig("qwen1.5b", "base", QWEN_LARGE),
+                    EvalConfig("qwen1.5b + value[smollm2]", "cross-vocab", QWEN_LARGE, v_smol),
+                    EvalConfig("qwen1.5b + proxy[smollm2]", "proxy-tuning", QWEN_LARGE, proxy=proxy)]
+        configs += on_large
+        transfer.append(on_large[1])
+    else:
+        skipped.append(f"{QWEN_LARGE}: not installed (optional; see ivl_local.models.install_command)")
+    if installed(QWEN_SMALL) and installed(QWEN_LARGE):
+        qwen_steps = min(steps, QWEN_STEPS)
+        v_qwen = Trained(QWEN_SMALL, init="pretrained", steps=qwen_steps, extra=common, task=TASK)
+        ref_large = Trained(QWEN_LARGE, full_finetune=True, steps=qwen_steps, task=TASK,
+                            extra=common + (("train_layers", QWEN_REF_LAYERS),))
+        same = EvalConfig("qwen1.5b + value[qwen0.5b]", "same-family", QWEN_LARGE, v_qwen)
+        configs += [EvalConfig("qwen0.5b", "base", QWEN_SMALL),
+                    EvalConfig("qwen0.5b + value", "in-distribution", QWEN_SMALL, v_qwen), same,
+                    EvalConfig("qwen1.5b partial-FT", "full-finetune", ref_large,
+                               note=f"last {QWEN_REF_LAYERS} layers + final norm fine-tuned"),
+                    EvalConfig("smollm2 + value[qwen0.5b]", "cross-vocab", SMOL, v_qwen),
+                    EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen)]
+        transfer.append(same)
+    else:
+        skipped.append("same-family (Qwen 0.5B -> 1.5B): needs both Qwen models")
+    skipped.append("the default chat value network before/after training on these demonstrations: not built yet")
+    for config in [in_dist] + transfer:
+        configs += alpha_sweep(config, alphas)
+    return Plan(configs, skipped)
+
+
+__all__ = ["build_ifeval_plan", "TASK", "MAX_LEN"]
