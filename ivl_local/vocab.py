@@ -291,6 +291,47 @@ def map_end_tokens(base: VocabData, value: VocabData, token_map: np.ndarray, wei
     return n
 
 
+# Why a base token has the value token it has (`map_rules`), as codes and names.
+RULE_NONE, RULE_EXACT, RULE_CONTROL, RULE_FIRST_PIECE, RULE_END_ROLE, RULE_OTHER = range(6)
+RULE_NAMES = ("unmapped", "exact", "control-text", "first-piece", "end-by-role", "other")
+
+
+def exact_counterparts(base: VocabData, value: VocabData) -> np.ndarray:
+    """int32[n_base]: the value token of identical normalised text (control tokens: identical
+    stored text), -1 where there is none. No fill and no end-token rule: exact matches only."""
+    from . import _core
+
+    token_map, _, unmatched = _core.build_token_map(
+        base.tokens, base.types, base.kind, value.tokens, value.types, value.kind)
+    exact = np.array(token_map, dtype=np.int32)
+    exact[np.asarray(unmatched, dtype=np.int64)] = -1
+    return exact
+
+
+def map_rules(base: VocabData, value: VocabData, mapping: TokenMapping) -> np.ndarray:
+    """int8[n_base]: which rule gave each base token its value token (RULE_NAMES), judged
+    against the exact matches, so it also describes a map file (an aligned map's choices
+    that no exact match explains are "other")."""
+    n = len(base)
+    if mapping.identity:
+        return np.full(n, RULE_EXACT, dtype=np.int8)
+    token_map = mapping.token_map
+    exact = exact_counterparts(base, value)
+    rules = np.full(n, RULE_OTHER, dtype=np.int8)
+    rules[token_map < 0] = RULE_NONE
+    same = (token_map >= 0) & (token_map == exact)
+    control = base.types == TokenType.CONTROL
+    rules[same & ~control] = RULE_EXACT
+    rules[same & control] = RULE_CONTROL
+    for i in base.end_ids:
+        if token_map[i] >= 0 and not same[i] and token_map[i] == value.turn_end:
+            rules[i] = RULE_END_ROLE
+    if mapping.builder.startswith("exact-text"):
+        # the builder's fill: a normal token without an exact match took its text's first piece
+        rules[(rules == RULE_OTHER) & (exact < 0)] = RULE_FIRST_PIECE
+    return rules
+
+
 def cached_map_path(base: VocabData, value: VocabData) -> Path:
     from .models import cache_dir
 

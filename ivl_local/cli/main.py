@@ -1,6 +1,6 @@
 """The apps behind the console scripts (see pyproject's [project.scripts]).
 
-    ivl chat | serve | train | convert | inspect | models     # `app`
+    ivl chat | serve | train | convert | inspect | align | compat | models     # `app`
     ivl-chat / ivl-train / ivl-convert                # the same commands, standalone
 
     python -m ivl_local.cli.main chat -p "Hello"      # without installed scripts
@@ -13,6 +13,7 @@ import typer
 from ._common import OneLineErrorsCommand, OneLineErrorsGroup
 from .align_cmd import align
 from .chat import chat
+from .compat_cmd import compat
 from .models_cmd import models_app
 from .produce import convert, inspect, train
 from .serve import serve
@@ -33,6 +34,7 @@ app.command("train")(train)
 app.command("convert")(convert)
 app.command("inspect")(inspect)
 app.command("align")(align)
+app.command("compat")(compat)
 app.add_typer(models_app, name="models")
 
 
