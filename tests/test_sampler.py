@@ -460,7 +460,8 @@ def test_top_k_off_draws_agree_across_levels():
 
 
 @pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-8])
-@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (40, 0.95, 0.05), (0, 0.95, 0.0)])
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (40, 0.95, 0.05), (0, 0.95, 0.0),
+                                               (0, 0.95, 0.05)])
 def test_a_tiny_temperature_samples_the_best_token(temperature, top_k, top_p, min_p):
     """logit / 1e-38 overflows a float to inf and the softmax after it to NaN: the sampler
     answered garbage (' shabe kounounso' where greedy said 'Hello'). Now the distance below
@@ -474,3 +475,157 @@ def test_a_tiny_temperature_samples_the_best_token(temperature, top_k, top_p, mi
     logits[456] = logits[123]   # a tie: both, and only them
     sampler = _core.Sampler(temperature, top_k, top_p, min_p, 1.0, 64, 0.0, 0.0, 7)
     assert {sampler.sample(logits) for _ in range(200)} <= {123, 456}
+
+
+# --- the nucleus path: top_k = 0 with min-p (the chat settings without top-k) -------------
+# One read of the vocabulary keeps the tokens within e^-10 of the best exactly; the rest
+# enter top-p's total only as bounds. These pin it to the plain chain.
+
+CHAT_NO_TOP_K = dict(temperature=0.8, top_k=0, top_p=0.95, min_p=0.05)
+
+
+def _llm_like(rng, n, spikes=20, scale=2.5):
+    logits = (rng.standard_normal(n) * scale).astype(np.float32)
+    logits[rng.choice(n, spikes, replace=False)] += 12.0
+    return logits
+
+
+def _peaked(n, p_best, p_second, tail_mass, seed=0):
+    """Log-probabilities: a best and a second token, the rest spread over n - 2 tokens."""
+    rng = np.random.default_rng(seed)
+    tail = rng.random(n - 2) + 0.5
+    tail *= tail_mass / tail.sum()
+    probs = np.concatenate([[p_best, p_second], tail])
+    order = rng.permutation(n)
+    return np.log(probs[order] / probs.sum()).astype(np.float32), order
+
+
+@pytest.mark.parametrize("case", ["llm", "holes", "ties", "flat", "cut_inside", "cut_at_edge",
+                                  "one_survivor", "hot"])
+def test_nucleus_path_matches_reference_every_level(case):
+    rng = np.random.default_rng(31)
+    n = 262_144
+    config = dict(CHAT_NO_TOP_K)
+    if case == "llm":
+        logits = _llm_like(rng, n)
+    elif case == "holes":
+        logits = _llm_like(rng, n)
+        logits[rng.random(n) < 0.3] = -np.inf
+    elif case == "ties":  # tied best tokens across chunk and block borders
+        logits = _llm_like(rng, n)
+        logits[[31, 32, 4095, 4096, n - 1]] = logits.max() + 1.0
+    elif case == "flat":  # every token within the exact band: the scan keeps them all
+        logits = (rng.standard_normal(n) * 0.3).astype(np.float32)
+    elif case == "cut_inside":  # top-p stops at the best token though two survive min-p
+        logits, _ = _peaked(n, 0.951, 0.0476, 0.0014)
+        config.update(temperature=1.0)
+    elif case == "cut_at_edge":  # the cut 1e-4 from the boundary: the bounds cannot tell
+        logits, _ = _peaked(n, 0.9499, 0.0476, 0.0025)
+        config.update(temperature=1.0)
+    elif case == "one_survivor":
+        logits, _ = _peaked(n, 0.99, 0.001, 0.009)
+    else:
+        logits = _llm_like(rng, n)
+        config.update(temperature=1.7, top_p=0.9, min_p=0.01)
+    ids, probs = chain_reference(logits, **config)
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            got_ids, got_probs = _core.Sampler(**config).probs(logits)
+            if case == "flat":  # float32 / t can tie where float64 does not: compare by id
+                order, got_order = np.argsort(ids), np.argsort(got_ids)
+                np.testing.assert_array_equal(got_ids[got_order], ids[order])
+                np.testing.assert_allclose(got_probs[got_order], probs[order], rtol=1e-5, atol=1e-9)
+            else:
+                np.testing.assert_array_equal(got_ids, ids)
+                np.testing.assert_allclose(got_probs, probs, rtol=1e-5, atol=1e-9)
+    finally:
+        _core.set_simd_level("auto")
+
+
+def test_nucleus_path_cuts_where_top_p_says():
+    n, config = 262_144, dict(CHAT_NO_TOP_K, temperature=1.0)
+    inside, _ = _peaked(n, 0.951, 0.0476, 0.0014)  # the best alone is 95.1 %
+    assert len(_core.Sampler(**dict(config, top_p=1.0)).probs(inside)[0]) == 2  # min-p: 2
+    ids, probs = _core.Sampler(**config).probs(inside)
+    assert ids.tolist() == [int(np.argmax(inside))] and probs.tolist() == [1.0]
+    at_two, _ = _peaked(n, 0.90, 0.07, 0.03)  # 90 % then 97 %: top-p keeps both
+    assert len(_core.Sampler(**config).probs(at_two)[0]) == 2
+
+
+def test_nucleus_draws_follow_the_canonical_order_and_the_mt19937_64_stream():
+    # seed 5489: the first output of std::mt19937_64 is 14514284786278117030
+    rng = np.random.default_rng(32)
+    logits = _llm_like(rng, 262_144, spikes=6)
+    logits[rng.choice(logits.size, 6, replace=False)] = logits.max() - 0.3
+    ids, probs = chain_reference(logits, **CHAT_NO_TOP_K)
+    assert len(ids) > 3
+    uniform = (14514284786278117030 >> 11) * 2.0**-53
+    expected = ids[int(np.searchsorted(np.cumsum(probs), uniform, side="right"))]
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            assert _core.Sampler(**CHAT_NO_TOP_K, seed=5489).sample(logits) == expected
+    finally:
+        _core.set_simd_level("auto")
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_nucleus_fused_paths_equal_fuse_then_sample_every_level(mapped):
+    rng = np.random.default_rng(33 + mapped)
+    n = 262_144 - 5  # a partial last block
+    base = _llm_like(rng, n)
+    base[rng.random(n) < 0.05] = -np.inf
+    n_value = 49_152 if mapped else n
+    value = (rng.standard_normal(n_value) * 2).astype(np.float32)
+    token_map = rng.integers(-1, n_value, n).astype(np.int32) if mapped else None
+    weights = rng.random(n).astype(np.float32) if mapped else None
+    scratch = np.empty(n, np.float32)
+    terms = [(value.ctypes.data, n_value, token_map, weights, 0.8, "raw")]
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            fused = _core.fuse_terms(base, [(value, token_map, weights, 0.8, "raw")])
+            ids, probs = chain_reference(fused, **CHAT_NO_TOP_K)
+            one, two, three = (_core.Sampler(**CHAT_NO_TOP_K, seed=9) for _ in range(3))
+            np.testing.assert_array_equal(one.probs(fused)[0], ids)
+            drawn = []
+            for _ in range(30):
+                token = _core._fuse_terms_and_sample(one, base.ctypes.data, n, terms, 0.0, scratch)
+                assert token == two.sample(fused)
+                if not mapped:
+                    assert token == _core._fuse_and_sample(three, base.ctypes.data, n,
+                                                          value.ctypes.data, n, None, 0.8, None,
+                                                          scratch)
+                drawn.append(token)
+            assert set(drawn) <= set(ids.tolist())
+    finally:
+        _core.set_simd_level("auto")
+
+
+def test_nucleus_path_with_penalties_matches_reference():
+    rng = np.random.default_rng(34)
+    logits = _llm_like(rng, 262_144)
+    best = np.argsort(-logits)[:3]
+    sampler = _core.Sampler(**CHAT_NO_TOP_K, repeat_penalty=1.5, presence_penalty=0.5)
+    for token in best[:2]:
+        sampler.accept(int(token))
+    adjusted = logits.astype(np.float64)
+    for token in best[:2]:
+        x = adjusted[token]
+        adjusted[token] = (x / 1.5 if x > 0 else x * 1.5) - 0.5
+    ids, probs = chain_reference(adjusted.astype(np.float32), **CHAT_NO_TOP_K)
+    got_ids, got_probs = sampler.probs(logits)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_allclose(got_probs, probs, rtol=1e-5, atol=1e-9)
+
+
+def test_nucleus_draw_frequencies_match_probs():
+    logits = np.full(70_000, -30.0, np.float32)
+    logits[[10, 20_000, 69_999]] = np.log([0.6, 0.3, 0.1]).astype(np.float32) + 10
+    sampler = _core.Sampler(temperature=1.0, top_k=0, top_p=0.95, min_p=0.05, seed=4)
+    ids, probs = sampler.probs(logits)
+    assert ids.tolist() == [10, 20_000, 69_999]
+    draws = np.array([sampler.sample(logits) for _ in range(20_000)])
+    freq = np.array([(draws == i).mean() for i in ids])
+    np.testing.assert_allclose(freq, probs, atol=0.015)

@@ -214,6 +214,19 @@ void collect_ge_scalar(const float* x, int64_t n, float threshold, std::vector<C
     }
 }
 
+void scan_blocks_scalar(const float* x, int64_t n, int64_t id0, float threshold, float* block_max,
+                        std::vector<Candidate>& out) {
+    for (int64_t i = 0; i < n; i += kScanBlock) {
+        const int64_t len = std::min(kScanBlock, n - i);
+        const float m = max_value_scalar(x + i, len);
+        *block_max++ = m;
+        if (!(m >= threshold)) continue;
+        for (int64_t k = i; k < i + len; ++k) {
+            if (x[k] >= threshold) out.push_back({static_cast<int32_t>(id0 + k), x[k]});
+        }
+    }
+}
+
 double exp_weights_scalar(const Candidate* items, int64_t n, double top, double* weights) {
     double total = 0.0;
     for (int64_t i = 0; i < n; ++i) {
@@ -225,7 +238,7 @@ double exp_weights_scalar(const Candidate* items, int64_t n, double top, double*
 
 const Kernels kScalar = {"scalar",         fuse_scalar,  first_nan_scalar,  max_value_scalar,
                          first_index_ge_scalar, top_k_scalar, collect_ge_scalar,
-                         exp_weights_scalar};
+                         exp_weights_scalar, scan_blocks_scalar};
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA
@@ -507,8 +520,37 @@ IVL_AVX2 double exp_weights_avx2(const Candidate* items, int64_t n, double top,
     return total;
 }
 
+IVL_AVX2 void scan_blocks_avx2(const float* x, int64_t n, int64_t id0, float threshold,
+                               float* block_max, std::vector<Candidate>& out) {
+    static_assert(kScanBlock == 32, "4 vectors per block");
+    const __m256 t = _mm256_set1_ps(threshold);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d));
+        m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+        m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
+        const float top = _mm256_cvtss_f32(m);
+        *block_max++ = top;
+        if (!(top >= threshold)) continue;
+        const __m256 v[4] = {a, b, c, d};
+        for (int u = 0; u < 4; ++u) {
+            unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v[u], t, _CMP_GE_OQ)));
+            while (mask) {
+                const int64_t k = i + 8 * u + __builtin_ctz(mask);
+                out.push_back({static_cast<int32_t>(id0 + k), x[k]});
+                mask &= mask - 1;
+            }
+        }
+    }
+    if (i < n) scan_blocks_scalar(x + i, n - i, id0 + i, threshold, block_max, out);
+}
+
 const Kernels kAvx2 = {"avx2",         fuse_avx2,    first_nan_avx2,  max_value_avx2,
-                       first_index_ge_avx2, top_k_avx2, collect_ge_avx2, exp_weights_avx2};
+                       first_index_ge_avx2, top_k_avx2, collect_ge_avx2, exp_weights_avx2,
+                       scan_blocks_avx2};
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512F: its own fuse (16 lanes, mask-register gather); the scans reuse AVX2, which every
@@ -564,7 +606,8 @@ IVL_AVX512 void fuse_avx512(const FuseArgs& a) {
 }
 
 const Kernels kAvx512 = {"avx512",        fuse_avx512,  first_nan_avx2,  max_value_avx2,
-                         first_index_ge_avx2, top_k_avx2, collect_ge_avx2, exp_weights_avx2};
+                         first_index_ge_avx2, top_k_avx2, collect_ge_avx2, exp_weights_avx2,
+                         scan_blocks_avx2};
 #endif  // IVL_X86
 
 // ---------------------------------------------------------------------------------------------
@@ -621,7 +664,7 @@ void fuse_neon(const FuseArgs& a) {
 
 const Kernels kNeon = {"neon",          fuse_neon,    first_nan_scalar,  max_value_scalar,
                        first_index_ge_scalar, top_k_scalar, collect_ge_scalar,
-                       exp_weights_scalar};
+                       exp_weights_scalar, scan_blocks_scalar};
 #endif  // __aarch64__
 
 // ---------------------------------------------------------------------------------------------

@@ -72,7 +72,15 @@ struct Kernels {
     // their sum. Within 1 ulp of std::exp on every level (the vector levels use their own
     // exp; the sum's association order is the level's own).
     double (*exp_weights)(const Candidate* items, int64_t n, double top, double* weights);
+    // Per block of kScanBlock floats (the last may be shorter): its max into block_max[b]
+    // (-inf for an all -inf block), and every (id0 + i, x[i]) with x[i] >= threshold appended
+    // to out, ids ascending. x is NaN-free. One read of x (blocks below the threshold cost a
+    // max-reduction and one compare).
+    void (*scan_blocks)(const float* x, int64_t n, int64_t id0, float threshold, float* block_max,
+                        std::vector<Candidate>& out);
 };
+
+constexpr int64_t kScanBlock = 32;
 
 const Kernels& active_kernels();
 

@@ -23,6 +23,15 @@ double negligible_log_ratio(int64_t n_vocab) {
     return 50.0 + std::log(static_cast<double>(std::max<int64_t>(n_vocab, 1)));
 }
 
+// The nucleus path keeps every token within this natural-log distance of the best (in units
+// of 1/temperature) exactly; the rest only enter top-p's total, as bounds. e^-10: a few
+// hundred tokens of an LLM's 262,144 at chat temperatures. min-p's bound must lie well
+// inside it (min_p > e^-9).
+constexpr double kNucleusLogRatio = 10.0;
+// Relative widening of top-p's total before deciding its cut from bounds, far above the
+// rounding of the chain's own sums: a cut that close to a boundary goes to the chain.
+constexpr double kTotalSlack = 1e-12;
+
 void sort_canonical(CandidateSet& cs) {
     if (!cs.sorted) {
         std::sort(cs.items.begin(), cs.items.end(), candidate_before);
@@ -68,24 +77,50 @@ double softmax_weights(const CandidateSet& cs, std::vector<double>& weights) {
 
 }  // namespace
 
+namespace {
+// The largest float at or below `threshold` (so no token at or above it is lost), and at
+// least the lowest finite float (so -inf is never a candidate).
+float round_down_threshold(double threshold) {
+    float t = static_cast<float>(threshold);
+    if (static_cast<double>(t) > threshold) t = std::nextafter(t, kNegInf);
+    return std::max(t, std::numeric_limits<float>::lowest());
+}
+}  // namespace
+
 void CandidateSet::make_sparse(double below_max) {
     if (!dense) return;
     const auto& kernels = detail::active_kernels();
     const float top = kernels.max_value(logits, n_vocab);
     if (!(top > kNegInf)) throw std::invalid_argument("all logits are -inf: nothing to sample");
-    const double threshold = std::max(static_cast<double>(top) - below_max,
-                                      static_cast<double>(std::numeric_limits<float>::lowest()));
     items.clear();
-    // Round the threshold down so no token at or above max - below_max is lost.
-    float t = static_cast<float>(threshold);
-    if (static_cast<double>(t) > threshold) t = std::nextafter(t, kNegInf);
-    kernels.collect_ge(logits, n_vocab, std::max(t, std::numeric_limits<float>::lowest()), items);
+    kernels.collect_ge(logits, n_vocab, round_down_threshold(static_cast<double>(top) - below_max),
+                       items);
     dense = false;
     sorted = false;
 }
 
-void SamplerChain::apply(CandidateSet& cs) {
-    for (auto& step : steps_) step->apply(cs);
+void NucleusScan::begin(int64_t n_vocab, double below) {
+    below_max = below;
+    top = kNegInf;
+    block_max.resize(static_cast<size_t>((n_vocab + detail::kScanBlock - 1) / detail::kScanBlock));
+    items.clear();
+}
+
+void NucleusScan::scan(const float* logits, int64_t i0, int64_t i1) {
+    const auto& kernels = detail::active_kernels();
+    // Until some logit is finite the bar comes from this range's own max (else everything
+    // above -inf would be collected); after that, from the max so far.
+    if (!(top > kNegInf)) top = kernels.max_value(logits + i0, i1 - i0);
+    float* block_max_out = block_max.data() + i0 / detail::kScanBlock;
+    kernels.scan_blocks(logits + i0, i1 - i0, i0,
+                        round_down_threshold(static_cast<double>(top) - below_max), block_max_out,
+                        items);
+    const int64_t n_blocks = (i1 - i0 + detail::kScanBlock - 1) / detail::kScanBlock;
+    for (int64_t b = 0; b < n_blocks; ++b) top = std::max(top, block_max_out[b]);
+}
+
+void SamplerChain::apply_from(CandidateSet& cs, size_t first_step) {
+    for (size_t i = first_step; i < steps_.size(); ++i) steps_[i]->apply(cs);
 }
 void SamplerChain::accept(int32_t token) {
     for (auto& step : steps_) step->accept(token);
@@ -381,6 +416,8 @@ Sampler::Sampler(const SamplerParams& p) : params_(p) {
     filters_.add(std::make_unique<TopPStep>(p.top_p));
     filters_.add(std::make_unique<MinPStep>(p.min_p));
     draw_ = std::make_unique<DistStep>(p.seed);
+    nucleus_ = p.top_k == 0 && p.min_p > 0.0f &&
+               -std::log(static_cast<double>(p.min_p)) < kNucleusLogRatio - 1.0;
 }
 
 Sampler::~Sampler() = default;
@@ -405,13 +442,97 @@ void Sampler::reset_candidates(float* logits, int64_t n_vocab) {
     cs.selected = -1;
 }
 
-int32_t Sampler::run(float* logits, int64_t n_vocab) {
+bool Sampler::finish_nucleus(CandidateSet& cs) {
+    const NucleusScan& scan = nucleus_scan_;
+    const float top = scan.top;
+    if (!(top > kNegInf)) throw std::invalid_argument("all logits are -inf: nothing to sample");
+    const float t = params_.temperature;
+    // +inf, or logits so large against t that x / t is coarse or overflows: the chain.
+    if (!(std::fabs(static_cast<double>(top)) / t < 1e5)) return false;
+    const float bar = round_down_threshold(static_cast<double>(top) - scan.below_max);
+    // The chain's own truncation (TemperatureStep): tokens below it are not in any total.
+    const float negligible =
+        round_down_threshold(static_cast<double>(top) - negligible_log_ratio(cs.n_vocab) * t);
+    const auto scaled = [t](float x) { return t == 1.0f ? x : x / t; };  // TemperatureStep's
+    // kept: every token >= bar, a canonical prefix of the vocabulary. (Tokens the scan
+    // collected below it, while the running max was lower, are dropped: what is decided here
+    // must not depend on how the array was split into ranges.)
+    std::vector<Candidate>& kept = cs.items;
+    kept.clear();
+    for (const auto& c : scan.items) {
+        if (c.logit >= bar) kept.push_back({c.id, scaled(c.logit)});
+    }
+    const float top_scaled = scaled(top);
+    // min-p's survivors (MinPStep's test), a prefix of kept in canonical order; top-p's cut
+    // can only shorten it.
+    const double log_p = std::log(static_cast<double>(params_.min_p));
+    const auto survivors_end = std::partition(kept.begin(), kept.end(), [&](const Candidate& c) {
+        return static_cast<double>(c.logit) - static_cast<double>(top_scaled) >= log_p;
+    });
+    std::sort(kept.begin(), survivors_end, candidate_before);
+    const size_t n_survivors = static_cast<size_t>(survivors_end - kept.begin());
+    size_t n_final = n_survivors;
+    if (params_.top_p < 1.0f && n_survivors > 1) {
+        const auto& kernels = detail::active_kernels();
+        weights_.resize(kept.size());
+        const double kept_total = kernels.exp_weights(
+            kept.data(), static_cast<int64_t>(kept.size()), top_scaled, weights_.data());
+        // weights_[0, n_survivors) now hold the survivors' weights, in canonical order.
+        const double p = params_.top_p;
+        const auto cut = [&](double total) {  // TopPStep's cut, at most n_survivors tokens
+            const double target = p * total;
+            double mass = 0.0;
+            for (size_t i = 0; i < n_survivors; ++i) {
+                mass += weights_[i];
+                if (mass >= target) return i + 1;
+            }
+            return n_survivors;
+        };
+        // The total is kept_total plus the tokens below bar, each at most min(its block's
+        // max, bar) (those below `negligible` count nothing, as in the chain): a larger total
+        // only moves the cut later, so equal cuts at both ends decide it.
+        n_final = cut(kept_total * (1.0 - kTotalSlack));
+        if (n_final < n_survivors) {
+            bounds_.clear();
+            for (size_t b = 0; b < scan.block_max.size(); ++b) {
+                const float v = std::min(scan.block_max[b], bar);
+                if (v >= negligible) bounds_.push_back({static_cast<int32_t>(b), scaled(v)});
+            }
+            bound_weights_.resize(bounds_.size());
+            const double left_out =
+                static_cast<double>(detail::kScanBlock) *
+                kernels.exp_weights(bounds_.data(), static_cast<int64_t>(bounds_.size()),
+                                    top_scaled, bound_weights_.data());
+            if (cut((kept_total + left_out) * (1.0 + kTotalSlack)) != n_final) return false;
+        }
+    }
+    kept.resize(n_final);
+    cs.dense = false;
+    cs.sorted = true;
+    return true;
+}
+
+void Sampler::truncate(float* logits, int64_t n_vocab) {
     if (n_vocab <= 0) throw std::invalid_argument("empty logits");
     reset_candidates(logits, n_vocab);
     CandidateSet& cs = candidates_;
-    filters_.apply(cs);
-    draw_->apply(cs);
-    return cs.selected;
+    if (!nucleus_) {
+        filters_.apply(cs);
+        return;
+    }
+    penalties_->apply(cs);  // on the dense array
+    nucleus_scan_.begin(n_vocab, kNucleusLogRatio * params_.temperature);
+    nucleus_scan_.scan(logits, 0, n_vocab);
+    if (!finish_nucleus(cs)) {
+        reset_candidates(logits, n_vocab);
+        filters_.apply_from(cs, 1);
+    }
+}
+
+int32_t Sampler::run(float* logits, int64_t n_vocab) {
+    truncate(logits, n_vocab);
+    draw_->apply(candidates_);
+    return candidates_.selected;
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n_vocab) {
@@ -444,14 +565,8 @@ std::vector<std::pair<int32_t, float>> Sampler::probs(const float* logits, int64
     if (n_vocab <= 0) throw std::invalid_argument("empty logits");
     bool copied = false;
     float* work = const_cast<float*>(editable_copy(logits, n_vocab, copied));
+    truncate(work, n_vocab);
     CandidateSet& cs = candidates_;
-    cs.logits = work;
-    cs.n_vocab = n_vocab;
-    cs.dense = true;
-    cs.sorted = false;
-    cs.items.clear();
-    cs.selected = -1;
-    filters_.apply(cs);
     if (greedy()) {
         GreedyStep().apply(cs);
         return {{cs.selected, 1.0f}};
@@ -473,7 +588,7 @@ int32_t Sampler::sample_filled(float* logits, int64_t n_vocab,
     std::lock_guard<std::mutex> lock(mutex_);
     const bool fused_greedy = greedy();
     const bool fused_top_k = !fused_greedy && params_.top_k > 0;
-    if (n_vocab <= 0 || penalties_->will_edit() || !(fused_greedy || fused_top_k)) {
+    if (n_vocab <= 0 || penalties_->will_edit() || !(fused_greedy || fused_top_k || nucleus_)) {
         fill(0, n_vocab);
         return run(logits, n_vocab);
     }
@@ -496,6 +611,20 @@ int32_t Sampler::sample_filled(float* logits, int64_t n_vocab,
         }
         if (!(best > kNegInf)) throw std::invalid_argument("all logits are -inf: nothing to sample");
         return static_cast<int32_t>(best_id);
+    }
+    if (nucleus_) {  // the nucleus scan, chunk by chunk: the same scan as on the whole array
+        nucleus_scan_.begin(n_vocab, kNucleusLogRatio * params_.temperature);
+        for (int64_t i0 = 0; i0 < n_vocab; i0 += kChunk) {
+            const int64_t i1 = std::min(n_vocab, i0 + kChunk);
+            fill(i0, i1);
+            nucleus_scan_.scan(logits, i0, i1);
+        }
+        if (!finish_nucleus(cs)) {  // every chunk is filled: the chain on the dense array
+            reset_candidates(logits, n_vocab);
+            filters_.apply(cs);
+        }
+        draw_->apply(cs);
+        return cs.selected;
     }
     // The TopKStep on the dense array, chunk by chunk: the same offers in the same (id)
     // order, so the same heap; the chain then starts from its sorted top k.

@@ -25,6 +25,13 @@
 //   - without top-k, tokens whose probability is below e^-50 / n_vocab of the best token are
 //     dropped before the softmax (their total mass is under 2^-53 of it: a 53-bit uniform
 //     cannot reach them);
+//   - without top-k but with min-p (> e^-9), the "nucleus path": one read of the dense array
+//     (NucleusScan: running max, block maxes, tokens within e^-10 of the best) and no exp
+//     outside that band. min-p's survivors lie inside it; top-p's cut among them needs the
+//     total mass, which is bounded (every other token is at most its 32-token block's max)
+//     and decided when both ends of the bound give the same cut, else the chain runs on the
+//     array (rare: a cut within the bound's width of the boundary). Same tables as the chain;
+//     survivors are drawn in canonical order;
 //   - top-p selects an exact nucleus by partial sorts of growing prefixes (64, 256, ...),
 //     never a full sort of the vocabulary.
 // Softmax is computed in double with the max subtracted. Draws use std::mt19937_64 (fully
@@ -82,7 +89,8 @@ public:
 class SamplerChain : public SamplerStep {
 public:
     void add(std::unique_ptr<SamplerStep> step) { steps_.push_back(std::move(step)); }
-    void apply(CandidateSet& candidates) override;
+    void apply(CandidateSet& candidates) override { apply_from(candidates, 0); }
+    void apply_from(CandidateSet& candidates, size_t first_step);
     void accept(int32_t token) override;
     void reset() override;
 
@@ -91,6 +99,20 @@ private:
 };
 
 class PenaltiesStep;
+
+// The one-read scan behind the nucleus path (see Sampler): the running max, each block's max
+// (detail::kScanBlock floats) and every token within `below_max` of the running max, fed in
+// consecutive ranges. Every token at or above (final max - below_max) ends up in `items`
+// (a running max only lowers the bar), and a token left out is at most its block's max.
+struct NucleusScan {
+    void begin(int64_t n_vocab, double below_max);
+    void scan(const float* logits, int64_t i0, int64_t i1);  // i0 a multiple of kScanBlock
+
+    double below_max = 0.0;
+    float top = 0.0f;
+    std::vector<float> block_max;
+    std::vector<Candidate> items;
+};
 
 class Sampler {
 public:
@@ -120,6 +142,12 @@ public:
                           const std::function<void(int64_t, int64_t)>& fill);
 
 private:
+    // The chain's result from a finished scan: cs.items = the survivors of top-p and min-p in
+    // canonical order, and true; false when the bounds cannot decide top-p's cut (then the
+    // caller runs the chain on the dense array, which stays filled).
+    bool finish_nucleus(CandidateSet& cs);
+    // The chain without the draw: candidates_ holds the survivors.
+    void truncate(float* logits, int64_t n_vocab);
     void reset_candidates(float* logits, int64_t n_vocab);
     const float* editable_copy(const float* logits, int64_t n_vocab, bool& copied);
     int32_t run(float* logits, int64_t n_vocab);
@@ -130,6 +158,10 @@ private:
     PenaltiesStep* penalties_ = nullptr;  // owned by filters_
     std::vector<float> scratch_;
     CandidateSet candidates_;
+    bool nucleus_ = false;
+    NucleusScan nucleus_scan_;
+    std::vector<Candidate> bounds_;
+    std::vector<double> weights_, bound_weights_;
     std::mutex mutex_;
 };
 

@@ -592,6 +592,53 @@ void fused_ties_and_errors() {
 
 }  // namespace
 
+// --- the nucleus path (top_k 0, min-p): one scan, exact band, bounded tail -----------------
+
+void nucleus_path() {
+    const SamplerParams chat = make_params(0.8f, 0, 0.95f, 0.05f, 5);
+    Rng rng(41);
+    std::vector<float> llm = random_logits(rng, 262'144, 2.5);
+    for (int i = 0; i < 20; ++i) llm[rng.integer(0, 262'144)] += 12.0f;
+    check_probs_every_level("nucleus: chat settings on 262,144 logits", chat, llm,
+                            chain_reference(llm, 0.8, 0, 0.95, 0.05));
+    std::vector<float> holes = llm;
+    for (auto& v : holes) {
+        if (rng.uniform() < 0.3) v = -kInf;
+    }
+    const float best = *std::max_element(holes.begin(), holes.end()) + 1.0f;
+    for (const int64_t i : {31, 32, 4095, 4096, 262'143}) holes[i] = best;  // ties across borders
+    check_probs_every_level("nucleus: -inf holes and tied best tokens", chat, holes,
+                            chain_reference(holes, 0.8, 0, 0.95, 0.05));
+
+    // Peaked: the best alone reaches top-p while min-p keeps two; the tail (1.4e-3 over
+    // 262,142 tokens) decides, through the bounds or through the chain.
+    for (const double p_best : {0.951, 0.9499, 0.96}) {
+        std::vector<double> probs(262'144, 0.0014 / 262'142);
+        probs[70'000] = p_best;
+        probs[123] = 0.0476;
+        const std::vector<float> peaked = log_of(probs);
+        const SamplerParams p = make_params(1.0f, 0, 0.95f, 0.05f);
+        check_probs_every_level("nucleus: peaked, best " + std::to_string(p_best), p, peaked,
+                                chain_reference(peaked, 1.0, 0, 0.95, 0.05));
+    }
+
+    // fuse_and_sample's chunked scan draws the tokens of fuse-then-sample (a partial block).
+    const int64_t n = 262'144 - 5;
+    std::vector<float> base(llm.begin(), llm.begin() + n), value = random_logits(rng, n, 1.0);
+    for_each_level([&](const std::string& level) {
+        std::vector<float> fused(n), scratch(n);
+        fuse_logits(fused.data(), base.data(), n, value.data(), n, nullptr, 0.8f, nullptr);
+        Sampler one(chat), two(chat);
+        bool same = true;
+        for (int step = 0; step < 20; ++step) {
+            const int32_t a = fuse_and_sample(one, scratch.data(), base.data(), n, value.data(), n,
+                                              nullptr, 0.8f, nullptr);
+            same &= a == two.sample(fused.data(), n);
+        }
+        check(same, "nucleus: fuse_and_sample = fuse then sample [" + level + "]");
+    });
+}
+
 void test_sampler() {
     tables();
     penalties();
@@ -601,6 +648,7 @@ void test_sampler() {
     errors();
     fused_matches_fuse_then_sample();
     fused_ties_and_errors();
+    nucleus_path();
 }
 
 }  // namespace ivl::test
