@@ -22,6 +22,12 @@ Then `_fuse_terms_and_sample` (a base plus N terms, issue 10) side by side with
 `_fuse_and_sample` on the same inputs, per level: 1 term (identity; the real map), and 3
 terms (an expert and an anti-expert as identity log-softmax terms, plus the real-map value
 term). `--terms-only` runs just that table.
+
+`--chat` (issue 12): µs per `_fuse_terms_and_sample` call, as the Engine makes it, at the
+CLI's sampling defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) and the same
+without top-k, for the base alone, a same-vocabulary value net and the real map. With
+`--before PATH/_core*.so` (an extension built from an earlier commit) the same calls on that
+build run in the same process, interleaved, and the ratio is printed.
 """
 
 from __future__ import annotations
@@ -149,6 +155,88 @@ def bench_terms(base, value_same, real_value, real_tmap, real_tw, iters: int) ->
         _core.set_simd_level("auto")
 
 
+CHAT = {"chat (top-k 40)": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+        "chat, top-k off": dict(temperature=0.8, top_k=0, top_p=0.95, min_p=0.05)}
+
+
+def chat_step(core, base, terms_by_case, scratch, iters):
+    """(mode, case) -> µs of that Engine-style step on `core`."""
+    def run(mode: str, case: str) -> float:
+        config, terms = CHAT[mode], terms_by_case[case]
+        sampler = core.Sampler(**config, seed=1)
+        return timed_us(lambda: core._fuse_terms_and_sample(sampler, base.ctypes.data, base.size,
+                                                           terms, 0.0, scratch), iters, rounds=3)
+    return run
+
+
+def chat_cases(base, value_same, real_value, real_tmap, real_tw):
+    return {
+        "base alone": [],
+        "same vocab": [(value_same.ctypes.data, value_same.size, None, None, ALPHA, "raw")],
+        "real map": [(real_value.ctypes.data, real_value.size, real_tmap, real_tw, ALPHA, "raw")],
+    }
+
+
+class BeforeCore:
+    """The same steps on an _core built from another commit, in a child process (pybind11
+    registers its types once per process), asked row by row so both see the same load."""
+
+    def __init__(self, so_path: str, argv: list[str]):
+        import subprocess
+        import sys
+
+        self.child = subprocess.Popen([sys.executable, __file__, *argv, "--serve-core", so_path],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, mode: str, case: str) -> float:
+        self.child.stdin.write(f"{mode}\t{case}\n")
+        self.child.stdin.flush()
+        return float(self.child.stdout.readline())
+
+    def close(self) -> None:
+        self.child.stdin.close()
+        self.child.wait()
+
+
+def serve_core(so_path: str, steps) -> None:
+    """Child side of BeforeCore: loads the other build as ivl_local._core and times rows."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("ivl_local._core", so_path)
+    core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(core)
+    run = steps(core)
+    for line in sys.stdin:
+        mode, case = line.rstrip("\n").split("\t")
+        print(run(mode, case), flush=True)
+
+
+def bench_chat(base, cases, iters: int, before) -> None:
+    """µs per Engine-style step (_fuse_terms_and_sample) at the chat settings, best level."""
+    scratch = np.empty_like(base)
+    now = chat_step(_core, base, cases, scratch, iters)
+    print(f"\nfuse+sample at the chat settings, vocab {base.size:,}, level {_core.simd_level()}; "
+          f"µs per step (best of 2 interleaved medians, thread CPU time; a shared machine "
+          f"inflates both)")
+    header = f"{'sampling':<17} {'terms':<12} {'now':>9}"
+    if before is not None:
+        header += f" {'before':>9} {'before/now':>11}"
+    print(header)
+    print("-" * len(header))
+    for mode in CHAT:
+        for case in cases:
+            figures = {"now": [], "before": []}
+            for _ in range(2):
+                figures["now"].append(now(mode, case))
+                if before is not None:
+                    figures["before"].append(before(mode, case))
+            row = f"{mode:<17} {case:<12} {min(figures['now']):9.1f}"
+            if before is not None:
+                row += f" {min(figures['before']):9.1f} {min(figures['before']) / min(figures['now']):10.1f}x"
+            print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=262_144)
@@ -156,6 +244,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--terms-only", action="store_true",
                         help="only the fuse_terms_and_sample table")
+    parser.add_argument("--chat", action="store_true",
+                        help="only the chat-settings table (base, same vocab, real map)")
+    parser.add_argument("--before", metavar="SO", default=None,
+                        help="an _core extension built from another commit, timed beside this one")
+    parser.add_argument("--serve-core", metavar="SO", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     base, value, token_map, token_weights = make_inputs(args.vocab, args.value_vocab)
@@ -163,6 +256,19 @@ def main() -> None:
     rng = np.random.default_rng(0)
     value_same = np.resize(value, base.size)  # identity case: same vocabulary
     real_value, real_tmap, real_tw, real_label = real_map(args.vocab)
+    cases = chat_cases(base, value_same, real_value, real_tmap, real_tw)
+    if args.serve_core:
+        serve_core(args.serve_core, lambda core: chat_step(core, base, cases, scratch, args.iters))
+        return
+    before = None
+    if args.before:
+        before = BeforeCore(args.before, ["--vocab", str(args.vocab), "--value-vocab",
+                                          str(args.value_vocab), "--iters", str(args.iters)])
+    if args.chat:
+        bench_chat(base, cases, args.iters, before)
+        if before is not None:
+            before.close()
+        return
     if args.terms_only:
         bench_terms(base, value_same, real_value, real_tmap, real_tw, args.iters)
         return
@@ -244,6 +350,9 @@ def main() -> None:
     finally:
         _core.set_simd_level("auto")
     bench_terms(base, value_same, real_value, real_tmap, real_tw, args.iters)
+    bench_chat(base, cases, args.iters, before)
+    if before is not None:
+        before.close()
 
 
 if __name__ == "__main__":
