@@ -147,6 +147,12 @@ class Vocab:
         return out
 
 
+def logits_view(address: int, n: int) -> np.ndarray:
+    """float32[n] over llama.cpp's logits at `address` (no copy; valid until the next decode)."""
+    ptr = ctypes.cast(address, ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(ptr, shape=(n,))
+
+
 # --- model --------------------------------------------------------------------------------
 
 class _Owned:
@@ -215,7 +221,8 @@ class Batch:
         self._batch = C.llama_batch_init(capacity, 0, 1)
         self._live = True
 
-    def fill(self, tokens: list[int], start_pos: int, logits_last: bool) -> C.llama_batch:
+    def fill(self, tokens: list[int], start_pos: int, logits_last: bool,
+             logits_all: bool = False) -> C.llama_batch:
         b, n = self._batch, len(tokens)
         assert n <= self.capacity
         b.n_tokens = n
@@ -224,7 +231,7 @@ class Batch:
             b.pos[i] = start_pos + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
-            b.logits[i] = 0
+            b.logits[i] = int(logits_all)
         if logits_last and n:
             b.logits[n - 1] = 1
         return b
@@ -273,17 +280,22 @@ class Context(_Owned):
         self.n_threads = n_threads
         C.llama_set_n_threads(self.ptr, n_threads, n_threads)
 
-    def decode(self, tokens: list[int], start_pos: int, logits_last: bool = True) -> None:
-        """Decode tokens at positions start_pos.. in n_batch chunks; logits for the last one."""
+    def decode(self, tokens: list[int], start_pos: int, logits_last: bool = True,
+               logits_all: bool = False) -> None:
+        """Decode tokens at positions start_pos.. in n_batch chunks; logits for the last one,
+        or (`logits_all`, one chunk at most: speculative verification) for every one, read
+        with logits_ptr(i) for the i-th token."""
         if self.ptr is None:
             raise IVLError("this context was freed")
+        if logits_all and len(tokens) > self.n_batch:
+            raise ConfigError(f"{len(tokens)} tokens with logits each exceed the batch of {self.n_batch}")
         if start_pos < 0 or start_pos + len(tokens) > self.n_ctx:
             raise ContextOverflowError(f"{start_pos + len(tokens)} tokens do not fit in the context "
                                        f"window of {self.n_ctx}")
         for lo in range(0, len(tokens), self.n_batch):
             chunk = tokens[lo:lo + self.n_batch]
             last = lo + len(chunk) == len(tokens)
-            batch = self._batch.fill(chunk, start_pos + lo, logits_last and last)
+            batch = self._batch.fill(chunk, start_pos + lo, logits_last and last, logits_all)
             rc = C.llama_decode(self.ptr, batch)
             if rc == 1:
                 raise ContextOverflowError(f"no room left in the context window of {self.n_ctx} tokens")
@@ -301,9 +313,8 @@ class Context(_Owned):
         return address
 
     def logits_array(self, i: int = -1) -> np.ndarray:
-        """A numpy view of the same buffer (tests, debugging); valid until the next decode."""
-        ptr = ctypes.cast(self.logits_ptr(i), ctypes.POINTER(ctypes.c_float))
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        """A numpy view of the same buffer; valid until the next decode."""
+        return logits_view(self.logits_ptr(i), self.n_vocab)
 
     def truncate(self, n_keep: int) -> bool:
         """Drop every cached position >= n_keep; False if llama.cpp cannot (caller clears)."""

@@ -17,6 +17,7 @@ The concatenated output equals llama-cpp-python's `Llama.detokenize(tokens).deco
 from __future__ import annotations
 
 import codecs
+import copy
 from typing import Callable
 
 
@@ -43,6 +44,14 @@ class Detokenizer:
                 data = data[1:]
         self.n_bytes += len(data)
         return self._decoder.decode(data)
+
+    def fork(self) -> "Detokenizer":
+        """An independent copy in this state: what further tokens would release, without
+        advancing this one (speculative drafts)."""
+        other = copy.copy(self)
+        other._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        other._decoder.setstate(self._decoder.getstate())
+        return other
 
     @property
     def pending(self) -> bool:

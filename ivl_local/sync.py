@@ -25,6 +25,19 @@ engine drives without knowing which kind it holds:
     follower.start(prompt_tokens, text)  # prefill (reusing the cached prefix)
     follower.feed(token, released_text)  # the base sampled `token`, releasing this text
     follower.reset()                     # forget the cache
+
+and, for speculative decoding (ivl_local/speculative.py), the verification of a batch of
+base tokens (the sampled token, then drafts) whose released texts are `texts`:
+
+    n = follower.plan(texts)             # how many leading positions it can give exact logits for
+    follower.verify(tokens[:n], texts[:n])   # one llama_decode, logits at every position
+    follower.logits_at(j)                # address of the logits after batch position j
+    follower.keep(m)                     # positions 0..m-1 were accepted: roll back the rest
+
+Exact logits means the very logits one `feed` per token would have left: for the same
+vocabulary the batch's own outputs; across vocabularies the value tokens of the text up to
+position j must be a prefix of the decoded ones (a draft that ends inside a value token, which
+the next draft would re-tokenize, ends the verifiable run there).
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ class KVSequence:
         self.tokens: list[int] = []
         self.logits_valid = False  # logits of the last decode belong to tokens[-1]
         self.decoded = 0           # tokens decoded by the last sync_to/append (stats)
+        self._verify_start = 0     # len(tokens) before the last verify()
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -95,9 +109,10 @@ class KVSequence:
         self.append(tokens[keep:])
         return keep
 
-    def append(self, tokens: list[int]) -> None:
+    def append(self, tokens: list[int], logits_all: bool = False) -> None:
         """Decode tokens after the current ones (chunked: `tokens` grows chunk by chunk, so an
-        interruption leaves the bookkeeping a prefix of the cache; `repair` trims the rest)."""
+        interruption leaves the bookkeeping a prefix of the cache; `repair` trims the rest).
+        `logits_all`: one chunk with logits at every token (`ctx.logits_ptr(i)`)."""
         self.decoded = len(tokens)
         step = self.ctx.n_batch
         for lo in range(0, len(tokens), step):
@@ -105,7 +120,8 @@ class KVSequence:
                 self.checkpoint()
             chunk = tokens[lo:lo + step]
             self.logits_valid = False
-            self.ctx.decode(chunk, len(self.tokens), logits_last=lo + step >= len(tokens))
+            self.ctx.decode(chunk, len(self.tokens), logits_last=lo + step >= len(tokens),
+                            logits_all=logits_all)
             self.tokens.extend(chunk)
         self.logits_valid = bool(tokens) or self.logits_valid
 
@@ -116,6 +132,23 @@ class KVSequence:
 
     def feed(self, token: int, text: bytes) -> None:
         self.append([token])
+
+    def room(self) -> int:
+        """Positions left in the context window."""
+        return self.ctx.n_ctx - len(self.tokens)
+
+    def plan(self, texts: list[bytes]) -> int:
+        return max(1, min(len(texts), self.room(), self.ctx.n_batch))
+
+    def verify(self, tokens: list[int], texts: list[bytes]) -> None:
+        self._verify_start = len(self.tokens)
+        self.append(tokens, logits_all=True)
+
+    def logits_at(self, j: int) -> int:
+        return self.ctx.logits_ptr(j)
+
+    def keep(self, n: int) -> None:
+        self._truncate(self._verify_start + n)
 
 
 class TextSync:
@@ -129,6 +162,7 @@ class TextSync:
         self.text = b""
         self._ends: list[int] = []  # byte offset in `text` where each token's text ends
         self.full_retokenizations = 0
+        self._plan: tuple[list[bytes], list[list[int]]] | None = None   # texts, tokens per position
 
     @property
     def tokens(self) -> list[int]:
@@ -168,37 +202,48 @@ class TextSync:
         if not delta:
             self.seq.decoded = 0
             return 0
-        old_len = len(self.text)
+        new_tokens = self._retokenized(self.text + delta)
         self.text += delta
-        if not self._offsets_exact_before(old_len):
-            return self._full()
+        return self._apply(new_tokens)
+
+    def _retokenized(self, text: bytes) -> list[int]:
+        """tokenize(text) for `text` = self.text + more, re-tokenizing only an unstable tail
+        of the current tokens (changes nothing)."""
+        if len(text) == len(self.text):
+            return list(self.tokens)
+        if not self._offsets_exact_before(len(self.text)):
+            return self._full(text)
         n = len(self.tokens)
         first_fixed = 1 if (n and self.vocab.add_bos and self.tokens[0] == self.vocab.bos) else 0
         k = self.window
         while True:
             start = max(first_fixed, n - k)
             if start <= first_fixed:
-                return self._full()
+                return self._full(text)
             offset = self._ends[start - 1]
-            tail = self.vocab.tokenize(self.text[offset:], add_special=False, parse_special=True)
+            tail = self.vocab.tokenize(text[offset:], add_special=False, parse_special=True)
             changed = common_prefix(self.tokens[start:], tail)
             if changed > 0:
-                new_tokens = self.tokens[:start] + tail
-                return self._apply(new_tokens)
+                return self.tokens[:start] + tail
             k *= 2  # the window's first token changed: the change may reach further back
 
     def _offsets_exact_before(self, old_len: int) -> bool:
         return bool(self._ends) and self._ends[-1] == old_len
 
-    def _full(self) -> int:
+    def _full(self, text: bytes) -> list[int]:
         self.full_retokenizations += 1
-        return self._apply(self.tokenize(self.text))
+        return self.tokenize(text)
 
     def _apply(self, new_tokens: list[int]) -> int:
         old_ends = self._ends
         start = self.seq.sync_to(new_tokens)
-        # Offsets of the kept prefix are unchanged; recompute the rest from pieces (all of
-        # them if an interruption left the offsets shorter than the tokens).
+        self._recount(old_ends, start, new_tokens)
+        return self.seq.decoded
+
+    def _recount(self, old_ends: list[int], start: int, new_tokens: list[int]) -> None:
+        """Byte offsets for `new_tokens`, whose first `start` equal those `old_ends` were
+        counted for: those offsets are kept, the rest recomputed from pieces (all of them if an
+        interruption left the offsets shorter than the tokens)."""
         start = start if start <= len(old_ends) else 0
         base = old_ends[start - 1] if start else 0
         ends = old_ends[:start]
@@ -206,7 +251,56 @@ class TextSync:
             base += length
             ends.append(base)
         self._ends = ends
-        return self.seq.decoded
+
+    # --- speculative verification (see the module docstring) --------------------------------
+
+    def plan(self, texts: list[bytes]) -> int:
+        """Value tokens of the text after each position, each a prefix of the next's: as
+        many positions as keep that chain (and fit the window and one batch)."""
+        seq, text = self.seq, self.text
+        chain: list[list[int]] = []
+        for piece in texts:
+            text += piece
+            tokens = self._retokenized(text)
+            if chain and tokens[:len(chain[-1])] != chain[-1]:
+                break
+            if chain and (len(tokens) > seq.ctx.n_ctx or
+                          len(tokens) - self._first_decoded(chain[0], tokens) > seq.ctx.n_batch):
+                break
+            chain.append(tokens)
+        self._plan = (list(texts[:len(chain)]), chain)
+        return len(chain)
+
+    def _first_decoded(self, first: list[int], last: list[int]) -> int:
+        """Where a verify batch ending in `last` starts: after the common prefix with the
+        cache, but at the latest at the first position's last token (its logits are needed)."""
+        return max(0, min(common_prefix(self.tokens, last), len(first) - 1))
+
+    def verify(self, tokens: list[int], texts: list[bytes]) -> None:
+        planned, chain = self._plan
+        assert planned[:len(texts)] == list(texts), "verify() needs the texts plan() saw"
+        chain = chain[:len(texts)]
+        self._plan = (planned[:len(texts)], chain)
+        last = chain[-1]
+        start = self._first_decoded(chain[0], last)
+        self._old_ends = self._ends
+        self.seq._truncate(start)
+        start = len(self.seq.tokens)       # 0 if the truncation had to reset
+        self.seq._verify_start = start
+        self.seq.append(last[start:], logits_all=True)
+
+    def logits_at(self, j: int) -> int:
+        chain = self._plan[1]
+        return self.seq.ctx.logits_ptr(len(chain[j]) - 1 - self.seq._verify_start)
+
+    def keep(self, n: int) -> None:
+        texts, chain = self._plan
+        kept = chain[n - 1]
+        start = self.seq._verify_start
+        self.seq._truncate(len(kept))
+        self.text += b"".join(texts[:n])
+        self._recount(self._old_ends, start, kept)
+        self._plan = None
 
 
 class FixedPrompt(KVSequence):
