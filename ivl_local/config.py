@@ -22,6 +22,9 @@ ALPHA_MAX = 100.0
 SEED_MAX = 2**64 - 1   # the C++ sampler's seed is a uint64
 CTX_MAX = 2**24        # tokens of context / batch: far above any model here, far below uint32 wrap
 THREADS_MAX = 1024
+# Drafted tokens verified per step: each costs a position with logits in every model, while
+# the chance that all are accepted falls geometrically; past a few dozen nothing is gained.
+DRAFT_MAX = 32
 
 
 def _shown(value) -> str:
@@ -87,6 +90,13 @@ def check_max_tokens(value, name: str = "max_tokens") -> int | None:
         return None
     if not _is_int(value) or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1, got {_shown(value)}")
+    return int(value)
+
+
+def check_draft_max(value, name: str = "draft_max") -> int:
+    """How many tokens speculative decoding may draft per step: an integer in [1, DRAFT_MAX]."""
+    if not _is_int(value) or not 1 <= value <= DRAFT_MAX:
+        raise ConfigError(f"{name} must be an integer from 1 to {DRAFT_MAX}, got {_shown(value)}")
     return int(value)
 
 
@@ -177,6 +187,8 @@ class EngineConfig:
     n_threads: int = field(default_factory=default_threads)
     alpha: float = 1.0         # scale of the value network's logits; 0 = base alone
     seed: int = 0
+    draft_max: int = 8         # speculative decoding: most tokens drafted per step (adaptive below it)
+    draft_min: int = 0         # ... and fewest while drafts exist (draft_min == draft_max: fixed k)
 
     def __post_init__(self) -> None:
         for name, top in (("n_ctx", CTX_MAX), ("n_batch", CTX_MAX), ("n_threads", THREADS_MAX)):
@@ -193,3 +205,7 @@ class EngineConfig:
             raise ConfigError("n_batch must be >= 1")
         if self.n_threads < 1:
             raise ConfigError("n_threads must be >= 1")
+        check_draft_max(self.draft_max)
+        if not _is_int(self.draft_min) or not 0 <= self.draft_min <= self.draft_max:
+            raise ConfigError(f"draft_min must be an integer from 0 to draft_max ({self.draft_max}), "
+                              f"got {_shown(self.draft_min)}")

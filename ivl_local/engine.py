@@ -38,7 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .backend import Context, Model
+from .backend import Context, Model, logits_view
 from . import chat
 from .chat import chat_stops
 from .chat_template import render_messages
@@ -51,6 +51,7 @@ from .errors import (ConfigError, ContextOverflowError, EmptyPromptError, Engine
 from .guard import Guard
 from .models import resolve_model
 from .registry import ModelRegistry
+from .speculative import NGRAM, VERIFY_COST, DraftLength, ModelDrafter, NgramDrafter, accept_or_resample, check_draft
 from .sync import FixedPrompt, KVSequence, TextSync
 from .terms import (BASE, CFG, LOG_SOFTMAX, MAX_PARTS, RAW, SPECS, Contrastive, Proxy, Source,
                     Term, ValueNet)
@@ -77,6 +78,9 @@ class GenerationStats:
     n_ctx: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "interrupted" (Ctrl-C, closed, superseded)
     reused_prompt_tokens: int = 0   # prompt tokens already in the base cache
+    drafted: int = 0                # speculative decoding: drafted tokens verified
+    accepted: int = 0               # ... of which accepted
+    acceptance_rate: float = 0.0    # accepted / drafted
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -118,7 +122,8 @@ class Engine:
     def __init__(self, base, value=None, alpha: float | None = None, *, terms=(), n_ctx: int = 2048,
                  n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
                  token_map=None, concurrent: bool | None = None, verbose: bool = False,
-                 value_prompt: str = "own", models: ModelRegistry | None = None):
+                 value_prompt: str = "own", models: ModelRegistry | None = None,
+                 draft=None, draft_max: int = 8, draft_min: int = 0):
         if models is not None and not isinstance(models, ModelRegistry):
             raise ConfigError(f"models must be a ModelRegistry, got {type(models).__name__}")
         self._registry = models if models is not None else ModelRegistry()  # private: freed at close
@@ -130,7 +135,9 @@ class Engine:
             raise ConfigError(f"terms must be ValueNet, Proxy, CFG or Contrastive specs, got {bad[0]!r}")
         self.value_prompt = value_prompt
         config = EngineConfig(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or default_threads(),
-                              alpha=1.0 if alpha is None else alpha, seed=seed)
+                              alpha=1.0 if alpha is None else alpha, seed=seed,
+                              draft_max=draft_max, draft_min=draft_min)
+        draft = check_draft(draft)
         self._config = config
         self._seed = seed
         self._calls = 0
@@ -145,9 +152,12 @@ class Engine:
         self._base_ctx = self._value_ctx = None
         self._last_completion_tokens: list[int] = []
         self.stats = GenerationStats(n_ctx=n_ctx)
+        self._drafter = None   # speculative decoding: NgramDrafter | ModelDrafter
 
         try:
             self._load(base, value, alpha, terms, config, token_map, concurrent, verbose)
+            if draft is not None:
+                self._drafter = self._load_drafter(draft)
         except BaseException:
             self.close()  # free whatever was loaded before the failure, now
             raise
@@ -267,6 +277,42 @@ class Engine:
         return Term("contrastive", "contrastive", [(BASE, 1.0, LOG_SOFTMAX), (amateur, -1.0, LOG_SOFTMAX)],
                     _weight=spec.beta, mask_alpha=float(spec.alpha), spec=spec)
 
+    def _load_drafter(self, draft):
+        """Prompt lookup, or a draft model that must share the base's vocabulary (its drafts
+        are base token ids)."""
+        if self._config.draft_max >= self._base_ctx.n_batch:
+            raise ConfigError(f"draft_max ({self._config.draft_max}) must be below n_batch "
+                              f"({self._base_ctx.n_batch}): the drafts are verified in one batch")
+        if draft == NGRAM:
+            return NgramDrafter()
+        from . import _core
+
+        path = resolve_model(draft)
+        header = read_gguf_header(path)
+        if read_vocab(header).fingerprint != self._base_vocab_data.fingerprint:
+            raise VocabMismatchError(f"the draft model {path.name} has another vocabulary than the base "
+                                     f"{self.base_path.name}: a draft model must share the base's tokenizer")
+        model = self._model(path)
+        seq = KVSequence(self._context(model, self._config.n_ctx), checkpoint=self._guard.check)
+        greedy = _core.Sampler(0.0, 0, 1.0, 0.0, 1.0, 0, 0.0, 0.0, 0)
+        return ModelDrafter(seq, greedy, cost=0.0)   # its cost is set per generation (_draft_length)
+
+    def _draft_length(self, sources: list[Source]) -> DraftLength:
+        """The adaptive draft length for one generation; a draft model's decode is priced by
+        its size against the models a plain step decodes (decode is memory-bound)."""
+        drafter, config = self._drafter, self._config
+        if isinstance(drafter, ModelDrafter):
+            step_bytes = self._base_model.size_bytes + sum(s.ctx.model.size_bytes for s in sources)
+            drafter.cost = drafter.seq.ctx.model.size_bytes / step_bytes
+        return DraftLength(config.draft_max, config.draft_min, VERIFY_COST + drafter.cost)
+
+    @property
+    def draft(self) -> str | None:
+        """Speculative decoding's drafter: "ngram", the draft model's file name, or None."""
+        if isinstance(self._drafter, ModelDrafter):
+            return self._drafter.seq.ctx.model.path.name
+        return NGRAM if self._drafter is not None else None
+
     def _sources(self, terms=None) -> list[Source]:
         seen: dict[int, Source] = {}
         for term in self._terms if terms is None else terms:
@@ -376,10 +422,13 @@ class Engine:
                  stop: list[str] | str | None = None) -> str:
         return "".join(self.generate(prompt, max_tokens, sampling, stop))
 
+    def _sampling_seed(self, sampling: SamplingConfig) -> int:
+        return sampling.seed if sampling.seed is not None else (self._seed + self._calls) & 0xFFFFFFFF
+
     def _make_sampler(self, sampling: SamplingConfig):
         from . import _core
 
-        seed = sampling.seed if sampling.seed is not None else (self._seed + self._calls) & 0xFFFFFFFF
+        seed = self._sampling_seed(sampling)
         return _core.Sampler(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
                              sampling.repeat_penalty, sampling.repeat_last_n,
                              sampling.presence_penalty, sampling.frequency_penalty, seed)
@@ -412,6 +461,11 @@ class Engine:
         stopper = _StopStrings(stops)
         completion: list[int] = []
         self._last_completion_tokens = completion
+        spec = None
+        if self._drafter is not None:
+            spec = _Speculation(self._drafter, self._draft_length(sources),
+                                np.random.default_rng(self._sampling_seed(sampling)), detok)
+            self._drafter.start(prompt_tokens)
         t_start = time.perf_counter()
         try:
             with work(ticket):
@@ -419,40 +473,52 @@ class Engine:
                 self._base.repair()
                 for source in sources:
                     source.follower.repair()
+                if isinstance(self._drafter, ModelDrafter):
+                    self._drafter.seq.repair()
                 stats.reused_prompt_tokens = self._prefill(texts, prompt_tokens, sources, stats)
             t_loop = time.perf_counter()
             stats.prefill_s = t_loop - t_start
-            step, stopped = 0, False
-            while True:
+            stopped, finished = False, False
+            token, released = None, ""
+            while not finished:
                 with work(ticket):
-                    token = self._sample(sampler, active, step, stats)
-                    if step == 0:
+                    if token is None:
+                        new = [self._sample(sampler, active, 0, stats)]
                         stats.time_to_first_token_s = time.perf_counter() - t_start
-                    step += 1
-                    if vocab.is_eog(token):
-                        stats.finish_reason = "stop"
-                        break
+                    else:
+                        # Feed the last token to every model and sample the next: with drafts,
+                        # several positions verified in one batch give one token or more.
+                        try:
+                            new = self._step(token, released, sources, active, sampler, stats, spec,
+                                             prompt_tokens, completion, max_tokens)
+                        except ContextOverflowError:  # a term's context filled its window first
+                            stats.finish_reason = "length"
+                            break
+                    out = []   # (token, released text): the detokenizer reads the vocabulary
+                    for new_token in new:
+                        if vocab.is_eog(new_token):
+                            stats.finish_reason = "stop"
+                            finished = True
+                            break
+                        out.append((new_token, detok.push(new_token)))
+                for token, released in out:
                     completion.append(token)
                     stats.completion_tokens = len(completion)
-                    released = detok.push(token)
-                text, stopped = stopper.feed(released)
-                if text:
-                    yield text
-                if stopped:
-                    stats.finish_reason = "stop"
-                    break
-                if max_tokens is not None and len(completion) >= max_tokens:
-                    stats.finish_reason = "length"
-                    break
-                if len(self._base) + 1 > self.n_ctx:
-                    stats.finish_reason = "length"
-                    break
-                with work(ticket):
-                    try:
-                        self._advance(token, sources, released, stats)
-                    except ContextOverflowError:  # a term's context filled its window first
+                    text, stopped = stopper.feed(released)
+                    if text:
+                        yield text
+                    if stopped:
+                        stats.finish_reason = "stop"
+                        break
+                    if max_tokens is not None and len(completion) >= max_tokens:
                         stats.finish_reason = "length"
                         break
+                    if len(prompt_tokens) + len(completion) > self.n_ctx:  # no room to feed it
+                        stats.finish_reason = "length"
+                        break
+                else:
+                    continue
+                break
             stats.decode_s = time.perf_counter() - t_loop
             if not stopped:  # EOG or length: release what the stop check held back
                 tail, _ = stopper.feed(detok.flush())
@@ -469,14 +535,69 @@ class Engine:
                 stats.decode_s = time.perf_counter() - t_start - stats.prefill_s
             if stats.decode_s > 0:
                 stats.tokens_per_s = stats.completion_tokens / stats.decode_s
+            if stats.drafted:
+                stats.acceptance_rate = stats.accepted / stats.drafted
 
-    def _sample(self, sampler, active: list[Term], step: int, stats: GenerationStats) -> int:
-        """Fuse the base's current logits with every active term's (weights read now, so they
-        can change live) and draw a token, accepted into the sampler's penalty history."""
+    def _step(self, token: int, released: str, sources: list[Source], active: list[Term], sampler,
+              stats: GenerationStats, spec: "_Speculation | None", prompt_tokens: list[int],
+              completion: list[int], max_tokens: int | None) -> list[int]:
+        """Feed `token` (the last one sampled) to every model, then sample: one token, or with
+        drafts the run of positions up to the first that differs from its draft, plus the
+        token sampled there (ivl_local/speculative.py)."""
+        drafts = []
+        if spec is not None:
+            # room: the answer's remaining tokens, and positions left in the base's window
+            left = self.n_ctx - len(prompt_tokens) - len(completion)
+            if max_tokens is not None:
+                left = min(left, max_tokens - len(completion))
+            k = min(spec.length.next(), left - 1)
+            if k > 0:
+                drafts = spec.drafter.propose(prompt_tokens + completion, k)[:k]
+                for i, draft in enumerate(drafts):   # nothing is verified past an end of text
+                    if self._base_vocab.is_eog(draft):
+                        del drafts[i + 1:]
+                        break
+        if not drafts:
+            if spec is not None:
+                spec.length.update(0, 0)
+            self._advance(token, sources, released, stats)
+            return [self._sample(sampler, active, len(completion), stats)]
+
+        texts = [released.encode("utf-8")] + spec.texts(drafts)
+        n = len(drafts) + 1
+        for source in sources:
+            n = min(n, source.follower.plan(texts[:n]))
+        batch = [token] + drafts[:n - 1]
+        jobs = [lambda s=s: s.follower.verify(batch, texts[:n]) for s in sources]
+        self._lockstep(lambda: self._base.verify(batch, texts[:n]), jobs, stats)
+        out: list[int] = []
+        for j in range(n):
+            draft = drafts[j] if j < len(drafts) else None
+            out.append(self._sample(sampler, active, len(completion) + j, stats, position=j,
+                                    draft=draft, rng=spec.rng))
+            if out[-1] != draft:
+                break
+        drafted = min(len(drafts), n)
+        accepted = sum(1 for got, want in zip(out, drafts) if got == want)
+        stats.drafted += drafted
+        stats.accepted += accepted
+        spec.length.update(drafted, accepted)
+        self._base.keep(len(out))   # the inputs of the positions used; the rest roll back
+        for source in sources:
+            source.follower.keep(len(out))
+        return out
+
+    def _sample(self, sampler, active: list[Term], step: int, stats: GenerationStats,
+                position: int | None = None, draft: int | None = None, rng=None) -> int:
+        """Fuse the base's logits with every active term's (weights read now, so they can
+        change live) and draw a token, accepted into the sampler's penalty history.
+        `position`: of a verification batch (else the last decode's logits); `draft`: the
+        drafted token there, judged by the speculative rule when sampling (greedy: argmax)."""
         from . import _core
 
         t0 = time.perf_counter()
-        base_ptr, n_base = self._base_ctx.logits_ptr(), self._base_vocab.n_tokens
+        at = (lambda follower: follower.logits_at(position)) if position is not None else None
+        base_ptr, n_base = (self._base_ctx.logits_ptr() if at is None else at(self._base)), self._base_vocab.n_tokens
         parts, mask = [], 0.0
         for term in active:
             weight = term.weight
@@ -486,11 +607,18 @@ class Engine:
                 if source is BASE:
                     parts.append((base_ptr, n_base, None, None, sign * weight, transform))
                 else:
-                    parts.append((source.ctx.logits_ptr(), source.ctx.n_vocab, source.token_map,
+                    ptr = source.ctx.logits_ptr() if at is None else at(source.follower)
+                    parts.append((ptr, source.ctx.n_vocab, source.token_map,
                                   source.token_weights, sign * weight, transform))
             mask = max(mask, term.mask_alpha)
         try:
-            token = _core._fuse_terms_and_sample(sampler, base_ptr, n_base, parts, mask, self._scratch)
+            if draft is None or sampler.greedy:
+                token = _core._fuse_terms_and_sample(sampler, base_ptr, n_base, parts, mask, self._scratch)
+            else:
+                fused = _core.fuse_terms(logits_view(base_ptr, n_base),
+                                         [(logits_view(ptr, n), *rest) for ptr, n, *rest in parts], mask)
+                ids, probs = sampler.probs(fused)
+                token = accept_or_resample(ids, probs, draft, rng)
         except ValueError as e:
             raise InvalidLogitsError(f"cannot sample: {e} (step {step}); the model file may "
                                      f"be corrupt or a weight too large") from None
@@ -591,6 +719,8 @@ class Engine:
             self._base.reset()
             for source in self._sources():
                 source.follower.reset()
+            if isinstance(self._drafter, ModelDrafter):
+                self._drafter.seq.reset()
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -630,6 +760,18 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+class _Speculation:
+    """One generation's speculative state: drafter, adaptive length, the draws' RNG."""
+
+    def __init__(self, drafter, length: DraftLength, rng: np.random.Generator, detok: Detokenizer):
+        self.drafter, self.length, self.rng, self._detok = drafter, length, rng, detok
+
+    def texts(self, drafts: list[int]) -> list[bytes]:
+        """What each draft would release after the tokens emitted so far."""
+        detok = self._detok.fork()
+        return [detok.push(t).encode("utf-8") for t in drafts]
 
 
 def _stop_list(stop) -> list[str]:

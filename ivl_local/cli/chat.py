@@ -34,12 +34,29 @@ NO_VALUE = ("none", "off", "")
 
 def make_engine(base: Path, value: Path | None, alpha: float | None, *, n_ctx: int,
                 n_threads: int | None, seed: int, token_map: Path | None, verbose: bool,
-                value_prompt: str = "own", terms=()):
+                value_prompt: str = "own", terms=(), draft=None, draft_max: int = 8):
     """The one place the CLI builds an Engine (monkeypatched by the fast tests)."""
     from ..engine import Engine  # llama.cpp loads here, not at CLI import
 
     return Engine(base, value, alpha, terms=terms, n_ctx=n_ctx, n_threads=n_threads, seed=seed,
-                  token_map=token_map, verbose=verbose, value_prompt=value_prompt)
+                  token_map=token_map, verbose=verbose, value_prompt=value_prompt,
+                  draft=draft, draft_max=draft_max)
+
+
+def check_draft_flag(draft: str | None):
+    """--draft: 'ngram', or a model found and its header checked now (its vocabulary is
+    compared with the base's when the engine loads)."""
+    from ..speculative import NGRAM, check_draft
+
+    draft = check_draft(draft)
+    if draft is None or draft == NGRAM:
+        return draft
+    from ..models import resolve_model
+    from ..valuefile import read_gguf_header
+
+    path = resolve_model(draft)
+    read_gguf_header(path)
+    return path
 
 
 def split_value(text: str) -> tuple[str, float | None]:
@@ -130,6 +147,12 @@ ValuePromptOption = Annotated[str, typer.Option(
     help="What a value model with another vocabulary reads: 'own' = the chat in its own "
     "format (as trained), 'base' = the base's rendering.", rich_help_panel="Models")]
 CtxOption = Annotated[int, typer.Option(help="Context window (tokens) of each model.", rich_help_panel="Resources")]
+DraftOption = Annotated[Optional[str], typer.Option(
+    "--draft", help="Speculative decoding (same output, faster where drafts are accepted): 'ngram' "
+    "(prompt lookup, no model) or a draft model with the base's vocabulary.", rich_help_panel="Speed")]
+DraftMaxOption = Annotated[int, typer.Option(
+    "--draft-max", help="Speculative decoding: most tokens drafted per step (1-32; fewer while "
+    "drafts are rejected).", rich_help_panel="Speed")]
 ThreadsOption = Annotated[Optional[int], typer.Option(
     help="CPU threads (default: one per free core, from the load average).", rich_help_panel="Resources")]
 DebugOption = Annotated[bool, typer.Option(help="Show tracebacks for errors.")]
@@ -337,6 +360,8 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Most tokens in one answer.", rich_help_panel="Sampling")] = DEFAULT_MAX_TOKENS,
     ctx: CtxOption = DEFAULT_CTX,
     threads: ThreadsOption = None,
+    draft: DraftOption = None,
+    draft_max: DraftMaxOption = 8,
     debug: DebugOption = False,
     verbose: Annotated[bool, typer.Option(help="llama.cpp logs and per-answer timings on stderr.")] = False,
 ) -> None:
@@ -352,7 +377,8 @@ def chat(
                 check_seed(seed, "--seed")
             sampling = build_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed)
             check_max_tokens(max_tokens, "--max-tokens")
-            EngineConfig(n_ctx=ctx, n_threads=threads or default_threads())
+            EngineConfig(n_ctx=ctx, n_threads=threads or default_threads(), draft_max=draft_max)
+            draft = check_draft_flag(draft)
             composition = Composition.check(value, alpha, token_map, value_prompt)
             text = read_one_shot_prompt(prompt)
             if as_json and text is None:
@@ -362,6 +388,8 @@ def chat(
             base_path, value_path, alpha = composition.base, composition.value, composition.alpha
             kwargs = dict(n_ctx=ctx, n_threads=threads, seed=seed if seed is not None else 0,
                           verbose=verbose, **composition.engine_kwargs())
+            if draft is not None:
+                kwargs.update(draft=draft, draft_max=draft_max)
             if text is None and not verbose:
                 # Interactive: the prompt shows at once, the models load while the user types.
                 from .loading import BackgroundLoad

@@ -57,6 +57,8 @@ def stats_line(stats) -> str:
         parts.append(f"prefill {get('prompt_tokens')} tokens in {get('prefill_s') * 1000:.0f} ms")
     if get("context_used") is not None and get("n_ctx"):
         parts.append(f"context {get('context_used')}/{get('n_ctx')}")
+    if get("drafted"):
+        parts.append(f"drafts {get('accepted')}/{get('drafted')} accepted")
     return "[" + ", ".join(parts) + "]" if parts else "[no statistics yet]"
 
 
