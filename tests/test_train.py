@@ -354,9 +354,11 @@ def test_global_batch_shards_and_token_counts():
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_and_resume_on_one(tmp_path, smollm2_path):
-    """`torchrun --nproc_per_node 2` (DDP, gloo) on a SmolLM2 pruned:1 value net, global batch
-    4: the loss curve equals a one-process run with the same global batch (relative 1e-5),
+@pytest.mark.parametrize("mode", ["DDP", "FSDP"])
+def test_torchrun_two_processes_match_one_and_resume_on_one(tmp_path, smollm2_path, mode):
+    """`torchrun --nproc_per_node 2` (DDP, or FSDP with --fsdp; gloo) on a SmolLM2 pruned:1
+    value net, global batch 4, evaluated at step 2 (under FSDP every rank takes part): the
+    loss curve equals a one-process run with the same global batch (relative 1e-5),
     rank 0 alone writes and prints; the 2-process checkpoint paused at step 2 resumes on ONE
     process (with --grad-checkpointing, which must not change the result) and ends at the
     one-process run's weights: relative L2 difference < 1e-4 and every weight within the
@@ -372,18 +374,18 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(tmp_path, smollm2_pa
 
     small_cfg(tmp_path)                                   # writes arith48.jsonl
     flags = dict(base="smollm2-135m", data=tmp_path / "arith48.jsonl", init="pruned:1", steps=4,
-                 batch_size=4, max_len=48, lr=1e-3, eval_every=0, threads=1, seed=0, check_tokenizer=False)
+                 batch_size=4, max_len=48, lr=1e-3, eval_every=2, threads=1, seed=0, check_tokenizer=False)
     ref = train(build_train_config(out=tmp_path / "ref", **flags), progress=False)
 
     dist_dir = tmp_path / "dist"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if k != "check_tokenizer"]
     cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "ivl_local.cli.main", "train", *args, "--no-check-tokenizer", "--out", str(dist_dir),
-           "--pause-after", "2"]
+           "--pause-after", "2", *(["--fsdp"] if mode == "FSDP" else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.splitlines() == [str(dist_dir)]                 # one line, rank 0's
-    assert "x 2 processes (DDP, global batch 4)" in r.stderr
+    assert f"x 2 processes ({mode}, global batch 4)" in r.stderr
     assert sum(line.startswith("done:") for line in r.stderr.splitlines()) == 1
 
     def metrics(folder):
@@ -401,6 +403,10 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(tmp_path, smollm2_pa
     for a, b in zip(got, expected):
         for key in ("loss", "ce", "norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+        assert ("eval_ce" in a) == ("eval_ce" in b), a["step"]
+        if "eval_ce" in b:
+            assert a["eval_ce"] == pytest.approx(b["eval_ce"], rel=1e-5), a["step"]
+    assert [m["step"] for m in got if "eval_ce" in m] == [2, 4]
     w_ref, w_dist = load_file(str(ref / "model.safetensors")), load_file(str(dist_dir / "model.safetensors"))
     assert w_ref.keys() == w_dist.keys()
     diff = sum(float(((w_ref[k] - w_dist[k]) ** 2).sum()) for k in w_ref) ** 0.5
@@ -408,6 +414,16 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(tmp_path, smollm2_pa
     max_abs = max(float(np.abs(w_ref[k] - w_dist[k]).max()) for k in w_ref)
     print(f"\n2 procs + resume on 1 vs 1 proc: relative L2 {diff / norm:.2e}, max |dw| {max_abs:.2e}")
     assert diff / norm < 1e-4 and max_abs < 1e-3
+
+
+def test_fsdp_without_a_process_group_is_a_config_error(tmp_path):
+    from ivl_local.train.dist import Dist
+    from ivl_local.train.trainer import setup
+
+    small_cfg(tmp_path)
+    cfg = TrainConfig(base="smollm2-135m", data=tmp_path / "arith48.jsonl", fsdp=True, check_tokenizer=False)
+    with pytest.raises(ConfigError, match="--fsdp shards the trained network over processes, and none was launched"):
+        setup(cfg, dist=Dist())
 
 
 def test_batch_not_divisible_by_world_is_a_config_error():

@@ -79,6 +79,7 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default 2; per process under torchrun).", rich_help_panel="Modes")] = None,
     grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing", help="Recompute the value net's activations in backward: less memory, more compute.", rich_help_panel="Modes")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast and a bf16 base on CUDA, fp32 on CPU) | fp32 | bf16.", rich_help_panel="Modes")] = None,
+    fsdp: Annotated[Optional[bool], typer.Option("--fsdp", help="Under torchrun: shard the value net, its gradients and AdamW state over the processes (FSDP) instead of replicating them (DDP).", rich_help_panel="Modes")] = None,
     check_tokenizer: Annotated[Optional[bool], typer.Option("--check-tokenizer/--no-check-tokenizer", help="Compare transformers' tokenizer with the GGUF's on sample text first (default on).", rich_help_panel="Modes")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
 ) -> None:
@@ -104,7 +105,7 @@ def train(
                                  save_every=save_every, resume=resume, full_finetune=full_finetune,
                                  train_layers=train_layers, pause_after=pause_after,
                                  device=device, threads=threads, grad_checkpointing=grad_checkpointing,
-                                 precision=precision, check_tokenizer=check_tokenizer)
+                                 precision=precision, fsdp=fsdp, check_tokenizer=check_tokenizer)
         if not cfg.data.is_file():
             raise ModelFileError(f"no such demonstrations file: {cfg.data}")
         _need_train_extra("training")

@@ -34,9 +34,10 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, write)
 
 
-def weights_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with shared tensors stored once (a tied lm_head is dropped)."""
-    state = model.state_dict()
+def weights_for_saving(model: nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """State dict (`state`, or the model's own) with shared tensors stored once (a tied
+    lm_head is dropped)."""
+    state = model.state_dict() if state is None else state
     tied = getattr(model.config, "tie_word_embeddings", False)
     out = {}
     for name, tensor in state.items():
@@ -46,11 +47,12 @@ def weights_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(out_dir: Path, model: nn.Module, meta: dict) -> None:
+def save_model(out_dir: Path, model: nn.Module, meta: dict, state: dict | None = None) -> None:
+    """`state`: the weights to write when the model's own are shards (FSDP gathers them)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = weights_for_saving(model)
+    weights = weights_for_saving(model, state)
     atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     config = model.config.to_dict()
     config.pop("quantization_config", None)

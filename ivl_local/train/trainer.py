@@ -130,13 +130,15 @@ class Setup:
     step: int = 0
     history: list = field(default_factory=list)
     dist: distributed.Dist = field(default_factory=distributed.Dist)
-    ddp: nn.Module | None = None      # the objective under DistributedDataParallel
+    wrapped: nn.Module | None = None  # the objective under DistributedDataParallel or FSDP
+    sharded: bool = False             # FSDP: every rank takes part in forward and saving
     bf16: bool = False                # autocast the value net's forward to bfloat16
 
 
 class _Objective(nn.Module):
-    """objective() as a module holding the trained network, so DDP wraps the whole forward
-    (the frozen base stays outside: DDP neither broadcasts nor syncs it)."""
+    """objective() as a module holding the trained network, so DDP or FSDP wraps the whole
+    forward, the loss head included (the frozen base stays outside: neither broadcasts,
+    syncs nor shards it)."""
 
     def __init__(self, s: Setup):
         super().__init__()
@@ -149,9 +151,10 @@ class _Objective(nn.Module):
 
 def compute_loss(s: Setup, batch: dict, denominators: tuple[int, int] | None = None) -> LossParts:
     """The loss of a micro-batch; under DDP (when training) through the wrapped objective,
-    whose backward averages the gradients over the processes."""
-    if s.ddp is not None and torch.is_grad_enabled():
-        return s.ddp(batch, denominators)
+    whose backward averages the gradients over the processes; under FSDP always through it
+    (it gathers the sharded weights)."""
+    if s.wrapped is not None and (torch.is_grad_enabled() or s.sharded):
+        return s.wrapped(batch, denominators)
     return objective(s, batch, denominators)
 
 
@@ -186,7 +189,7 @@ def evaluate(s: Setup) -> dict:
     n_resp = n_correct = batches = 0
     for start in range(0, len(s.eval_examples), s.cfg.batch_size):
         batch = collate(s.eval_examples[start:start + s.cfg.batch_size], s.base.eos_id, s.device)
-        parts = objective(s, batch)
+        parts = compute_loss(s, batch)
         ce_sum += parts.ce * parts.n_response
         norm_sum += parts.norm
         n_resp += parts.n_response
@@ -262,6 +265,8 @@ def setup(cfg: TrainConfig, log=print, dist: distributed.Dist | None = None) -> 
     if cfg.batch_size % dist.world:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global micro-batch: it must be a "
                           f"multiple of the {dist.world} processes")
+    if cfg.fsdp:
+        distributed.require_group(dist)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, dist.local_rank)
@@ -288,33 +293,41 @@ def setup(cfg: TrainConfig, log=print, dist: distributed.Dist | None = None) -> 
     model.to(device)
     if cfg.grad_checkpointing:
         _checkpoint_activations(model)
+    if cfg.resume:
+        _check_resumable(cfg)
+        ckpt.load_weights_into(model, cfg.out_dir)         # before DDP's broadcast / FSDP's sharding
     per_step = cfg.batch_size * cfg.grad_accum
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_examples) / per_step))
-    optimizer = _optimizer(model, cfg)
     s = Setup(cfg, base, base_model, model, init, train_examples, eval_examples, dropped, device,
-              total, optimizer, _schedule(optimizer, total, cfg), dist=dist, bf16=bf16)
+              total, None, None, dist=dist, bf16=bf16)
+    if cfg.fsdp:
+        s.wrapped, s.sharded = _Objective(s), True
+        distributed.shard(s.wrapped, model.model.layers, dist, device)
+    s.optimizer = _optimizer(model, cfg)                   # after sharding: it holds the shards
+    s.scheduler = _schedule(s.optimizer, total, cfg)
     if cfg.resume:
-        _resume(s)                    # before DDP: its broadcast then carries rank 0's weights
-    if dist.active:
+        _resume_state(s)
+    if dist.active and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        s.ddp = DDP(_Objective(s), device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False)   # buffers are RoPE tables: equal, never synced
+        s.wrapped = DDP(_Objective(s), device_ids=[device.index] if device.type == "cuda" else None,
+                        broadcast_buffers=False)   # buffers are RoPE tables: equal, never synced
     return s
 
 
-def _resume(s: Setup) -> None:
-    meta = ckpt.load_meta(s.cfg.out_dir)
-    saved = meta.get("train_config", {})
-    now = s.cfg.to_json()
-    defaults = TrainConfig(data=s.cfg.data, out_dir=s.cfg.out_dir).to_json()  # for settings added later
+def _check_resumable(cfg: TrainConfig) -> None:
+    saved = ckpt.load_meta(cfg.out_dir).get("train_config", {})
+    now = cfg.to_json()
+    defaults = TrainConfig(data=cfg.data, out_dir=cfg.out_dir).to_json()  # for settings added later
     changed = [k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]
     if changed:
-        raise ConfigError(f"cannot resume {s.cfg.out_dir}: settings differ from the saved run "
+        raise ConfigError(f"cannot resume {cfg.out_dir}: settings differ from the saved run "
                           f"({', '.join(changed)})")
+
+
+def _resume_state(s: Setup) -> None:
     state = ckpt.load_state(s.cfg.out_dir)
-    ckpt.load_weights_into(s.model, s.cfg.out_dir)
-    s.optimizer.load_state_dict(state["optimizer"])
+    distributed.load_optimizer_state(s.model, s.optimizer, state["optimizer"], s.sharded)
     s.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     s.step = state["step"]
@@ -346,9 +359,17 @@ def _meta(s: Setup, complete: bool, stats: dict) -> dict:
 
 
 def save(s: Setup, complete: bool, stats: dict) -> None:
-    ckpt.save_model(s.cfg.out_dir, s.model, _meta(s, complete, stats))
+    """Write the checkpoint (rank 0). Under FSDP every rank calls this: the weights and
+    AdamW's state are gathered from every shard first."""
+    if not (s.dist.main or s.sharded):
+        return
+    weights = distributed.full_weights(s.model, s.sharded)
+    optimizer = distributed.full_optimizer_state(s.model, s.optimizer, s.sharded)
+    if not s.dist.main:
+        return
+    ckpt.save_model(s.cfg.out_dir, s.model, _meta(s, complete, stats), state=weights)
     ckpt.save_state(s.cfg.out_dir, {
-        "step": s.step, "optimizer": s.optimizer.state_dict(),
+        "step": s.step, "optimizer": optimizer,
         "scheduler": s.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
         "history": s.history,
     })
@@ -361,16 +382,19 @@ def save(s: Setup, complete: bool, stats: dict) -> None:
 def run(s: Setup, progress: bool = True, log=print) -> Path:
     cfg, d = s.cfg, s.dist
     main = d.main                      # rank 0 alone logs, evaluates and writes the checkpoint
+    collective = main or s.sharded     # FSDP: every rank takes part in evaluation and saving
     if main:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
     trainable = count_parameters(s.model, trainable_only=True)
     what = "fine-tuning" if cfg.full_finetune else "value net"
-    procs = f" x {d.world} processes (DDP, global batch {cfg.batch_size})" if d.active else ""
+    mode = "FSDP" if s.sharded else "DDP"
+    procs = f" x {d.world} processes ({mode}, global batch {cfg.batch_size})" if d.world > 1 or s.sharded else ""
     log(f"base {s.base.name} ({s.base.arch}, vocab {s.base.vocab_size}); {what} "
         f"{s.init}, {trainable / 1e6:.1f}M trainable params; {len(s.train_examples)} train / "
         f"{len(s.eval_examples)} eval examples ({s.dropped} dropped); {s.total_steps} steps on {s.device}{procs}")
     started = time.perf_counter()
     first_step, tokens = s.step, 0
+    saved_step = s.step if cfg.resume else 0
     stats: dict = {}
     bar = _Bar(s.total_steps, s.step, enabled=progress and main)
     try:
@@ -401,29 +425,34 @@ def run(s: Setup, progress: bool = True, log=print) -> Path:
                 s.step += 1
                 record = {"step": s.step, "loss": ce + cfg.norm_weight * norm * (not cfg.full_finetune),
                           "ce": ce, "norm": norm, "lr": lr}
-                if main and ((cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == s.total_steps):
+                if collective and ((cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == s.total_steps):
                     record.update(evaluate(s))
-                    if "eval_ce" in record:
+                    if main and "eval_ce" in record:
                         bar.note(f"step {s.step}: eval ce {record['eval_ce']:.4f}, "
                                  f"token acc {record['eval_token_acc']:.3f}")
                 s.history.append(record)
                 if main:
                     ckpt.append_metrics(cfg.out_dir, record)
                 bar.update(s.step, record["loss"])
-                if main and cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
+                if cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
                     save(s, complete=False, stats=_stats(s, started, first_step, tokens))
+                    saved_step = s.step
     except KeyboardInterrupt:
+        if s.sharded:
+            # Gathering the shards needs every rank, and Ctrl-C stops each at another point.
+            last = f"the last checkpoint (step {saved_step})" if saved_step else "no checkpoint (use --save-every)"
+            raise TrainingInterrupted(f"training interrupted at step {s.step}/{s.total_steps}; under "
+                                      f"--fsdp nothing is saved then: {last} is in {cfg.out_dir}") from None
         # Weights only change at optimizer steps, so they are those of step s.step.
         if main:
             save(s, complete=False, stats=_stats(s, started, first_step, tokens))
         raise TrainingInterrupted(f"training interrupted at step {s.step}/{s.total_steps}; "
                                   f"checkpoint saved in {cfg.out_dir} (continue with --resume)") from None
     stats = _stats(s, started, first_step, tokens)
-    if main and s.history and "eval_ce" not in s.history[-1]:
+    if collective and s.history and "eval_ce" not in s.history[-1]:
         s.history[-1].update(evaluate(s))
     stats["final"] = s.history[-1] if s.history else {}
-    if main:
-        save(s, complete=s.step >= s.total_steps, stats=stats)
+    save(s, complete=s.step >= s.total_steps, stats=stats)
     log(f"done: {s.step} steps, {stats['steps_per_s']:.2f} steps/s, {stats['tokens_per_s']:.0f} "
         f"tokens/s, peak RSS {stats['peak_rss_mb']:.0f} MB; checkpoint {cfg.out_dir}")
     return cfg.out_dir
