@@ -87,6 +87,13 @@ class Step:
     agree: bool                    # fused text == wish text
     wish_base_tokens: list[str] = field(default_factory=list)   # base tokens of the wish's text
     wish_rank: int | None = None   # best fused rank among those (0 = top-1), None: no such token
+    # On the own base: the wish's lead over the runner-up of own + alpha * value, split into
+    # the value's part alpha * (z[wish] - z[runner-up]) and the own base's part. A value part
+    # <= 0 means the value alone does not prefer the wish: its training base carries it, and
+    # a base that does not share that prior will not hear it.
+    value_margin: float | None = None
+    own_margin: float | None = None
+    spread_ratio: float | None = None   # std of the base's logits / std of the own base's
 
 
 @dataclass
@@ -113,6 +120,12 @@ class CompatReport:
             "base_is_reference": sum(s.base_alone == s.reference for s in self.steps) / n,
             "disagreements_by_rule": dict(Counter(s.fused_rule for s in disagree).most_common()),
             "wish_has_no_base_token": sum(s.wish_rank is None for s in disagree),
+            **({} if self.steps[0].value_margin is None else {
+                # scale calibration: alpha times this gives the value the same weight against
+                # this base's logits as against its training base's (median over steps)
+                "spread_ratio": float(np.median([s.spread_ratio for s in self.steps])),
+                "wish_carried_by_own_base": sum(s.value_margin <= 0 for s in self.steps) / n,
+                "disagreements_carried_by_own_base": sum(s.value_margin <= 0 for s in disagree)}),
         }
 
     def as_dict(self) -> dict:
@@ -267,9 +280,17 @@ def demo_steps(lineno: int, record: dict, base: _Side, value: _Side, own: _Side 
             follower.append(detok.push(answer_tokens[k - 1]).encode("utf-8"))
         base_logits = np.array(base.ctx.logits_array())
         value_logits = np.array(value.ctx.logits_array())
+        margins = (None, None, None)
         if own_seq is not None:
             own_seq.sync_to(follower.tokens)
-            wish_token = int(np.argmax(own.ctx.logits_array() + alpha * value_logits))
+            own_logits = np.array(own.ctx.logits_array())
+            own_fused = own_logits + alpha * value_logits
+            runner_up, wish_token = (int(t) for t in np.argpartition(own_fused, -2)[-2:])
+            if own_fused[runner_up] > own_fused[wish_token]:
+                runner_up, wish_token = wish_token, runner_up
+            margins = (round(alpha * float(value_logits[wish_token] - value_logits[runner_up]), 4),
+                       round(float(own_logits[wish_token] - own_logits[runner_up]), 4),
+                       round(float(_spread(base_logits) / _spread(own_logits)), 4))
         else:
             wish_token = int(np.argmax(value_logits))
         fused = _core.fuse_terms(base_logits, [(value_logits, token_map, weights, alpha, "raw")])
@@ -293,8 +314,15 @@ def demo_steps(lineno: int, record: dict, base: _Side, value: _Side, own: _Side 
         fused_text = _show(base.vocab, top)
         steps.append(Step(lineno, k, reference, wish, fused_text, RULE_NAMES[rules[top]],
                           round(contribution, 4), _show(base.vocab, int(np.argmax(base_logits))),
-                          fused_text == wish, [_show(base.vocab, t) for t in carriers[:4]], rank))
+                          fused_text == wish, [_show(base.vocab, t) for t in carriers[:4]], rank,
+                          *margins))
     return steps
+
+
+def _spread(logits: np.ndarray) -> float:
+    """Standard deviation of the finite logits (a base's logit scale)."""
+    finite = logits[np.isfinite(logits)].astype(np.float64)
+    return float(finite.std()) if finite.size else float("nan")
 
 
 def _texts_by_piece(side: _Side) -> dict[str, list[int]]:

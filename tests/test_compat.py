@@ -207,3 +207,20 @@ def test_cli_json_and_errors(tmp_path, gemma3_path, smollm2_path):
         errors = [line for line in lines if line.startswith("error: ")]
         assert len(errors) == 1 and words in errors[0], (args, result.stderr)
         assert all(line.startswith(("error: ", "warning: ")) for line in lines), result.stderr
+
+
+def test_own_base_margins_and_spread(gemma3_path, smollm2_path, demos):
+    """With the value's own base equal to the value model, own + alpha * value is (1 + alpha)
+    times one logit vector: the wish is its top-1, the value's share of the wish's lead is
+    alpha times the own base's, and the spread ratio is Gemma's logit std over SmolLM2's."""
+    r = compat_report(gemma3_path, smollm2_path, demos, limit=2, alpha=0.5, own_base=smollm2_path,
+                      mass_tokens=8)
+    assert r.own_base is not None and r.steps
+    for s in r.steps:
+        assert s.own_margin >= 0
+        assert s.value_margin == pytest.approx(0.5 * s.own_margin, abs=1e-3)
+        assert 0.3 < s.spread_ratio < 3.0
+    summary = r.step_summary()
+    assert summary["wish_carried_by_own_base"] == pytest.approx(
+        sum(s.value_margin <= 0 for s in r.steps) / len(r.steps))
+    assert summary["spread_ratio"] == pytest.approx(float(np.median([s.spread_ratio for s in r.steps])))

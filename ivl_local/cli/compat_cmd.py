@@ -97,14 +97,22 @@ def _print(report) -> None:
     by_rule = ", ".join(f"{k} {v}" for k, v in summary["disagreements_by_rule"].items()) or "-"
     console.print(f"fused top-1 = the value's wish at [bold]{fmt_share(summary['agree'])}[/] of steps; "
                   f"where not, the winning base token's map rule: {by_rule}")
+    if "wish_carried_by_own_base" in summary:
+        console.print(f"steps whose wish the value alone does not prefer (its training base carries "
+                      f"it): {fmt_share(summary['wish_carried_by_own_base'])} of all, "
+                      f"{summary['disagreements_carried_by_own_base']} of the disagreements")
+        console.print(f"logit spread, this base / the value's training base (median): "
+                      f"{summary['spread_ratio']:.2f} (a calibrated alpha: "
+                      f"{report.alpha * summary['spread_ratio']:.2f})")
     misses = [s for s in report.steps if not s.agree]
     if misses:
         table = Table(title=f"disagreements (first {min(len(misses), SHOWN_DISAGREEMENTS)} of {len(misses)})")
         for col in ("demo", "step", "reference", "wish", "fused", "rule", "value added", "wish's rank",
-                    "base alone"):
+                    "base alone", "wish lead: value / own base"):
             table.add_column(col)
         for s in misses[:SHOWN_DISAGREEMENTS]:
             table.add_row(str(s.demo), str(s.step), repr(s.reference), repr(s.wish), repr(s.fused),
                           s.fused_rule, f"{s.fused_value:+.2f}",
-                          "-" if s.wish_rank is None else str(s.wish_rank), repr(s.base_alone))
+                          "-" if s.wish_rank is None else str(s.wish_rank), repr(s.base_alone),
+                          "-" if s.value_margin is None else f"{s.value_margin:+.1f} / {s.own_margin:+.1f}")
         console.print(table)
