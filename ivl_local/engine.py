@@ -51,7 +51,8 @@ from .errors import (ConfigError, ContextOverflowError, EmptyPromptError, Engine
 from .guard import Guard
 from .models import resolve_model
 from .registry import ModelRegistry
-from .speculative import NGRAM, VERIFY_COST, DraftLength, ModelDrafter, NgramDrafter, accept_or_resample, check_draft
+from .speculative import (DRAFT_MODEL_OVERHEAD, NGRAM, VERIFY_COST, DraftLength, ModelDrafter,
+                          NgramDrafter, accept_or_resample, check_draft)
 from .sync import FixedPrompt, KVSequence, TextSync
 from .terms import (BASE, CFG, LOG_SOFTMAX, MAX_PARTS, RAW, SPECS, Contrastive, Proxy, Source,
                     Term, ValueNet)
@@ -303,7 +304,7 @@ class Engine:
         drafter, config = self._drafter, self._config
         if isinstance(drafter, ModelDrafter):
             step_bytes = self._base_model.size_bytes + sum(s.ctx.model.size_bytes for s in sources)
-            drafter.cost = drafter.seq.ctx.model.size_bytes / step_bytes
+            drafter.cost = DRAFT_MODEL_OVERHEAD * drafter.seq.ctx.model.size_bytes / step_bytes
         return DraftLength(config.draft_max, config.draft_min, VERIFY_COST + drafter.cost)
 
     @property

@@ -40,11 +40,15 @@ from .config import check_draft_max
 from .errors import ConfigError
 
 NGRAM = "ngram"
-# A verified position's price relative to a plain decode step, measured on a 2-core x86 CPU
-# (Gemma 3 270M: a batch of k + 1 tokens with logits at each costs about 1 + 0.5 k steps; its
-# 262k-entry output layer runs once per position). Deterministic on purpose: seeded runs must
-# not depend on timings.
-VERIFY_COST = 0.5
+# A verified position's price relative to a plain decode step, in CPU time on one thread of a
+# shared 2-core x86 machine (benchmarks/bench_spec.py prints it): 0.5-0.6 for Gemma 3 270M and
+# SmolLM2 135M (Gemma's 262k-entry output layer runs once per position), 0.7-1.0 for the Qwen
+# 2.5 Q4_K_M models: small batches are compute-bound there. Deterministic on purpose: seeded
+# runs must not depend on timings.
+VERIFY_COST = 0.6
+# A draft model's price per step relative to its size ratio to the verifying models: besides
+# its k - 1 one-token drafting decodes it syncs the accepted drafts and the new token.
+DRAFT_MODEL_OVERHEAD = 1.5
 PROBE_EVERY = 8       # steps without drafting before a 1-token probe (doubled per failed probe)
 PROBE_MAX = 64
 MEMORY = 0.8          # weight of the acceptance counts so far at each step (recent steps count more)
