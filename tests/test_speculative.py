@@ -17,7 +17,7 @@ from ivl_local.backend import Context
 from ivl_local.config import EngineConfig
 from ivl_local.detok import Detokenizer
 from ivl_local.engine import Engine
-from ivl_local.errors import ConfigError, VocabMismatchError
+from ivl_local.errors import ConfigError, EngineClosedError, GenerationCancelled, VocabMismatchError
 from ivl_local.speculative import DraftLength, NgramDrafter, accept_or_resample, check_draft
 from ivl_local.terms import CFG, ValueNet
 from ivl_local.valuefile import RawValueModelWarning
@@ -300,3 +300,38 @@ def test_a_draft_model_with_another_vocabulary_is_refused(gemma3_path, smollm2_p
 def test_draft_max_must_fit_one_batch(smollm2_path):
     with pytest.raises(ConfigError, match="n_batch"):
         Engine(smollm2_path, None, draft="ngram", draft_max=8, n_batch=8, **KW)
+
+
+@pytest.mark.real
+def test_max_tokens_stop_strings_cancel_and_close_with_drafts(smollm2_path):
+    """Drafts never carry an answer past max_tokens or a stop string; cancel() and close()
+    from another thread stop a speculative generation at its next step."""
+    import threading
+
+    with _engine(smollm2_path) as plain:
+        full = plain.complete(CODE, max_tokens=40, sampling=GREEDY)
+        plain_tokens = list(plain._last_completion_tokens)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    expected = full[:full.index(stop)]
+    engine = _engine(smollm2_path, draft="ngram", draft_min=6, draft_max=6)
+    for n in (1, 2, 5, 7):
+        engine.complete(CODE, max_tokens=n, sampling=GREEDY)
+        assert engine._last_completion_tokens == plain_tokens[:n]
+        assert engine.stats.finish_reason == "length"
+    assert engine.complete(CODE, max_tokens=40, sampling=GREEDY, stop=stop) == expected
+    assert engine.stats.finish_reason == "stop" and engine.stats.drafted > 0
+
+    stream = engine.generate(CODE, max_tokens=40, sampling=GREEDY)
+    next(stream)
+    assert engine.cancel()
+    with pytest.raises(GenerationCancelled):
+        list(stream)
+    assert engine.complete(CODE, max_tokens=40, sampling=GREEDY) == full   # still usable
+    stream = engine.generate(CODE, max_tokens=40, sampling=GREEDY)
+    next(stream)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(timeout=60)
+    assert not closer.is_alive()
+    with pytest.raises(EngineClosedError):
+        list(stream)
