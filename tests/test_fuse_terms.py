@@ -382,11 +382,13 @@ def test_fuse_terms_and_sample_equals_fuse_then_sample(n, mask_alpha, config):
             one_call = _core.Sampler(seed=7, **config)
             two_calls = _core.Sampler(seed=7, **config)
             for _ in range(12):
+                scratch.fill(np.nan)
                 token = _core._fuse_terms_and_sample(one_call, base.ctypes.data, n,
                                                      pointer_terms(terms), mask_alpha, scratch)
                 fused = _core.fuse_terms(base, terms, mask_alpha)
                 if "repeat_penalty" not in config:  # the penalties edit scratch in place
-                    np.testing.assert_array_equal(scratch, fused)
+                    written = ~np.isnan(scratch)  # blocks the bounds ruled out stay unfused
+                    np.testing.assert_array_equal(scratch[written], fused[written])
                 assert token == two_calls.sample(fused), level
                 one_call.accept(token)
                 two_calls.accept(token)
@@ -425,3 +427,173 @@ def test_fuse_terms_and_sample_errors():
     with pytest.raises(ValueError, match="all logits are -inf"):
         minus = np.full(n, -np.inf, np.float32)
         _core._fuse_terms_and_sample(greedy, minus.ctypes.data, n, [], 0.0, scratch)
+
+
+# --- the bounded path: blocks that cannot reach the chain's survivors are never fused -------
+
+CHAT = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+BOUNDED_CONFIGS = {
+    "greedy": dict(temperature=0.0),
+    "chat": CHAT,
+    "chat, top-k off": dict(CHAT, top_k=0),
+    "top-k 3, hot": dict(temperature=1.5, top_k=3, top_p=1.0, min_p=0.0),
+    "top-k off, cut inside": dict(temperature=1.0, top_k=0, top_p=0.95, min_p=0.05),
+}
+
+
+def llm_like(rng, n, spikes=20):
+    """A broad body and a few strong candidates, as an LLM's logits."""
+    logits = (rng.standard_normal(n) * 2.5).astype(np.float32)
+    logits[rng.choice(n, spikes, replace=False)] += 14.0
+    return logits
+
+
+def bounded_case(case, n):
+    """(base, terms in fuse_terms' form) where most blocks lie far below the best tokens."""
+    rng = np.random.default_rng(len(case) * 1000 + n % 97)
+    base = llm_like(rng, n)
+    n_small = 49_152
+    value = random_logits(rng, n, 0.8)
+    small = random_logits(rng, n_small, 0.8)
+    token_map, token_weights = random_map(rng, n, n_small), random_weights(rng, n)
+    if case == "same vocab":
+        return base, [(value, None, None, 1.0, "raw")]
+    if case == "mapped":
+        return base, [(small, token_map, token_weights, 1.0, "raw")]
+    if case == "weighted identity, negative weight":
+        return base, [(value, None, token_weights, -0.7, "raw")]
+    if case == "log-softmax pair + map":
+        return base, [(value, None, None, 0.5, "log_softmax"),
+                      (random_logits(rng, n, 0.8), None, None, -0.5, "log_softmax"),
+                      (small, token_map, None, 1.0, "raw")]
+    if case == "holes and ties":  # -inf runs, and tied best tokens across block borders
+        base[rng.random(n) < 0.2] = -np.inf
+        base[: 64] = -np.inf
+        top = np.float32(base.max() + 1.0)
+        base[[31, 32, 63 * 32, n - 1]] = top
+        return base, [(value, None, None, 0.0, "raw"), (small, token_map, None, 1.0, "raw")]
+    if case == "+inf base":
+        base[n // 3] = np.inf
+        return base, [(small, token_map, token_weights, 1.0, "raw")]
+    if case == "top-p cut inside":  # the best ~95 %: top-p's total is needed exactly
+        logits = np.log(np.full(n, 0.0014 / (n - 2)))
+        logits[[5, n // 2]] = np.log([0.951, 0.0476])
+        return logits.astype(np.float32), [(value * 1e-3, None, None, 1.0, "raw")]
+    raise AssertionError(case)
+
+
+BOUNDED_CASES = ["same vocab", "mapped", "weighted identity, negative weight",
+                 "log-softmax pair + map", "holes and ties", "+inf base", "top-p cut inside"]
+
+
+@pytest.mark.parametrize("case", BOUNDED_CASES)
+@pytest.mark.parametrize("n", [262_144, 262_144 - 5, 4099])
+def test_bounded_path_equals_fuse_then_sample_every_level(case, n):
+    base, terms = bounded_case(case, n)
+    scratch = np.empty(n, np.float32)
+    skipped = []  # (config, whether some block was never fused), per level
+    try:
+        for level in _core.available_simd_levels():
+            _core.set_simd_level(level)
+            fused = _core.fuse_terms(base, terms)
+            for name, config in BOUNDED_CONFIGS.items():
+                one_call = _core.Sampler(seed=11, **config)
+                reference = _core.Sampler(seed=11, **config)
+                for _ in range(8):
+                    scratch.fill(np.nan)
+                    token = _core._fuse_terms_and_sample(one_call, base.ctypes.data, n,
+                                                         pointer_terms(terms), 0.0, scratch)
+                    assert token == reference.sample(fused), (level, name)
+                    written = ~np.isnan(scratch)  # what was fused is exactly fuse_terms'
+                    np.testing.assert_array_equal(scratch[written], fused[written])
+                skipped.append((name, not written.all()))
+    finally:
+        _core.set_simd_level("auto")
+    if n < 262_139:  # 129 blocks: top-k 40 may need them all
+        return
+    # Greedy and top-k never need more than the blocks near the best; without top-k, a cut
+    # among min-p's survivors (tied best tokens; a best at 95.1 %) or an infinite best
+    # needs top-p's exact total, and then every block is fused.
+    assert all(skip for name, skip in skipped if name in ("greedy", "chat")), skipped
+    if case not in ("+inf base", "top-p cut inside", "holes and ties"):
+        assert any(skip for name, skip in skipped if "off" in name), skipped
+
+
+def test_bounded_path_keeps_the_sweeps_nan_rules():
+    rng = np.random.default_rng(77)
+    n, n_small = 262_144, 49_152
+    base = llm_like(rng, n)
+    small = random_logits(rng, n_small, 0.8)
+    token_map = random_map(rng, n, n_small - 1)  # value id n_small - 1 is never mapped
+    scratch = np.empty(n, np.float32)
+    sampler = _core.Sampler(seed=1, **CHAT)
+    far = int(np.argmin(base))  # a token whose block the bounds would skip
+    small[n_small - 1] = np.nan  # never used: no error, the same token as fuse-then-sample
+    terms = [(small, token_map, None, 1.0, "raw")]
+    token = _core._fuse_terms_and_sample(sampler, base.ctypes.data, n, pointer_terms(terms),
+                                         0.0, scratch)
+    assert token == _core.Sampler(seed=1, **CHAT).sample(_core.fuse_terms(base, terms))
+    small[token_map[far]] = np.nan  # used, though only by a far block: still raised
+    with pytest.raises(ValueError, match=f"^NaN in term 0 logits at index {token_map[far]}$"):
+        _core._fuse_terms_and_sample(sampler, base.ctypes.data, n, pointer_terms(terms), 0.0,
+                                     scratch)
+    small[token_map[far]] = 0.0
+    base[far] = np.nan
+    with pytest.raises(ValueError, match=f"^NaN in base logits at index {far}$"):
+        _core._fuse_terms_and_sample(sampler, base.ctypes.data, n, pointer_terms(terms), 0.0,
+                                     scratch)
+
+
+def test_bounded_path_with_penalties_and_mask_equals_fuse_then_sample():
+    rng = np.random.default_rng(78)
+    n = 262_144
+    base, terms = bounded_case("mapped", n)
+    scratch = np.empty(n, np.float32)
+    for config, mask in [(dict(CHAT, top_k=0, repeat_penalty=1.3), 0.0), (CHAT, 0.05)]:
+        one_call, reference = _core.Sampler(seed=3, **config), _core.Sampler(seed=3, **config)
+        fused = _core.fuse_terms(base, terms, mask)
+        for _ in range(10):
+            token = _core._fuse_terms_and_sample(one_call, base.ctypes.data, n,
+                                                 pointer_terms(terms), mask, scratch)
+            assert token == reference.sample(fused)
+            one_call.accept(token)
+            reference.accept(token)
+    del rng
+
+
+def test_bounded_path_after_a_bad_map_entry_is_clean():
+    n = 262_144
+    base, terms = bounded_case("mapped", n)
+    small, token_map, token_weights, weight, transform = terms[0]
+    scratch = np.empty(n, np.float32)
+    # The last (by id) of the 40 blocks top-k 40 fuses first: others are fused before it.
+    block_max = base.reshape(-1, 32).max(axis=1)
+    first_fused = np.sort(np.argsort(-block_max, kind="stable")[:40])
+    last = int(first_fused[-1])
+    bad_at = last * 32 + int(np.argmax(base[last * 32:(last + 1) * 32]))
+    bad_map = token_map.copy()
+    bad_map[bad_at] = small.size
+    sampler = _core.Sampler(seed=5, **CHAT)
+    with pytest.raises(ValueError, match=rf"^term 0: token_map\[{bad_at}\] = {small.size} "):
+        _core._fuse_terms_and_sample(sampler, base.ctypes.data, n,
+                                     pointer_terms([(small, bad_map, token_weights, weight,
+                                                     transform)]), 0.0, scratch)
+    # Another step where those blocks' best tokens come back through a same-vocabulary term
+    # (so the bounds put them among the blocks fused later, not first): nothing fused before
+    # the error may count as fused now.
+    base, value = base.copy(), np.zeros(n, np.float32)
+    for block in first_fused[:-1]:
+        best = block * 32 + int(np.argmax(base[block * 32:(block + 1) * 32]))
+        base[block * 32:(block + 1) * 32] -= 8.0
+        value[best] = 8.0
+    terms = [(value, None, None, 1.0, "raw")]
+    fused = _core.fuse_terms(base, terms)
+    reference = _core.Sampler(seed=5, **CHAT)
+    for _ in range(10):
+        scratch.fill(np.nan)
+        token = _core._fuse_terms_and_sample(sampler, base.ctypes.data, n, pointer_terms(terms),
+                                             0.0, scratch)
+        assert token == reference.sample(fused)
+        written = ~np.isnan(scratch)
+        np.testing.assert_array_equal(scratch[written], fused[written])
+        assert written[first_fused[:-1] * 32].all()

@@ -131,6 +131,17 @@ double sum_exp_scalar(const float* x, int64_t n, float top) {
     return total;
 }
 
+double sum_exp_band_scalar(const float* x, int64_t n, float lo, float hi, float t, float top) {
+    double total = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = x[i];
+        if (!(v >= lo && v < hi)) continue;
+        const float d = (t == 1.0f ? v : v / t) - top;
+        total += d >= kExpLo ? static_cast<double>(std::exp(d)) : 0.0;
+    }
+    return total;
+}
+
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA: blocks of 32 (4 vectors), lane-by-lane gathers as kernels.cpp's fuse_avx2
 // (measured there: no slower than vgatherdps on random maps).
@@ -219,6 +230,30 @@ IVL_AVX2 double sum_exp_avx2(const float* x, int64_t n, float top) {
     alignas(32) double lanes[4];
     _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
     return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + sum_exp_scalar(x + i, n - i, top);
+}
+
+IVL_AVX2 double sum_exp_band_avx2(const float* x, int64_t n, float lo, float hi, float t,
+                                  float top) {
+    const __m256 vtop = _mm256_set1_ps(top), exp_lo = _mm256_set1_ps(kExpLo);
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), vt = _mm256_set1_ps(t);
+    const bool scale = t != 1.0f;
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 in_band = _mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ),
+                                             _mm256_cmp_ps(v, vhi, _CMP_LT_OQ));
+        if (_mm256_movemask_ps(in_band) == 0) continue;
+        const __m256 d = _mm256_sub_ps(scale ? _mm256_div_ps(v, vt) : v, vtop);
+        const __m256 ok = _mm256_and_ps(in_band, _mm256_cmp_ps(d, exp_lo, _CMP_GE_OQ));
+        const __m256 e = _mm256_and_ps(exp_ps_avx2(_mm256_max_ps(d, exp_lo)), ok);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, _mm256_add_pd(s0, s1));
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) +
+           sum_exp_band_scalar(x + i, n - i, lo, hi, t, top);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,17 +433,22 @@ using TermFn = void (*)(const TermArgs&, int64_t, int64_t);
 struct TermKernels {
     TermFn term[4];  // [mapped * 2 + weighted]
     double (*sum_exp)(const float* x, int64_t n, float top);  // sum of exp(x[i] - top), x <= top
+    double (*sum_exp_band)(const float* x, int64_t n, float lo, float hi, float t, float top);
 };
 
 #define IVL_TERM_TABLE(impl) {impl<false, false>, impl<false, true>, impl<true, false>, impl<true, true>}
 
-const TermKernels kScalarTerms = {IVL_TERM_TABLE(term_scalar_impl), sum_exp_scalar};
+// sum_exp_band runs once in a while (an undecided top-p cut): AVX-512 reuses AVX2's, NEON
+// the scalar one.
+const TermKernels kScalarTerms = {IVL_TERM_TABLE(term_scalar_impl), sum_exp_scalar,
+                                  sum_exp_band_scalar};
 #if defined(IVL_X86)
-const TermKernels kAvx2Terms = {IVL_TERM_TABLE(term_avx2_impl), sum_exp_avx2};
-const TermKernels kAvx512Terms = {IVL_TERM_TABLE(term_avx512_impl), sum_exp_avx512};
+const TermKernels kAvx2Terms = {IVL_TERM_TABLE(term_avx2_impl), sum_exp_avx2, sum_exp_band_avx2};
+const TermKernels kAvx512Terms = {IVL_TERM_TABLE(term_avx512_impl), sum_exp_avx512,
+                                  sum_exp_band_avx2};
 #endif
 #if defined(__aarch64__)
-const TermKernels kNeonTerms = {IVL_TERM_TABLE(term_neon_impl), sum_exp_neon};
+const TermKernels kNeonTerms = {IVL_TERM_TABLE(term_neon_impl), sum_exp_neon, sum_exp_band_scalar};
 #endif
 #undef IVL_TERM_TABLE
 
@@ -533,7 +573,82 @@ void fuse_chunk(const PreparedFuse& p, int64_t i0, int64_t i1) {
     }
 }
 
+// The float nearest `v` on the side away from the bound it must hold (up: >= v; down: <= v).
+float float_up(double v) {
+    float f = static_cast<float>(v);
+    if (static_cast<double>(f) < v) f = std::nextafter(f, kInf);
+    return f;
+}
+float float_down(double v) {
+    float f = static_cast<float>(v);
+    if (static_cast<double>(f) > v) f = std::nextafter(f, -kInf);
+    return f;
+}
+
+// Bounds on each kScanBlock block of the fused logits, for Sampler::sample_bounded. A term
+// adds c * x, c = weight (no token weights) or c in [0, weight] (token weights in [0, 1]; a
+// map -1 adds 0 too), x = z - shift within the range of z: over the whole vocabulary for a
+// mapped term, over the block's own logits for an identity one (so a same-vocabulary value
+// net bounds each block by its own best). Every fused logit of a block is then at most its
+// base max + the largest additions, and the token holding that max at least it + the
+// smallest; both widened by the sweep's float rounding (at most n_terms + 1 roundings of
+// values no larger than |base max| + the additions' magnitudes) 16 times over, which leaves
+// room for the roundings of this computation. One read of base and of each term's logits.
+// False (no bounds: the plain sweep) with the mask on, a NaN anywhere in base or a term (the
+// sweep decides whether it raises), or an infinite term logit.
+struct BoundScratch {
+    std::vector<float> add_hi, add_lo;
+};
+
+bool fused_bounds(const PreparedFuse& p, float* hi, float* lo) {
+    if (p.masked || p.n_base == 0) return false;
+    const int64_t n_blocks = (p.n_base + detail::kScanBlock - 1) / detail::kScanBlock;
+    thread_local BoundScratch scratch;
+    double up = 0.0, down = 0.0, magnitude = 0.0;
+    bool per_block = false;
+    for (int t = 0; t < p.n_terms; ++t) {
+        const TermArgs& a = p.terms[t];
+        if (a.n_logits == 0) continue;  // only -1 entries: adds nothing
+        if (a.token_map) {
+            const double w = a.weight;
+            float z_lo, z_hi;
+            if (!p.kernels->min_max(a.logits, a.n_logits, &z_lo, &z_hi)) return false;
+            const double x_lo = static_cast<double>(z_lo) - a.shift;
+            const double x_hi = static_cast<double>(z_hi) - a.shift;
+            if (!std::isfinite(x_lo) || !std::isfinite(x_hi)) return false;
+            up += std::max({w * x_lo, w * x_hi, 0.0});
+            down += std::min({w * x_lo, w * x_hi, 0.0});
+            magnitude += std::max(std::fabs(w * x_lo), std::fabs(w * x_hi));
+            continue;
+        }
+        if (!per_block) {
+            scratch.add_hi.assign(static_cast<size_t>(n_blocks), 0.0f);
+            scratch.add_lo.assign(static_cast<size_t>(n_blocks), 0.0f);
+            per_block = true;
+        }
+        float largest = 0.0f;
+        if (!p.kernels->block_term_range(a.logits, a.n_logits, a.weight, a.shift,
+                                         a.token_weights != nullptr, scratch.add_hi.data(),
+                                         scratch.add_lo.data(), &largest)) {
+            return false;
+        }
+        magnitude += largest;
+    }
+    if (!p.kernels->block_max(p.base, p.n_base, hi)) return false;  // block maxes into hi
+    p.kernels->block_bounds(hi, lo, per_block ? scratch.add_hi.data() : nullptr,
+                            per_block ? scratch.add_lo.data() : nullptr, n_blocks, float_up(up),
+                            float_down(down), static_cast<float>((p.n_terms + 1) * 0x1p-20),
+                            float_up(magnitude * (1.0 + 0x1p-20)));
+    return true;
+}
+
 }  // namespace
+
+namespace detail {
+double sum_exp_band(const float* x, int64_t n, float lo, float hi, float t, float top_scaled) {
+    return term_kernels(active_kernels()).sum_exp_band(x, n, lo, hi, t, top_scaled);
+}
+}  // namespace detail
 
 void fuse_terms(float* out, const float* base_logits, int64_t n_base, const FuseTerm* terms,
                 int n_terms, float mask_alpha) {
@@ -546,10 +661,12 @@ int32_t fuse_terms_and_sample(Sampler& sampler, float* scratch, const float* bas
                               int64_t n_base, const FuseTerm* terms, int n_terms,
                               float mask_alpha) {
     const PreparedFuse p = prepare(scratch, base_logits, n_base, terms, n_terms, mask_alpha);
-    return sampler.sample_filled(scratch, n_base, [&p](int64_t i0, int64_t i1) {
-        constexpr int64_t kChunk = 4096;
-        for (int64_t c0 = i0; c0 < i1; c0 += kChunk) fuse_chunk(p, c0, std::min(i1, c0 + kChunk));
-    });
+    return sampler.sample_bounded(
+        scratch, n_base, [&p](float* hi, float* lo) { return fused_bounds(p, hi, lo); },
+        [&p](int64_t i0, int64_t i1) {
+            constexpr int64_t kChunk = 4096;
+            for (int64_t c0 = i0; c0 < i1; c0 += kChunk) fuse_chunk(p, c0, std::min(i1, c0 + kChunk));
+        });
 }
 
 }  // namespace ivl

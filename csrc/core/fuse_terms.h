@@ -71,9 +71,17 @@ constexpr int kMaxFuseTerms = 16;
 void fuse_terms(float* out, const float* base_logits, int64_t n_base, const FuseTerm* terms,
                 int n_terms, float mask_alpha);
 
-// One decode step: fuse_terms into `scratch` (n_base floats), then sample it, chunk by chunk
-// as fuse_and_sample does (Sampler::sample_filled): the candidates and draws of
-// fuse_terms-then-sample.
+// One decode step: fuse_terms into `scratch` (n_base floats), then sample it: the candidates
+// and draws of fuse_terms-then-sample. Without the mask (and without penalties to apply),
+// only the 32-token blocks that can hold a survivor of the chain are fused
+// (Sampler::sample_bounded): per block, the base's max plus each term's reach (a mapped
+// term: its whole vocabulary's range; an identity term: the block's own) bounds every fused
+// logit from above, and the block's best from below. That reads base and each identity
+// term once, a mapped term's logits once (its map and weights only in the fused blocks),
+// and gathers a few % of the vocabulary. So `scratch` is left fused in part, and a map entry
+// outside [-1, n_logits) raises only when its block is fused (the map loader validated the
+// Engine's maps; fuse_terms checks every entry). NaN rules as fuse_terms: a NaN anywhere in
+// base or a term sends the step through the full sweep, which raises where fuse_terms does.
 int32_t fuse_terms_and_sample(Sampler& sampler, float* scratch, const float* base_logits,
                               int64_t n_base, const FuseTerm* terms, int n_terms,
                               float mask_alpha);

@@ -236,9 +236,93 @@ double exp_weights_scalar(const Candidate* items, int64_t n, double top, double*
     return total;
 }
 
+bool block_max_scalar(const float* x, int64_t n, float* block_max) {
+    int bad = 0;
+    for (int64_t i = 0; i < n; i += kScanBlock) {
+        const int64_t len = std::min(kScanBlock, n - i);
+        float m = kNegInf;
+        for (int64_t k = i; k < i + len; ++k) {
+            bad |= (x[k] != x[k]);
+            m = x[k] > m ? x[k] : m;
+        }
+        *block_max++ = m;
+    }
+    return !bad;
+}
+
+bool min_max_scalar(const float* x, int64_t n, float* lo, float* hi) {
+    float low[8], high[8];
+    std::fill(low, low + 8, -kNegInf);
+    std::fill(high, high + 8, kNegInf);
+    int bad = 0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; ++k) {
+            const float v = x[i + k];
+            bad |= (v != v);
+            low[k] = v < low[k] ? v : low[k];
+            high[k] = v > high[k] ? v : high[k];
+        }
+    }
+    for (; i < n; ++i) {
+        bad |= (x[i] != x[i]);
+        low[0] = x[i] < low[0] ? x[i] : low[0];
+        high[0] = x[i] > high[0] ? x[i] : high[0];
+    }
+    *lo = *std::min_element(low, low + 8);
+    *hi = *std::max_element(high, high + 8);
+    return !bad;
+}
+
+// One block's part of block_term_range, from its min and max; false when infinite.
+inline bool add_term_range(float z_min, float z_max, float weight, float shift, bool weighted,
+                           float* add_hi, float* add_lo, float* largest) {
+    const float c1 = weight * (z_min - shift), c2 = weight * (z_max - shift);
+    float c_hi = std::max(c1, c2), c_lo = std::min(c1, c2);
+    if (weighted) {
+        c_hi = std::max(c_hi, 0.0f);
+        c_lo = std::min(c_lo, 0.0f);
+    }
+    *add_hi += c_hi;
+    *add_lo += c_lo;
+    *largest = std::max(*largest, std::max(std::fabs(c1), std::fabs(c2)));
+    return std::fabs(c1) < -kNegInf && std::fabs(c2) < -kNegInf;
+}
+
+bool block_term_range_scalar(const float* z, int64_t n, float weight, float shift, bool weighted,
+                             float* add_hi, float* add_lo, float* largest) {
+    bool ok = true;
+    for (int64_t i = 0; i < n; i += kScanBlock) {
+        const int64_t len = std::min(kScanBlock, n - i);
+        float low = -kNegInf, high = kNegInf;
+        int bad = 0;
+        for (int64_t k = i; k < i + len; ++k) {
+            bad |= (z[k] != z[k]);
+            low = z[k] < low ? z[k] : low;
+            high = z[k] > high ? z[k] : high;
+        }
+        ok &= !bad && add_term_range(low, high, weight, shift, weighted, add_hi++, add_lo++, largest);
+    }
+    return ok;
+}
+
+void block_bounds_scalar(float* hi, float* lo, const float* add_hi, const float* add_lo,
+                         int64_t n_blocks, float up, float down, float rel, float size) {
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const float m = hi[b];
+        const float slack = rel * (std::fabs(m) + size) + 1e-37f;
+        const bool finite = std::fabs(m) < -kNegInf;
+        const float a_hi = add_hi ? add_hi[b] + up : up;
+        const float a_lo = add_lo ? add_lo[b] + down : down;
+        hi[b] = finite ? (m + a_hi) + slack : m;
+        lo[b] = finite ? (m + a_lo) - slack : m;
+    }
+}
+
 const Kernels kScalar = {"scalar",         fuse_scalar,  first_nan_scalar,  max_value_scalar,
                          first_index_ge_scalar, top_k_scalar, collect_ge_scalar,
-                         exp_weights_scalar, scan_blocks_scalar};
+                         exp_weights_scalar, scan_blocks_scalar, block_max_scalar,
+                         min_max_scalar, block_term_range_scalar, block_bounds_scalar};
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA
@@ -548,9 +632,139 @@ IVL_AVX2 void scan_blocks_avx2(const float* x, int64_t n, int64_t id0, float thr
     if (i < n) scan_blocks_scalar(x + i, n - i, id0 + i, threshold, block_max, out);
 }
 
+// r[j] = the max (Max = _mm256_max_ps) or min of the 8 lanes of v[j]: a transposing
+// reduction, 8 blocks' results in one vector.
+template <__m256 (*Op)(__m256, __m256)>
+IVL_AVX2 inline __m256 reduce8_avx2(const __m256* v) {
+    const __m256 a01 = Op(_mm256_unpacklo_ps(v[0], v[1]), _mm256_unpackhi_ps(v[0], v[1]));
+    const __m256 a23 = Op(_mm256_unpacklo_ps(v[2], v[3]), _mm256_unpackhi_ps(v[2], v[3]));
+    const __m256 a45 = Op(_mm256_unpacklo_ps(v[4], v[5]), _mm256_unpackhi_ps(v[4], v[5]));
+    const __m256 a67 = Op(_mm256_unpacklo_ps(v[6], v[7]), _mm256_unpackhi_ps(v[6], v[7]));
+    const __m256 b03 = Op(_mm256_shuffle_ps(a01, a23, _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm256_shuffle_ps(a01, a23, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 b47 = Op(_mm256_shuffle_ps(a45, a67, _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm256_shuffle_ps(a45, a67, _MM_SHUFFLE(3, 2, 3, 2)));
+    return Op(_mm256_permute2f128_ps(b03, b47, 0x20), _mm256_permute2f128_ps(b03, b47, 0x31));
+}
+IVL_AVX2 inline __m256 max8(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+IVL_AVX2 inline __m256 min8(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
+
+IVL_AVX2 bool block_max_avx2(const float* x, int64_t n, float* block_max) {
+    static_assert(kScanBlock == 32, "4 vectors per block");
+    __m256 unordered = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 * 32 <= n; i += 8 * 32) {  // 8 blocks per round
+        __m256 m[8];
+        for (int j = 0; j < 8; ++j) {
+            const float* p = x + i + 32 * j;
+            const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+            const __m256 c = _mm256_loadu_ps(p + 16), d = _mm256_loadu_ps(p + 24);
+            unordered = _mm256_or_ps(unordered, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q),
+                                                             _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+            m[j] = _mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d));
+        }
+        _mm256_storeu_ps(block_max, reduce8_avx2<max8>(m));
+        block_max += 8;
+    }
+    const bool tail_ok = i >= n || block_max_scalar(x + i, n - i, block_max);
+    return tail_ok && _mm256_movemask_ps(unordered) == 0;
+}
+
+IVL_AVX2 bool min_max_avx2(const float* x, int64_t n, float* lo, float* hi) {
+    __m256 low0 = _mm256_set1_ps(-kNegInf), low1 = low0;
+    __m256 high0 = _mm256_set1_ps(kNegInf), high1 = high0;
+    __m256 unordered = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+        low0 = _mm256_min_ps(low0, a);
+        low1 = _mm256_min_ps(low1, b);
+        high0 = _mm256_max_ps(high0, a);
+        high1 = _mm256_max_ps(high1, b);
+    }
+    float low[8], high[8];
+    _mm256_storeu_ps(low, _mm256_min_ps(low0, low1));
+    _mm256_storeu_ps(high, _mm256_max_ps(high0, high1));
+    float tail_lo = -kNegInf, tail_hi = kNegInf;
+    const bool tail_ok = i >= n || min_max_scalar(x + i, n - i, &tail_lo, &tail_hi);
+    *lo = std::min(*std::min_element(low, low + 8), tail_lo);
+    *hi = std::max(*std::max_element(high, high + 8), tail_hi);
+    return tail_ok && _mm256_movemask_ps(unordered) == 0;
+}
+
+IVL_AVX2 bool block_term_range_avx2(const float* z, int64_t n, float weight, float shift,
+                                    bool weighted, float* add_hi, float* add_lo, float* largest) {
+    static_assert(kScanBlock == 32, "4 vectors per block");
+    const __m256 w = _mm256_set1_ps(weight), vshift = _mm256_set1_ps(shift);
+    const __m256 zero = _mm256_setzero_ps(), inf = _mm256_set1_ps(-kNegInf);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 unordered = zero, reach = zero, infinite = zero;
+    int64_t i = 0;
+    for (; i + 8 * 32 <= n; i += 8 * 32) {  // 8 blocks per round
+        __m256 high[8], low[8];
+        for (int j = 0; j < 8; ++j) {
+            const float* p = z + i + 32 * j;
+            const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+            const __m256 c = _mm256_loadu_ps(p + 16), d = _mm256_loadu_ps(p + 24);
+            unordered = _mm256_or_ps(unordered, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q),
+                                                             _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+            high[j] = _mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d));
+            low[j] = _mm256_min_ps(_mm256_min_ps(a, b), _mm256_min_ps(c, d));
+        }
+        // add_term_range on 8 blocks: the same float operations
+        const __m256 c1 = _mm256_mul_ps(w, _mm256_sub_ps(reduce8_avx2<min8>(low), vshift));
+        const __m256 c2 = _mm256_mul_ps(w, _mm256_sub_ps(reduce8_avx2<max8>(high), vshift));
+        __m256 c_hi = _mm256_max_ps(c1, c2), c_lo = _mm256_min_ps(c1, c2);
+        if (weighted) {
+            c_hi = _mm256_max_ps(c_hi, zero);
+            c_lo = _mm256_min_ps(c_lo, zero);
+        }
+        _mm256_storeu_ps(add_hi, _mm256_add_ps(_mm256_loadu_ps(add_hi), c_hi));
+        _mm256_storeu_ps(add_lo, _mm256_add_ps(_mm256_loadu_ps(add_lo), c_lo));
+        add_hi += 8;
+        add_lo += 8;
+        const __m256 m = _mm256_max_ps(_mm256_and_ps(c1, abs_mask), _mm256_and_ps(c2, abs_mask));
+        reach = _mm256_max_ps(reach, m);
+        infinite = _mm256_or_ps(infinite, _mm256_cmp_ps(m, inf, _CMP_NLT_UQ));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, reach);
+    for (float v : lanes) *largest = std::max(*largest, v);
+    bool ok = _mm256_movemask_ps(unordered) == 0 && _mm256_movemask_ps(infinite) == 0;
+    if (i < n) {
+        ok &= block_term_range_scalar(z + i, n - i, weight, shift, weighted, add_hi, add_lo, largest);
+    }
+    return ok;
+}
+
+IVL_AVX2 void block_bounds_avx2(float* hi, float* lo, const float* add_hi, const float* add_lo,
+                                int64_t n_blocks, float up, float down, float rel, float size) {
+    const __m256 vup = _mm256_set1_ps(up), vdown = _mm256_set1_ps(down);
+    const __m256 vrel = _mm256_set1_ps(rel), vsize = _mm256_set1_ps(size);
+    const __m256 tiny = _mm256_set1_ps(1e-37f), inf = _mm256_set1_ps(-kNegInf);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    int64_t b = 0;
+    for (; b + 8 <= n_blocks; b += 8) {
+        const __m256 m = _mm256_loadu_ps(hi + b);
+        const __m256 magnitude = _mm256_and_ps(m, abs_mask);
+        const __m256 slack = _mm256_add_ps(_mm256_mul_ps(vrel, _mm256_add_ps(magnitude, vsize)), tiny);
+        const __m256 finite = _mm256_cmp_ps(magnitude, inf, _CMP_LT_OQ);
+        const __m256 a_hi = add_hi ? _mm256_add_ps(_mm256_loadu_ps(add_hi + b), vup) : vup;
+        const __m256 a_lo = add_lo ? _mm256_add_ps(_mm256_loadu_ps(add_lo + b), vdown) : vdown;
+        const __m256 h = _mm256_add_ps(_mm256_add_ps(m, a_hi), slack);
+        const __m256 l = _mm256_sub_ps(_mm256_add_ps(m, a_lo), slack);
+        _mm256_storeu_ps(hi + b, _mm256_blendv_ps(m, h, finite));
+        _mm256_storeu_ps(lo + b, _mm256_blendv_ps(m, l, finite));
+    }
+    block_bounds_scalar(hi + b, lo + b, add_hi ? add_hi + b : nullptr, add_lo ? add_lo + b : nullptr,
+                        n_blocks - b, up, down, rel, size);
+}
+
 const Kernels kAvx2 = {"avx2",         fuse_avx2,    first_nan_avx2,  max_value_avx2,
                        first_index_ge_avx2, top_k_avx2, collect_ge_avx2, exp_weights_avx2,
-                       scan_blocks_avx2};
+                       scan_blocks_avx2, block_max_avx2, min_max_avx2, block_term_range_avx2,
+                       block_bounds_avx2};
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512F: its own fuse (16 lanes, mask-register gather); the scans reuse AVX2, which every
@@ -607,7 +821,8 @@ IVL_AVX512 void fuse_avx512(const FuseArgs& a) {
 
 const Kernels kAvx512 = {"avx512",        fuse_avx512,  first_nan_avx2,  max_value_avx2,
                          first_index_ge_avx2, top_k_avx2, collect_ge_avx2, exp_weights_avx2,
-                         scan_blocks_avx2};
+                         scan_blocks_avx2, block_max_avx2, min_max_avx2, block_term_range_avx2,
+                       block_bounds_avx2};
 #endif  // IVL_X86
 
 // ---------------------------------------------------------------------------------------------
@@ -664,7 +879,8 @@ void fuse_neon(const FuseArgs& a) {
 
 const Kernels kNeon = {"neon",          fuse_neon,    first_nan_scalar,  max_value_scalar,
                        first_index_ge_scalar, top_k_scalar, collect_ge_scalar,
-                       exp_weights_scalar, scan_blocks_scalar};
+                       exp_weights_scalar, scan_blocks_scalar, block_max_scalar, min_max_scalar,
+                       block_term_range_scalar, block_bounds_scalar};
 #endif  // __aarch64__
 
 // ---------------------------------------------------------------------------------------------

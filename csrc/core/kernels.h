@@ -78,10 +78,35 @@ struct Kernels {
     // max-reduction and one compare).
     void (*scan_blocks)(const float* x, int64_t n, int64_t id0, float threshold, float* block_max,
                         std::vector<Candidate>& out);
+    // Per block of kScanBlock floats (the last may be shorter): its max into block_max[b].
+    // Returns false, block_max unspecified, when x holds a NaN.
+    bool (*block_max)(const float* x, int64_t n, float* block_max);
+    // The smallest and largest value of x[0..n) (n > 0) into *lo, *hi; false when x holds a
+    // NaN (*lo, *hi unspecified).
+    bool (*min_max)(const float* x, int64_t n, float* lo, float* hi);
+    // An identity term's reach per block of kScanBlock logits z: with c1, c2 = weight * (the
+    // block's min and max of z - shift) (in float), add_hi[b] += max(c1, c2) and add_lo[b] +=
+    // min(c1, c2), each also against 0 when `weighted` (a token weight in [0, 1] may scale it
+    // to 0); *largest = max(*largest, |c1|, |c2|). False, outputs unspecified, when z holds a
+    // NaN or some c is infinite.
+    bool (*block_term_range)(const float* z, int64_t n, float weight, float shift, bool weighted,
+                             float* add_hi, float* add_lo, float* largest);
+    // The fused logits' block bounds from the base's block maxes m = hi[b] (in place):
+    //   hi[b] = (m + (add_hi[b] + up)) + s,  lo[b] = (m + (add_lo[b] + down)) - s,
+    //   s = rel * (|m| + size) + 1e-37, for finite m; hi[b] = lo[b] = m otherwise.
+    // add_hi / add_lo: per-block additions, or null (0).
+    void (*block_bounds)(float* hi, float* lo, const float* add_hi, const float* add_lo,
+                         int64_t n_blocks, float up, float down, float rel, float size);
 };
 
 constexpr int64_t kScanBlock = 32;
 
 const Kernels& active_kernels();
+
+// Sum over the x[i] in [lo, hi) of exp(double(x[i] / t) - top_scaled) (x[i] / t in float,
+// as the sampler's TemperatureStep; x[i] itself when t == 1), for x[i] / t <= top_scaled + 64
+// and >= top_scaled - 64, at the active level with a float exp: each term within 1e-5
+// (relative) of the double one. Defined in fuse_terms.cpp, beside the other float exps.
+double sum_exp_band(const float* x, int64_t n, float lo, float hi, float t, float top_scaled);
 
 }  // namespace ivl::detail

@@ -31,6 +31,11 @@ constexpr double kNucleusLogRatio = 10.0;
 // Relative widening of top-p's total before deciding its cut from bounds, far above the
 // rounding of the chain's own sums: a cut that close to a boundary goes to the chain.
 constexpr double kTotalSlack = 1e-12;
+// sample_bounded's nucleus band, in units of the temperature beyond min-p's: wider fills
+// more blocks, narrower leaves more of top-p's total to block bounds.
+constexpr double kBoundedMargin = 1.0;
+// Relative error of sum_exp_band against the chain's double exps (each term within 1e-5).
+constexpr double kBandSlack = 2e-5;
 
 void sort_canonical(CandidateSet& cs) {
     if (!cs.sorted) {
@@ -102,7 +107,9 @@ void CandidateSet::make_sparse(double below_max) {
 void NucleusScan::begin(int64_t n_vocab, double below) {
     below_max = below;
     top = kNegInf;
-    block_max.resize(static_cast<size_t>((n_vocab + detail::kScanBlock - 1) / detail::kScanBlock));
+    const size_t n_blocks = static_cast<size_t>((n_vocab + detail::kScanBlock - 1) / detail::kScanBlock);
+    block_max.resize(n_blocks);
+    scanned.assign(n_blocks, 0);
     items.clear();
 }
 
@@ -117,6 +124,7 @@ void NucleusScan::scan(const float* logits, int64_t i0, int64_t i1) {
                         items);
     const int64_t n_blocks = (i1 - i0 + detail::kScanBlock - 1) / detail::kScanBlock;
     for (int64_t b = 0; b < n_blocks; ++b) top = std::max(top, block_max_out[b]);
+    std::fill_n(scanned.begin() + i0 / detail::kScanBlock, n_blocks, 1);
 }
 
 void SamplerChain::apply_from(CandidateSet& cs, size_t first_step) {
@@ -442,13 +450,13 @@ void Sampler::reset_candidates(float* logits, int64_t n_vocab) {
     cs.selected = -1;
 }
 
-bool Sampler::finish_nucleus(CandidateSet& cs) {
+Sampler::Nucleus Sampler::finish_nucleus(CandidateSet& cs, bool cheap_bound_first) {
     const NucleusScan& scan = nucleus_scan_;
     const float top = scan.top;
     if (!(top > kNegInf)) throw std::invalid_argument("all logits are -inf: nothing to sample");
     const float t = params_.temperature;
     // +inf, or logits so large against t that x / t is coarse or overflows: the chain.
-    if (!(std::fabs(static_cast<double>(top)) / t < 1e5)) return false;
+    if (!(std::fabs(static_cast<double>(top)) / t < 1e5)) return Nucleus::kChain;
     const float bar = round_down_threshold(static_cast<double>(top) - scan.below_max);
     // The chain's own truncation (TemperatureStep): tokens below it are not in any total.
     const float negligible =
@@ -488,11 +496,19 @@ bool Sampler::finish_nucleus(CandidateSet& cs) {
             }
             return n_survivors;
         };
-        // The total is kept_total plus the tokens below bar, each at most min(its block's
-        // max, bar) (those below `negligible` count nothing, as in the chain): a larger total
-        // only moves the cut later, so equal cuts at both ends decide it.
+        // The total is kept_total plus the tokens in [negligible, bar) (those below count
+        // nothing, as in the chain). A larger total only moves the cut later, so equal cuts
+        // at both ends of an interval holding it decide it. Tried in turn: kept_total alone
+        // (a lower end: the cut may already be past every survivor), then (cheap_bound_first)
+        // each token at most min(its block's max, bar), then the scanned blocks' tokens
+        // summed exactly and the others' bounded so.
+        const auto block_bound = [&](size_t b) {  // 32 tokens at most min(block max, bar)
+            const float v = std::min(scan.block_max[b], bar);
+            return v >= negligible ? std::exp(static_cast<double>(scaled(v)) - top_scaled) : 0.0;
+        };
         n_final = cut(kept_total * (1.0 - kTotalSlack));
-        if (n_final < n_survivors) {
+        bool decided = n_final == n_survivors;
+        if (!decided && cheap_bound_first) {
             bounds_.clear();
             for (size_t b = 0; b < scan.block_max.size(); ++b) {
                 const float v = std::min(scan.block_max[b], bar);
@@ -503,13 +519,48 @@ bool Sampler::finish_nucleus(CandidateSet& cs) {
                 static_cast<double>(detail::kScanBlock) *
                 kernels.exp_weights(bounds_.data(), static_cast<int64_t>(bounds_.size()),
                                     top_scaled, bound_weights_.data());
-            if (cut((kept_total + left_out) * (1.0 + kTotalSlack)) != n_final) return false;
+            decided = cut((kept_total + left_out) * (1.0 + kTotalSlack)) == n_final;
+        }
+        if (!decided) {
+            // Scanned blocks exactly, in float: each exp within 1e-5 of the chain's double one
+            // (sum_exp_band), so their true sum lies within kBandSlack of this.
+            double exact = 0.0, bound = 0.0;
+            const int64_t n_blocks = static_cast<int64_t>(scan.block_max.size());
+            for (int64_t b = 0; b < n_blocks;) {
+                if (!scan.scanned[b]) {
+                    bound += block_bound(static_cast<size_t>(b++));
+                    continue;
+                }
+                int64_t e = b + 1;
+                while (e < n_blocks && scan.scanned[e]) ++e;
+                const int64_t i0 = b * detail::kScanBlock;
+                const int64_t i1 = std::min(cs.n_vocab, e * detail::kScanBlock);
+                exact += detail::sum_exp_band(cs.logits + i0, i1 - i0, negligible, bar, t, top_scaled);
+                b = e;
+            }
+            bound *= static_cast<double>(detail::kScanBlock);
+            const double low = (kept_total + exact * (1.0 - kBandSlack)) * (1.0 - kTotalSlack);
+            const double high = (kept_total + exact * (1.0 + kBandSlack) + bound) * (1.0 + kTotalSlack);
+            n_final = cut(low);
+            if (cut(high) != n_final) return bound > 0.0 ? Nucleus::kNeedTotal : Nucleus::kChain;
         }
     }
     kept.resize(n_final);
     cs.dense = false;
     cs.sorted = true;
-    return true;
+    return Nucleus::kDone;
+}
+
+void Sampler::finish_nucleus_or_chain(CandidateSet& cs, bool cheap_bound_first,
+                                      const std::function<void()>& fill_rest) {
+    Nucleus result = finish_nucleus(cs, cheap_bound_first);
+    if (result == Nucleus::kDone) return;
+    fill_rest();
+    if (result == Nucleus::kNeedTotal) result = finish_nucleus(cs, false);
+    if (result != Nucleus::kDone) {  // every logit is filled: the chain on the dense array
+        reset_candidates(cs.logits, cs.n_vocab);
+        filters_.apply_from(cs, 1);  // after the penalties (applied, or nothing to apply)
+    }
 }
 
 void Sampler::truncate(float* logits, int64_t n_vocab) {
@@ -523,10 +574,7 @@ void Sampler::truncate(float* logits, int64_t n_vocab) {
     penalties_->apply(cs);  // on the dense array
     nucleus_scan_.begin(n_vocab, kNucleusLogRatio * params_.temperature);
     nucleus_scan_.scan(logits, 0, n_vocab);
-    if (!finish_nucleus(cs)) {
-        reset_candidates(logits, n_vocab);
-        filters_.apply_from(cs, 1);
-    }
+    finish_nucleus_or_chain(cs, true, [] {});
 }
 
 int32_t Sampler::run(float* logits, int64_t n_vocab) {
@@ -586,6 +634,11 @@ std::vector<std::pair<int32_t, float>> Sampler::probs(const float* logits, int64
 int32_t Sampler::sample_filled(float* logits, int64_t n_vocab,
                                const std::function<void(int64_t, int64_t)>& fill) {
     std::lock_guard<std::mutex> lock(mutex_);
+    return sample_filled_locked(logits, n_vocab, fill);
+}
+
+int32_t Sampler::sample_filled_locked(float* logits, int64_t n_vocab,
+                                      const std::function<void(int64_t, int64_t)>& fill) {
     const bool fused_greedy = greedy();
     const bool fused_top_k = !fused_greedy && params_.top_k > 0;
     if (n_vocab <= 0 || penalties_->will_edit() || !(fused_greedy || fused_top_k || nucleus_)) {
@@ -619,10 +672,7 @@ int32_t Sampler::sample_filled(float* logits, int64_t n_vocab,
             fill(i0, i1);
             nucleus_scan_.scan(logits, i0, i1);
         }
-        if (!finish_nucleus(cs)) {  // every chunk is filled: the chain on the dense array
-            reset_candidates(logits, n_vocab);
-            filters_.apply(cs);
-        }
+        finish_nucleus_or_chain(cs, true, [] {});
         draw_->apply(cs);
         return cs.selected;
     }
@@ -639,6 +689,142 @@ int32_t Sampler::sample_filled(float* logits, int64_t n_vocab,
     cs.dense = false;
     cs.sorted = true;
     filters_.apply(cs);  // penalties: nothing to do; top-k: already k or fewer
+    draw_->apply(cs);
+    return cs.selected;
+}
+
+int32_t Sampler::sample_bounded(float* logits, int64_t n_vocab,
+                                const std::function<bool(float*, float*)>& bound,
+                                const std::function<void(int64_t, int64_t)>& fill) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool fused_greedy = greedy();
+    const bool fused_top_k = !fused_greedy && params_.top_k > 0;
+    if (n_vocab <= 0 || penalties_->will_edit() || !(fused_greedy || fused_top_k || nucleus_)) {
+        return sample_filled_locked(logits, n_vocab, fill);
+    }
+    constexpr int64_t kBlock = detail::kScanBlock;
+    const int64_t n_blocks = (n_vocab + kBlock - 1) / kBlock;
+    block_hi_.resize(static_cast<size_t>(n_blocks));
+    block_lo_.resize(static_cast<size_t>(n_blocks));
+    const float* hi = block_hi_.data();
+    const float* lo = block_lo_.data();
+    if (!bound(block_hi_.data(), block_lo_.data())) return sample_filled_locked(logits, n_vocab, fill);
+    const auto& kernels = detail::active_kernels();
+    const int64_t k = fused_greedy ? 1 : fused_top_k ? std::min<int64_t>(params_.top_k, n_vocab) : 1;
+    // The nucleus band here: min-p's own plus a margin (the exact sums and block bounds of
+    // finish_nucleus take care of top-p's total below it).
+    const double band = fused_greedy || fused_top_k
+                            ? 0.0
+                            : (kBoundedMargin - std::log(static_cast<double>(params_.min_p))) *
+                                  params_.temperature;
+    const auto block_end = [n_vocab](int64_t b) { return std::min(n_vocab, (b + 1) * kBlock); };
+    filled_.resize(static_cast<size_t>(n_blocks));  // all 0 between calls
+    struct Clear {  // back to all 0 however this call ends (a fill may throw)
+        std::vector<uint8_t>& flags;
+        ~Clear() { std::fill(flags.begin(), flags.end(), 0); }
+    } clear{filled_};
+    // The bar: no token below it can survive the chain. Greedy and top-k: the k-th best token
+    // (k = 1 greedy) is at least the k-th best lo (k blocks each hold a token that high).
+    // Nucleus: the band below the best token, which is at least the best lo.
+    double bar = -std::numeric_limits<double>::infinity();
+    if (k <= n_blocks) {
+        detail::TopKHeap lo_heap(static_cast<size_t>(k));
+        kernels.top_k(lo, n_blocks, 0, lo_heap);
+        bar = lo_heap.threshold();  // -inf until k finite lo's were offered
+    }
+    std::vector<Candidate>& blocks = block_list_;  // (block, its hi or lo), ids ascending
+    if (bar > kNegInf) {
+        // Raise it: fill the blocks the bar came from (lo >= bar; at least k of them) and take
+        // the k-th best of their actual logits instead, which is at least as high.
+        detail::TopKHeap heap(static_cast<size_t>(k));
+        blocks.clear();
+        kernels.collect_ge(lo, n_blocks, static_cast<float>(bar), blocks);
+        for (const Candidate& c : blocks) {
+            const int64_t i0 = c.id * kBlock;
+            fill(i0, block_end(c.id));
+            filled_[c.id] = 1;
+            kernels.top_k(logits + i0, block_end(c.id) - i0, i0, heap);
+        }
+        bar = std::max(bar, static_cast<double>(heap.threshold()));
+    }
+    bar -= band;
+    // The taken blocks: hi reaches the bar (-inf blocks never: they hold no token).
+    blocks.clear();
+    kernels.collect_ge(hi, n_blocks, round_down_threshold(bar), blocks);
+    // Fills blocks [b0, b1) that are not filled yet, in ranges of consecutive ones.
+    const auto fill_blocks = [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1;) {
+            if (filled_[b]) {
+                ++b;
+                continue;
+            }
+            int64_t e = b + 1;
+            while (e < b1 && !filled_[e]) ++e;
+            fill(b * kBlock, block_end(e - 1));
+            std::fill(filled_.begin() + b, filled_.begin() + e, 1);
+            b = e;
+        }
+    };
+    // Runs of consecutive taken blocks, at most 16 KiB: filled, then consumed while in L1.
+    constexpr int64_t kRunBlocks = 4096 / kBlock;
+    const auto for_each_run = [&](const auto& body) {
+        for (size_t j = 0; j < blocks.size();) {
+            const int64_t b = blocks[j].id;
+            size_t e = j + 1;
+            while (e < blocks.size() && blocks[e].id == blocks[e - 1].id + 1 &&
+                   static_cast<int64_t>(e - j) < kRunBlocks) {
+                ++e;
+            }
+            const int64_t b1 = b + static_cast<int64_t>(e - j);
+            fill_blocks(b, b1);
+            body(b * kBlock, block_end(b1 - 1));
+            j = e;
+        }
+    };
+    reset_candidates(logits, n_vocab);
+    CandidateSet& cs = candidates_;
+    if (fused_greedy) {  // as sample_filled: ids ascending, a later equal max loses
+        float best = kNegInf;
+        int64_t best_id = -1;
+        for_each_run([&](int64_t i0, int64_t i1) {
+            const float m = kernels.max_value(logits + i0, i1 - i0);
+            if (m > best) {
+                best = m;
+                best_id = i0 + kernels.first_index_ge(logits + i0, i1 - i0, m);
+            }
+        });
+        if (!(best > kNegInf)) throw std::invalid_argument("all logits are -inf: nothing to sample");
+        return static_cast<int32_t>(best_id);
+    }
+    if (nucleus_) {  // a skipped block's max is at most its hi
+        nucleus_scan_.begin(n_vocab, band);
+        std::copy(hi, hi + n_blocks, nucleus_scan_.block_max.begin());
+        for_each_run([&](int64_t i0, int64_t i1) { nucleus_scan_.scan(logits, i0, i1); });
+        finish_nucleus_or_chain(cs, false, [&] {  // the rest, all below the bar: exact sums
+            for (int64_t b = 0; b < n_blocks;) {
+                if (nucleus_scan_.scanned[b]) {
+                    ++b;
+                    continue;
+                }
+                int64_t e = b + 1;
+                while (e < n_blocks && !nucleus_scan_.scanned[e] && e - b < kRunBlocks) ++e;
+                fill_blocks(b, e);
+                nucleus_scan_.scan(logits, b * kBlock, block_end(e - 1));
+                b = e;
+            }
+        });
+        draw_->apply(cs);
+        return cs.selected;
+    }
+    // Top-k: the heap gets the taken blocks' offers in id order; every token of a skipped
+    // block is below k others, so the heap ends with the same k candidates.
+    detail::TopKHeap heap(static_cast<size_t>(k));
+    for_each_run([&](int64_t i0, int64_t i1) { kernels.top_k(logits + i0, i1 - i0, i0, heap); });
+    cs.items = heap.take_sorted();
+    if (cs.items.empty()) throw std::invalid_argument("all logits are -inf: nothing to sample");
+    cs.dense = false;
+    cs.sorted = true;
+    filters_.apply(cs);
     draw_->apply(cs);
     return cs.selected;
 }

@@ -29,9 +29,14 @@
 //     (NucleusScan: running max, block maxes, tokens within e^-10 of the best) and no exp
 //     outside that band. min-p's survivors lie inside it; top-p's cut among them needs the
 //     total mass, which is bounded (every other token is at most its 32-token block's max)
-//     and decided when both ends of the bound give the same cut, else the chain runs on the
-//     array (rare: a cut within the bound's width of the boundary). Same tables as the chain;
-//     survivors are drawn in canonical order;
+//     and decided when both ends of the bound give the same cut, else summed exactly (a float
+//     exp per token, within 2e-5 of the double total), else the chain runs on the array
+//     (a cut within ~1e-5 of the boundary). Same tables as the chain; survivors are drawn in
+//     canonical order;
+//   - with bounds per 32-token block from the caller (sample_bounded: fuse_terms_and_sample),
+//     greedy, top-k and the nucleus path fill and read only the blocks that can reach the
+//     chain's survivors; the others count in top-p's total through their bound, or are
+//     filled when that cannot decide the cut;
 //   - top-p selects an exact nucleus by partial sorts of growing prefixes (64, 256, ...),
 //     never a full sort of the vocabulary.
 // Softmax is computed in double with the max subtracted. Draws use std::mt19937_64 (fully
@@ -111,6 +116,7 @@ struct NucleusScan {
     double below_max = 0.0;
     float top = 0.0f;
     std::vector<float> block_max;
+    std::vector<uint8_t> scanned;  // per block: scan() read it (else block_max is a bound)
     std::vector<Candidate> items;
 };
 
@@ -140,12 +146,34 @@ public:
     // then the chain. Either way: the candidates and draws of fill-then-sample_in_place.
     int32_t sample_filled(float* logits, int64_t n_vocab,
                           const std::function<void(int64_t, int64_t)>& fill);
+    // The same with bounds (fuse_terms_and_sample): `bound(hi, lo)` writes, per block of
+    // detail::kScanBlock logits, hi[b] >= every logit the fill will write in block b and
+    // lo[b] <= the largest of them (-inf: unknown), and returns true; false means no bounds
+    // (then it is sample_filled). Greedy, top-k and the nucleus path then fill only the blocks
+    // whose hi reaches a bar that the lo's guarantee (the k-th best lo; the best lo, less the
+    // nucleus band): a block below it holds no token the chain can keep. fill() is called on
+    // block-aligned ranges, ascending, and once more for the rest when top-p's total is needed
+    // exactly. Same candidates and draws as fill-then-sample_in_place; `logits` is left filled
+    // in part.
+    int32_t sample_bounded(float* logits, int64_t n_vocab,
+                           const std::function<bool(float*, float*)>& bound,
+                           const std::function<void(int64_t, int64_t)>& fill);
 
 private:
+    enum class Nucleus { kDone, kNeedTotal, kChain };
     // The chain's result from a finished scan: cs.items = the survivors of top-p and min-p in
-    // canonical order, and true; false when the bounds cannot decide top-p's cut (then the
-    // caller runs the chain on the dense array, which stays filled).
-    bool finish_nucleus(CandidateSet& cs);
+    // canonical order, and kDone. Top-p's cut needs the total mass: bounded from the block
+    // maxes (cheap_bound_first), then summed exactly over the scanned blocks (float exps,
+    // within kBandSlack) with the others bounded by their block max. kNeedTotal: undecided
+    // while some blocks are unscanned; kChain: undecided with all scanned (then the caller
+    // runs the chain on the dense, filled array).
+    Nucleus finish_nucleus(CandidateSet& cs, bool cheap_bound_first);
+    // The nucleus path's end once the scan is done: finish_nucleus; if undecided,
+    // fill_rest() (fill and scan what was skipped) and the exact total; else the chain.
+    void finish_nucleus_or_chain(CandidateSet& cs, bool cheap_bound_first,
+                                 const std::function<void()>& fill_rest);
+    int32_t sample_filled_locked(float* logits, int64_t n_vocab,
+                                 const std::function<void(int64_t, int64_t)>& fill);
     // The chain without the draw: candidates_ holds the survivors.
     void truncate(float* logits, int64_t n_vocab);
     void reset_candidates(float* logits, int64_t n_vocab);
@@ -162,6 +190,9 @@ private:
     NucleusScan nucleus_scan_;
     std::vector<Candidate> bounds_;
     std::vector<double> weights_, bound_weights_;
+    std::vector<float> block_hi_, block_lo_;
+    std::vector<uint8_t> filled_;
+    std::vector<Candidate> block_list_;
     std::mutex mutex_;
 };
 

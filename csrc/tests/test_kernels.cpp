@@ -137,11 +137,111 @@ void exp_weights() {
     });
 }
 
+// The block kernels behind fuse_terms_and_sample's bounds: block max (with NaN detection),
+// an identity term's per-block reach, the bounds' assembly, and the float-exp band sum.
+void block_kernels() {
+    constexpr int64_t kBlock = detail::kScanBlock;
+    for_each_level([&](const std::string&) {
+        const auto& k = active_kernels();
+        for (const int64_t n : {int64_t{1}, int64_t{31}, int64_t{32}, int64_t{33}, int64_t{255},
+                                int64_t{256}, int64_t{257}, int64_t{4099}, int64_t{8192 + 40}}) {
+            const std::string at = " n=" + std::to_string(n);
+            const std::vector<float> x = scan_input(n, uint64_t(n) + 300);
+            const int64_t n_blocks = (n + kBlock - 1) / kBlock;
+            std::vector<float> want_max(n_blocks, -kInf), want_min(n_blocks, kInf);
+            for (int64_t i = 0; i < n; ++i) {
+                want_max[i / kBlock] = std::max(want_max[i / kBlock], x[i]);
+                want_min[i / kBlock] = std::min(want_min[i / kBlock], x[i]);
+            }
+            std::vector<float> got(n_blocks + 1, 7.0f);
+            check(k.block_max(x.data(), n, got.data()), "block_max without NaN" + at);
+            check(std::equal(want_max.begin(), want_max.end(), got.begin()) && got[n_blocks] == 7.0f,
+                  "block_max" + at);
+            for (const int64_t where : {int64_t{0}, n / 2, n - 1}) {
+                std::vector<float> y = x;
+                y[where] = std::numeric_limits<float>::quiet_NaN();
+                check(!k.block_max(y.data(), n, got.data()), "block_max sees a NaN" + at);
+                std::vector<float> add_hi(n_blocks, 0.0f), add_lo(n_blocks, 0.0f);
+                float largest = 0.0f;
+                check(!k.block_term_range(y.data(), n, 1.0f, 0.0f, false, add_hi.data(),
+                                          add_lo.data(), &largest),
+                      "block_term_range sees a NaN" + at);
+            }
+            // An identity term's reach: c = weight * (z - shift) at the block's min and max,
+            // also against 0 when weighted; the -inf entries of scan_input make it infinite.
+            std::vector<float> z(n);
+            Rng rng(uint64_t(n) + 400);
+            for (auto& v : z) v = static_cast<float>(rng.normal() * 3.0);
+            std::vector<float> z_max(n_blocks, -kInf), z_min(n_blocks, kInf);
+            for (int64_t i = 0; i < n; ++i) {
+                z_max[i / kBlock] = std::max(z_max[i / kBlock], z[i]);
+                z_min[i / kBlock] = std::min(z_min[i / kBlock], z[i]);
+            }
+            for (const float weight : {0.8f, -1.5f}) {
+                for (const bool weighted : {false, true}) {
+                    std::vector<float> add_hi(n_blocks, 1.0f), add_lo(n_blocks, -1.0f);
+                    float largest = 0.0f;
+                    const bool ok = k.block_term_range(z.data(), n, weight, 0.25f, weighted,
+                                                       add_hi.data(), add_lo.data(), &largest);
+                    bool same_values = ok;
+                    float want_largest = 0.0f;
+                    for (int64_t b = 0; b < n_blocks; ++b) {
+                        const float c1 = weight * (z_min[b] - 0.25f), c2 = weight * (z_max[b] - 0.25f);
+                        float c_hi = std::max(c1, c2), c_lo = std::min(c1, c2);
+                        if (weighted) {
+                            c_hi = std::max(c_hi, 0.0f);
+                            c_lo = std::min(c_lo, 0.0f);
+                        }
+                        same_values &= add_hi[b] == 1.0f + c_hi && add_lo[b] == -1.0f + c_lo;
+                        want_largest = std::max({want_largest, std::fabs(c1), std::fabs(c2)});
+                    }
+                    check(same_values && largest == want_largest,
+                          "block_term_range" + at + " weight " + std::to_string(weight) +
+                              (weighted ? " weighted" : ""));
+                }
+            }
+            std::vector<float> add_hi(n_blocks, 0.0f), add_lo(n_blocks, 0.0f);
+            float largest = 0.0f;
+            check(!k.block_term_range(x.data(), n, 1.0f, 0.0f, false, add_hi.data(),
+                                      add_lo.data(), &largest) ||
+                      std::find(x.begin(), x.end(), -kInf) == x.end(),
+                  "block_term_range refuses infinite logits" + at);
+            // block_bounds: the formula, element by element; infinite maxes kept.
+            std::vector<float> hi = want_max, lo(n_blocks);
+            k.block_bounds(hi.data(), lo.data(), z_max.data(), z_min.data(), n_blocks, 0.5f,
+                           -0.5f, 0x1p-20f, 3.0f);
+            bool formula = true;
+            for (int64_t b = 0; b < n_blocks; ++b) {
+                const float m = want_max[b];
+                const float slack = 0x1p-20f * (std::fabs(m) + 3.0f) + 1e-37f;
+                const bool finite = std::fabs(m) < kInf;
+                formula &= hi[b] == (finite ? (m + (z_max[b] + 0.5f)) + slack : m) &&
+                           lo[b] == (finite ? (m + (z_min[b] + -0.5f)) - slack : m);
+            }
+            check(formula, "block_bounds" + at);
+            // sum_exp_band: [lo, hi) only, x / t in float, within 1e-5 per term of double.
+            for (const float t : {1.0f, 0.7f}) {
+                const float top = 4.0f / t;
+                double want = 0.0;
+                for (const float v : x) {
+                    if (v >= -3.0f && v < 2.0f) {
+                        want += std::exp(static_cast<double>(t == 1.0f ? v : v / t) - top);
+                    }
+                }
+                const double sum = detail::sum_exp_band(x.data(), n, -3.0f, 2.0f, t, top);
+                check(std::fabs(sum - want) <= 1e-5 * want + 1e-300,
+                      "sum_exp_band" + at + " t=" + std::to_string(t));
+            }
+        }
+    });
+}
+
 }  // namespace
 
 void test_kernels() {
     scans();
     exp_weights();
+    block_kernels();
 }
 
 }  // namespace ivl::test
