@@ -551,8 +551,9 @@ PreparedFuse prepare(float* out, const float* base, int64_t n_base, const FuseTe
     return p;
 }
 
-void fuse_chunk(const PreparedFuse& p, int64_t i0, int64_t i1) {
-    const int64_t bad = p.kernels->first_nan(p.base + i0, i1 - i0);
+// base_checked: the whole base is known NaN-free (fused_bounds read it), so skip the check.
+void fuse_chunk(const PreparedFuse& p, int64_t i0, int64_t i1, bool base_checked = false) {
+    const int64_t bad = base_checked ? -1 : p.kernels->first_nan(p.base + i0, i1 - i0);
     if (bad >= 0) {
         throw std::invalid_argument("NaN in base logits at index " + std::to_string(i0 + bad));
     }
@@ -661,11 +662,15 @@ int32_t fuse_terms_and_sample(Sampler& sampler, float* scratch, const float* bas
                               int64_t n_base, const FuseTerm* terms, int n_terms,
                               float mask_alpha) {
     const PreparedFuse p = prepare(scratch, base_logits, n_base, terms, n_terms, mask_alpha);
+    bool bounded = false;  // fused_bounds succeeded: base has no NaN
     return sampler.sample_bounded(
-        scratch, n_base, [&p](float* hi, float* lo) { return fused_bounds(p, hi, lo); },
-        [&p](int64_t i0, int64_t i1) {
+        scratch, n_base,
+        [&p, &bounded](float* hi, float* lo) { return bounded = fused_bounds(p, hi, lo); },
+        [&p, &bounded](int64_t i0, int64_t i1) {
             constexpr int64_t kChunk = 4096;
-            for (int64_t c0 = i0; c0 < i1; c0 += kChunk) fuse_chunk(p, c0, std::min(i1, c0 + kChunk));
+            for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
+                fuse_chunk(p, c0, std::min(i1, c0 + kChunk), bounded);
+            }
         });
 }
 
