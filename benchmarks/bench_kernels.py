@@ -27,19 +27,40 @@ term). `--terms-only` runs just that table.
 CLI's sampling defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) and the same
 without top-k, for the base alone, a same-vocabulary value net and the real map. With
 `--before PATH/_core*.so` (an extension built from an earlier commit) the same calls on that
-build run in the same process, interleaved, and the ratio is printed.
+build run in the same process, interleaved, and the ratio is printed. With `--logits FILE`
+the rows use logits captured from real decoding (`--capture FILE` writes them: an Engine
+generation of Gemma 3 270M with a SmolLM2 value net through the real map and a Gemma value
+net, at the chat settings, recording each step's base and value logits), cycling through the
+steps; synthetic logits are a poor stand-in (their cut points and spreads are not an LLM's).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ivl_local import _core
+
+def load_core(so_path: str):
+    """Another build of the extension as ivl_local._core. It must be the first one this
+    process loads: an extension module of a name already loaded is handed back as is."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ivl_local._core", so_path)
+    core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(core)
+    sys.modules["ivl_local._core"] = core
+    return core
+
+
+if "--serve-core" in sys.argv:  # BeforeCore's child: the other build, before any import of ours
+    _core = load_core(sys.argv[sys.argv.index("--serve-core") + 1])
+else:
+    from ivl_local import _core
 
 TOP_K, TOP_P, TEMPERATURE, ALPHA = 40, 0.9, 0.8, 0.8
 
@@ -159,22 +180,102 @@ CHAT = {"chat (top-k 40)": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.0
         "chat, top-k off": dict(temperature=0.8, top_k=0, top_p=0.95, min_p=0.05)}
 
 
-def chat_step(core, base, terms_by_case, scratch, iters):
-    """(mode, case) -> µs of that Engine-style step on `core`."""
+def chat_step(core, steps, terms_by_case, scratch, iters):
+    """(mode, case) -> µs of that Engine-style step on `core`, cycling through the steps.
+
+    steps[s]: step s's base logits; terms_by_case[case][s]: (logits arrays, terms builder).
+    As in the Engine, every step's logits sit in the same buffers, written just before the
+    call (llama.cpp writes its output there, so they start in cache, not in DRAM); only the
+    call is timed (thread CPU time around each call, summed)."""
+    base_buffer = np.empty_like(steps[0])
+    base_ptr = base_buffer.ctypes.data  # an int, as llama_get_logits_ith's (ndarray.ctypes costs µs)
+
     def run(mode: str, case: str) -> float:
-        config, terms = CHAT[mode], terms_by_case[case]
-        sampler = core.Sampler(**config, seed=1)
-        return timed_us(lambda: core._fuse_terms_and_sample(sampler, base.ctypes.data, base.size,
-                                                           terms, 0.0, scratch), iters, rounds=3)
+        sampler = core.Sampler(**CHAT[mode], seed=1)
+        arrays, make_terms = terms_by_case[case]
+        buffers = [np.empty_like(a[0]) for a in arrays]
+        terms = make_terms(buffers)
+
+        def call(s: int) -> int:
+            np.copyto(base_buffer, steps[s])
+            for buffer, a in zip(buffers, arrays):
+                np.copyto(buffer, a[s])
+            start = time.thread_time_ns()
+            core._fuse_terms_and_sample(sampler, base_ptr, base_buffer.size, terms, 0.0, scratch)
+            return time.thread_time_ns() - start
+
+        for s in range(len(steps)):  # warm-up
+            call(s)
+        means = []
+        for _ in range(3):
+            total = sum(call(i % len(steps)) for i in range(iters))
+            means.append(total / iters / 1e3)
+        return statistics.median(means)
     return run
 
 
-def chat_cases(base, value_same, real_value, real_tmap, real_tw):
+def chat_cases(values_same, real_values, real_tmap, real_tw):
+    """case -> (per-step logits arrays of its terms, buffers -> the Engine's terms)."""
     return {
-        "base alone": [],
-        "same vocab": [(value_same.ctypes.data, value_same.size, None, None, ALPHA, "raw")],
-        "real map": [(real_value.ctypes.data, real_value.size, real_tmap, real_tw, ALPHA, "raw")],
+        "base alone": ([], lambda buffers: []),
+        "same vocab": ([values_same], lambda buffers: [
+            (buffers[0].ctypes.data, buffers[0].size, None, None, ALPHA, "raw")]),
+        "real map": ([real_values], lambda buffers: [
+            (buffers[0].ctypes.data, buffers[0].size, real_tmap, real_tw, ALPHA, "raw")]),
     }
+
+
+CAPTURE_PROMPTS = ["What is 17 * 23? Explain step by step.",
+                   "Write a short story about a robot who learns to paint."]
+
+
+def capture(out_path: str, tokens: int) -> None:
+    """Real decoding's logits, step by step: Gemma 3 270M base + a SmolLM2 value net (the
+    real map) + a Gemma value net (same vocabulary), chat settings, top-k 40."""
+    from ivl_local import Engine
+    from ivl_local.backend import logits_view
+    from ivl_local.config import SamplingConfig
+    from ivl_local.models import cache_dir
+    from ivl_local.terms import ValueNet
+
+    trained = cache_dir() / "eval" / "trained"
+    smol = sorted(trained.glob("value-smollm2-135m-*/value.ivl.gguf"))
+    gemma = sorted(trained.glob("value-gemma3-270m-*/value.ivl.gguf"))
+    if not smol or not gemma:
+        raise SystemExit(f"--capture needs a SmolLM2 and a Gemma value net under {trained}")
+    recorded = {"base": [], "real": [], "same": []}
+    real_fuse = _core._fuse_terms_and_sample
+    maps = {}
+
+    def recording(sampler, base_ptr, n_base, parts, mask, scratch):
+        recorded["base"].append(np.array(logits_view(base_ptr, n_base)))
+        for ptr, n, tmap, tw, _, _ in parts:
+            key = "same" if tmap is None else "real"
+            recorded[key].append(np.array(logits_view(ptr, n)))
+            if tmap is not None:
+                maps["token_map"], maps["token_weights"] = tmap, tw
+        return real_fuse(sampler, base_ptr, n_base, parts, mask, scratch)
+
+    _core._fuse_terms_and_sample = recording
+    try:
+        with Engine("gemma3-270m", terms=[ValueNet(str(smol[0]), 1.0), ValueNet(str(gemma[0]), 1.0)],
+                    n_ctx=512) as engine:
+            for prompt in CAPTURE_PROMPTS:
+                text = engine.render_chat([{"role": "user", "content": prompt}])
+                for _ in engine.generate(text, max_tokens=tokens, sampling=SamplingConfig(seed=3)):
+                    pass
+    finally:
+        _core._fuse_terms_and_sample = real_fuse
+    np.savez(out_path, base=np.stack(recorded["base"]), real=np.stack(recorded["real"]),
+             same=np.stack(recorded["same"]), **maps)
+    print(f"{len(recorded['base'])} steps -> {out_path} (value nets {smol[0]}, {gemma[0]})")
+
+
+def load_steps(path: str):
+    """(base steps, same-vocab value steps, real-map value steps, token_map, token_weights)."""
+    with np.load(path) as data:
+        return (list(data["base"]), list(data["same"]), list(data["real"]),
+                data["token_map"], data["token_weights"])
 
 
 class BeforeCore:
@@ -183,7 +284,6 @@ class BeforeCore:
 
     def __init__(self, so_path: str, argv: list[str]):
         import subprocess
-        import sys
 
         self.child = subprocess.Popen([sys.executable, __file__, *argv, "--serve-core", so_path],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -199,26 +299,21 @@ class BeforeCore:
 
 
 def serve_core(so_path: str, steps) -> None:
-    """Child side of BeforeCore: loads the other build as ivl_local._core and times rows."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("ivl_local._core", so_path)
-    core = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(core)
-    run = steps(core)
+    """Child side of BeforeCore: times rows on the other build, loaded as _core at import."""
+    assert Path(_core.__file__).resolve() == Path(so_path).resolve(), _core.__file__
+    run = steps(_core)
     for line in sys.stdin:
         mode, case = line.rstrip("\n").split("\t")
         print(run(mode, case), flush=True)
 
 
-def bench_chat(base, cases, iters: int, before) -> None:
+def bench_chat(steps, cases, iters: int, before, label: str) -> None:
     """µs per Engine-style step (_fuse_terms_and_sample) at the chat settings, best level."""
-    scratch = np.empty_like(base)
-    now = chat_step(_core, base, cases, scratch, iters)
-    print(f"\nfuse+sample at the chat settings, vocab {base.size:,}, level {_core.simd_level()}; "
-          f"µs per step (best of 2 interleaved medians, thread CPU time; a shared machine "
-          f"inflates both)")
+    scratch = np.empty_like(steps[0])
+    now = chat_step(_core, steps, cases, scratch, iters)
+    print(f"\nfuse+sample at the chat settings, vocab {steps[0].size:,}, level "
+          f"{_core.simd_level()}, {label}; µs per step (best of 2 interleaved medians, thread "
+          f"CPU time; a shared machine inflates both)")
     header = f"{'sampling':<17} {'terms':<12} {'now':>9}"
     if before is not None:
         header += f" {'before':>9} {'before/now':>11}"
@@ -248,24 +343,42 @@ def main() -> None:
                         help="only the chat-settings table (base, same vocab, real map)")
     parser.add_argument("--before", metavar="SO", default=None,
                         help="an _core extension built from another commit, timed beside this one")
+    parser.add_argument("--logits", metavar="NPZ", default=None,
+                        help="--chat on logits captured from real decoding (see --capture)")
+    parser.add_argument("--capture", metavar="NPZ", default=None,
+                        help="decode with the real models and save each step's logits")
+    parser.add_argument("--capture-tokens", type=int, default=24,
+                        help="tokens per capture prompt")
     parser.add_argument("--serve-core", metavar="SO", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.capture:
+        capture(args.capture, args.capture_tokens)
+        return
 
     base, value, token_map, token_weights = make_inputs(args.vocab, args.value_vocab)
     scratch = np.empty_like(base)
     rng = np.random.default_rng(0)
     value_same = np.resize(value, base.size)  # identity case: same vocabulary
     real_value, real_tmap, real_tw, real_label = real_map(args.vocab)
-    cases = chat_cases(base, value_same, real_value, real_tmap, real_tw)
+    if args.logits:
+        steps, values_same, real_values, real_tmap, real_tw = load_steps(args.logits)
+        chat_label = f"{len(steps)} captured steps of {args.logits}"
+    else:
+        steps, values_same, real_values = [base], [value_same], [real_value]
+        chat_label = "synthetic logits"
+    cases = chat_cases(values_same, real_values, real_tmap, real_tw)
     if args.serve_core:
-        serve_core(args.serve_core, lambda core: chat_step(core, base, cases, scratch, args.iters))
+        serve_core(args.serve_core, lambda core: chat_step(core, steps, cases, scratch, args.iters))
         return
     before = None
     if args.before:
-        before = BeforeCore(args.before, ["--vocab", str(args.vocab), "--value-vocab",
-                                          str(args.value_vocab), "--iters", str(args.iters)])
+        child_argv = ["--vocab", str(args.vocab), "--value-vocab", str(args.value_vocab),
+                      "--iters", str(args.iters)]
+        if args.logits:
+            child_argv += ["--logits", args.logits]
+        before = BeforeCore(args.before, child_argv)
     if args.chat:
-        bench_chat(base, cases, args.iters, before)
+        bench_chat(steps, cases, args.iters, before, chat_label)
         if before is not None:
             before.close()
         return
@@ -350,7 +463,7 @@ def main() -> None:
     finally:
         _core.set_simd_level("auto")
     bench_terms(base, value_same, real_value, real_tmap, real_tw, args.iters)
-    bench_chat(base, cases, args.iters, before)
+    bench_chat(steps, cases, args.iters, before, chat_label)
     if before is not None:
         before.close()
 
