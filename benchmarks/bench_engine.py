@@ -14,6 +14,10 @@ temperature 0.8, top-p 0.95, min-p 0.05). Rows:
   numpy baseline        llama-cpp-python high-level Llama.eval for both models, the same text
                         sync, and a numpy logits processor: fuse + map, argsort, the same chain
 
+`--memory`: peak RSS stage by stage (imports, each model and context, decoding; raw backend
+vs Engine, each in its own process), split into anonymous memory and mmap'ed weights, with
+llama.cpp's own buffer sizes from its log, against files + KV.
+
 Timing starts once the prompt is decoded and the first token is out (steady-state decode).
 Each configuration runs in its own subprocess (clean peak RSS), `--rounds` times
 interleaved; the round with the least CPU time per token counts (other processes on a
@@ -167,21 +171,114 @@ def run_numpy(tokens: int, threads: int) -> dict:
                 step_ms=wall / n * 1e3, rss_mb=peak_rss_mb())
 
 
+# --- memory: where peak RSS goes, stage by stage --------------------------------------------------
+
+def rss_now() -> dict:
+    """This process's resident memory (MB): total, anonymous, file-backed (mmap'ed weights), peak."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return dict(rss=fields["VmRSS"], anon=fields["RssAnon"], file=fields["RssFile"],
+                peak=fields["VmHWM"])
+
+
+def run_memory(kind: str, tokens: int, threads: int) -> dict:
+    """Stages of one process: imports, the two models and contexts raw (backend.py, as the
+    Engine makes them, llama.cpp's log on for its buffer sizes), a decode in each; or the same
+    through Engine (construction, then a generation). Each stage's RSS split anon / file."""
+    import numpy as np
+
+    from ivl_local import _core, backend  # noqa: F401  (the extension's own footprint)
+    from ivl_local.models import resolve_model
+
+    gemma, smollm2 = resolve_model("gemma3-270m"), resolve_model("smollm2-135m")
+    stages = [("python, numpy, ivl_local, _core", rss_now())]
+    value_ctx = min(2 * N_CTX, 8192)  # the Engine's value window: twice the base's
+    out = dict(files_mb=(os.path.getsize(gemma) + os.path.getsize(smollm2)) / 2**20,
+               kv_mb=kv_cache_mb(gemma, N_CTX) + kv_cache_mb(smollm2, value_ctx))
+    if kind == "mem-vocab":  # what llama.cpp holds for a vocabulary alone
+        base_vocab = backend.Model(gemma, vocab_only=True)
+        stages.append(("+ base vocabulary only (262,144 tokens)", rss_now()))
+        value_vocab = backend.Model(smollm2, vocab_only=True)
+        stages.append(("+ value vocabulary only (49,152 tokens)", rss_now()))
+        del base_vocab, value_vocab
+    elif kind == "mem-raw":
+        base_model = backend.Model(gemma, verbose=True)
+        stages.append(("+ base model (mmap)", rss_now()))
+        base_ctx = backend.Context(base_model, n_ctx=N_CTX, n_threads=threads)
+        stages.append(("+ base context", rss_now()))
+        value_model = backend.Model(smollm2, verbose=True)
+        value_ctxt = backend.Context(value_model, n_ctx=value_ctx, n_threads=threads)
+        stages.append(("+ value model and context", rss_now()))
+        for model, ctx in ((base_model, base_ctx), (value_model, value_ctxt)):
+            ids = model.vocab.tokenize(PROMPT)
+            ctx.decode(ids, 0)
+            for i in range(tokens):
+                token = int(np.argmax(ctx.logits_array()))
+                ctx.decode([token], len(ids) + i)
+        stages.append((f"+ prompt and {tokens} tokens decoded in each", rss_now()))
+    else:
+        from ivl_local import SamplingConfig
+        from ivl_local.engine import Engine
+
+        warnings.simplefilter("ignore")
+        engine = Engine(gemma, smollm2, ALPHA, n_ctx=N_CTX, n_threads=threads)
+        stages.append(("+ Engine(gemma, smollm2)", rss_now()))
+        sampling = SamplingConfig(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P,
+                                  seed=1)
+        for _ in engine.generate(PROMPT, max_tokens=tokens, sampling=sampling):
+            pass
+        stages.append((f"+ a generation of {tokens} tokens", rss_now()))
+        engine.close()
+    out["stages"] = stages
+    return out
+
+
+def print_memory(results: dict[str, tuple[dict, str]]) -> None:
+    import re
+
+    print("\npeak RSS, stage by stage (MB; anon = heap and llama.cpp buffers, file = mmap'ed "
+          "weights paged in)")
+    for kind, (res, log) in results.items():
+        print(f"{kind}: files {res['files_mb']:.0f} + KV {res['kv_mb']:.0f} = "
+              f"{res['files_mb'] + res['kv_mb']:.0f} MB")
+        print(f"  {'stage':46s} {'rss':>6s} {'anon':>6s} {'file':>6s} {'peak':>6s} {'peak/(files+KV)':>16s}")
+        for name, m in res["stages"]:
+            ratio = m["peak"] / (res["files_mb"] + res["kv_mb"])
+            print(f"  {name:46s} {m['rss']:6.0f} {m['anon']:6.0f} {m['file']:6.0f} {m['peak']:6.0f} "
+                  f"{ratio:15.2f}x")
+        buffers: dict[str, float] = {}
+        for what, mib in re.findall(r"(\w[\w ]*?) (?:buffer )?size =\s*([\d.]+) MiB", log):
+            buffers[what.strip()] = buffers.get(what.strip(), 0.0) + float(mib)
+        if buffers:
+            print("  llama.cpp's own log, summed over both models (MiB): " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in buffers.items()))
+
+
 # --- driver -------------------------------------------------------------------------------------
 
 def child(config: str, tokens: int, threads: int) -> None:
-    result = run_numpy(tokens, threads) if config == "numpy" else run_engine(config, tokens, threads)
+    if config.startswith("mem-"):
+        result = run_memory(config, tokens, threads)
+    elif config == "numpy":
+        result = run_numpy(tokens, threads)
+    else:
+        result = run_engine(config, tokens, threads)
     print("RESULT " + json.dumps(result))
 
 
-def run_child(config: str, args) -> dict:
+def run_child(config: str, args, with_log: bool = False):
     cmd = [sys.executable, __file__, "--child", config, "--tokens", str(args.tokens),
            "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"{config} failed:\n{out.stderr[-2000:]}")
-    return json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT "):])
+    return (result, out.stderr) if with_log else result
 
 
 def main() -> None:
@@ -190,10 +287,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--memory", action="store_true",
+                    help="only the memory table: peak RSS stage by stage, raw backend vs Engine")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.tokens, args.threads)
+    if args.memory:
+        return print_memory({kind: run_child(kind, args, with_log=True)
+                             for kind in ("mem-vocab", "mem-raw", "mem-engine")})
 
     configs = args.configs.split(",")
     best: dict[str, dict] = {}
