@@ -27,7 +27,9 @@ weigh more) it picks the k that maximises the expected tokens per unit of time,
 (1 - a^(k+1)) / (1 - a) / (1 + k * cost), where `cost` is a verified position's price relative
 to a plain step (logits at every position, plus a draft model's own decode). k = 0 (no
 drafting) wins when drafts are mostly rejected; a 1-token probe after a few steps notices
-when they are accepted again (each probe that fails doubles the wait, up to 64 steps).
+when they are accepted again (each probe that fails doubles the wait, up to 64 steps). Where a
+drafted position costs a whole plain step (cost >= 1: a draft model nearly as slow as the
+models it drafts for) drafting cannot pay and only `k_min` tokens are drafted.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class DraftLength:
         return self._accepted / self._trials
 
     def next(self) -> int:
+        if self.cost >= 1.0:   # a position costs a plain step: even all-accepted drafts never pay
+            return self.k_min
         a, best, best_gain = min(self.rate, 0.999), 0, 1.0
         for k in range(1, self.k_max + 1):
             gain = (1 - a ** (k + 1)) / (1 - a) / (1 + k * self.cost)

@@ -56,6 +56,11 @@ def test_draft_length_follows_the_acceptance_rate():
         assert length.next() == 0
         length.update(0, 0)
     assert length.next() == 1
+    costly = DraftLength(8, cost=1.2)          # a position costs more than a plain step
+    for _ in range(10):
+        costly.update(0, 0)
+    assert costly.next() == 0                  # no probes either: it could never pay
+    assert DraftLength(8, k_min=2, cost=1.2).next() == 2
     fixed = DraftLength(4, k_min=4, cost=0.5)
     for _ in range(10):
         fixed.update(4, 0)
