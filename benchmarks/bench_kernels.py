@@ -32,6 +32,8 @@ the rows use logits captured from real decoding (`--capture FILE` writes them: a
 generation of Gemma 3 270M with a SmolLM2 value net through the real map and a Gemma value
 net, at the chat settings, recording each step's base and value logits), cycling through the
 steps; synthetic logits are a poor stand-in (their cut points and spreads are not an LLM's).
+`--cold` evicts them from cache before each call (in the Engine the value model decodes
+between the base's decode and the fuse, and its weights stream through the caches).
 """
 
 from __future__ import annotations
@@ -180,14 +182,20 @@ CHAT = {"chat (top-k 40)": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.0
         "chat, top-k off": dict(temperature=0.8, top_k=0, top_p=0.95, min_p=0.05)}
 
 
-def chat_step(core, steps, terms_by_case, scratch, iters):
+COLD_BYTES = 48 << 20  # more than this machine's L3: a pass over it evicts the logits
+
+
+def chat_step(core, steps, terms_by_case, scratch, iters, cold=False):
     """(mode, case) -> µs of that Engine-style step on `core`, cycling through the steps.
 
     steps[s]: step s's base logits; terms_by_case[case][s]: (logits arrays, terms builder).
     As in the Engine, every step's logits sit in the same buffers, written just before the
     call (llama.cpp writes its output there, so they start in cache, not in DRAM); only the
-    call is timed (thread CPU time around each call, summed)."""
+    call is timed (thread CPU time around each call, summed). `cold`: a 48 MB pass after the
+    copy, as the value model's decode between the base's and the fuse: the logits, map and
+    scratch start in DRAM."""
     base_buffer = np.empty_like(steps[0])
+    evict = np.zeros(COLD_BYTES // 4, np.float32) if cold else None
     base_ptr = base_buffer.ctypes.data  # an int, as llama_get_logits_ith's (ndarray.ctypes costs µs)
 
     def run(mode: str, case: str) -> float:
@@ -200,6 +208,8 @@ def chat_step(core, steps, terms_by_case, scratch, iters):
             np.copyto(base_buffer, steps[s])
             for buffer, a in zip(buffers, arrays):
                 np.copyto(buffer, a[s])
+            if evict is not None:
+                np.add(evict, 1.0, out=evict)
             start = time.thread_time_ns()
             core._fuse_terms_and_sample(sampler, base_ptr, base_buffer.size, terms, 0.0, scratch)
             return time.thread_time_ns() - start
@@ -307,10 +317,11 @@ def serve_core(so_path: str, steps) -> None:
         print(run(mode, case), flush=True)
 
 
-def bench_chat(steps, cases, iters: int, before, label: str) -> None:
+def bench_chat(steps, cases, iters: int, before, label: str, cold: bool) -> None:
     """µs per Engine-style step (_fuse_terms_and_sample) at the chat settings, best level."""
     scratch = np.empty_like(steps[0])
-    now = chat_step(_core, steps, cases, scratch, iters)
+    now = chat_step(_core, steps, cases, scratch, iters, cold)
+    label += ", cold caches (a 48 MB pass before each call)" if cold else ", logits in cache"
     print(f"\nfuse+sample at the chat settings, vocab {steps[0].size:,}, level "
           f"{_core.simd_level()}, {label}; µs per step (best of 2 interleaved medians, thread "
           f"CPU time; a shared machine inflates both)")
@@ -347,6 +358,9 @@ def main() -> None:
                         help="--chat on logits captured from real decoding (see --capture)")
     parser.add_argument("--capture", metavar="NPZ", default=None,
                         help="decode with the real models and save each step's logits")
+    parser.add_argument("--cold", action="store_true",
+                        help="--chat with the logits evicted from cache before each call, as "
+                             "in the Engine after the value model's decode")
     parser.add_argument("--capture-tokens", type=int, default=24,
                         help="tokens per capture prompt")
     parser.add_argument("--serve-core", metavar="SO", default=None, help=argparse.SUPPRESS)
@@ -368,7 +382,8 @@ def main() -> None:
         chat_label = "synthetic logits"
     cases = chat_cases(values_same, real_values, real_tmap, real_tw)
     if args.serve_core:
-        serve_core(args.serve_core, lambda core: chat_step(core, steps, cases, scratch, args.iters))
+        serve_core(args.serve_core,
+                   lambda core: chat_step(core, steps, cases, scratch, args.iters, args.cold))
         return
     before = None
     if args.before:
@@ -376,9 +391,11 @@ def main() -> None:
                       "--iters", str(args.iters)]
         if args.logits:
             child_argv += ["--logits", args.logits]
+        if args.cold:
+            child_argv += ["--cold"]
         before = BeforeCore(args.before, child_argv)
     if args.chat:
-        bench_chat(steps, cases, args.iters, before, chat_label)
+        bench_chat(steps, cases, args.iters, before, chat_label, args.cold)
         if before is not None:
             before.close()
         return
@@ -463,7 +480,7 @@ def main() -> None:
     finally:
         _core.set_simd_level("auto")
     bench_terms(base, value_same, real_value, real_tmap, real_tw, args.iters)
-    bench_chat(steps, cases, args.iters, before, chat_label)
+    bench_chat(steps, cases, args.iters, before, chat_label, args.cold)
     if before is not None:
         before.close()
 
