@@ -387,6 +387,19 @@ def test_first_use_one_shot_stdout_is_the_answer_alone(fake, base_file, monkeypa
     captured = capfd.readouterr()           # what reached the real file descriptors
     assert r.stdout + captured.out == "Eight legs.\n"
     assert str(value) in captured.err and "one-time step" in r.stderr
+    assert "minutes on 2 idle cores" in r.stderr      # the estimate is said before it starts
+
+
+def test_first_run_estimate_is_the_idle_figure_stretched_by_load_up_to_the_cap():
+    from ivl_local.train.api import DEFAULT_RECIPE, RECIPE_IDLE_SECONDS, recipe_estimate
+
+    idle = round(RECIPE_IDLE_SECONDS / 60)
+    cap = round((DEFAULT_RECIPE["max_seconds"] + 60) / 60)
+    assert recipe_estimate(2, 0.0) == f"about {idle} minutes on 2 idle cores"
+    assert recipe_estimate(16, 3.0) == f"about {idle} minutes on 2 idle cores"   # 13 cores free
+    assert f"expect about {2 * idle}" in recipe_estimate(2, 1.0)                # one core free
+    busy = recipe_estimate(2, 7.0)
+    assert f"load 7.0 on 2 cores" in busy and f"expect about {cap}" in busy and "time cap" in busy
 
 
 # --- other commands ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field, replace
 import subprocess
 import sys
@@ -223,9 +224,13 @@ def prepare_default_value() -> Path:
     It runs as `ivl train --recipe default` in a child process: torch and its memory never
     enter the chat process, and the recipe draws its own progress on this terminal.
     """
+    from ..train.api import recipe_estimate   # no torch: the recipe's constants only
+
     out_dir = default_value_dir()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     print_note("The default value network is not prepared yet. Preparing it is a one-time step "
-               "of about 10-15 minutes (training a small value network on this machine).")
+               f"(training a small value network on this machine): {recipe_estimate(cores, load)}.")
     print_note("To chat with the base model alone instead, pass --value none.")
     if not torch_available():
         raise ModelNotFoundError(
