@@ -282,3 +282,43 @@ def test_real_base_answers_ifeval_prompts(tmp_path, smollm2_path):
     assert result.n == 3 and all(a.strip() for a in result.answers)
     assert result.metrics["instructions"] == sum(len(e.instruction_ids) for e in load_split("test", 3, "ifeval"))
     assert (tmp_path / "results.md").exists()
+
+
+def test_goals_of_the_issue_from_a_report(tmp_path, capsys):
+    """ifeval_goals judges each goal from the per-item scores: the share of full FT's gain,
+    the cross-vocabulary gain and its share of the own-base gain, IVL - proxy; goals whose
+    rows were not run say 'not measured'; alpha-sweep rows are ignored."""
+    from ivl_local.eval import ifeval_goals
+
+    def row(name, kind, base, value, ones, alpha=1.0):
+        scores = [1.0] * ones + [0.0] * (10 - ones)
+        return {"name": name, "kind": kind, "base": base, "value": value, "alpha": alpha, "scores": scores,
+                "metrics": {"per_instruction_strict": {"punctuation:no_comma": [ones / 10, 10]}}}
+
+    value = "value[smollm2-135m, ifeval]"
+    report = {"meta": {"split": "test"}, "results": [
+        row("smollm2", "base", "smollm2-135m", "-", 0),
+        row("gemma3", "base", "gemma3-270m", "-", 0),
+        row("smollm2 + value", "in-distribution", "smollm2-135m", value, 5),
+        row("smollm2 full-FT", "full-finetune", "smollm2-135m full-FT ifeval", "-", 6),
+        row("gemma3 + value[smollm2]", "cross-vocab", "gemma3-270m", value, 4),
+        row("gemma3 + value[smollm2] @a=0.5", "alpha-sweep", "gemma3-270m", value, 9, alpha=0.5),
+        row("gemma3 + proxy[smollm2]", "proxy-tuning", "gemma3-270m",
+            "proxy[smollm2-135m full-FT ifeval - smollm2-135m]", 5)]}
+    got = {g["goal"]: g for g in ifeval_goals.goals(report)}
+    share = got["smollm2 + value: >= 90% of smollm2 full-FT's gain"]
+    assert share["value"] == pytest.approx(5 / 6) and share["verdict"] == "missed"
+    assert got["gemma3 + value[smollm2]: gain clearly above 0"]["verdict"] == "met"
+    cross = got["gemma3 + value[smollm2]: >= 70% of the gain on its own base (smollm2 + value)"]
+    assert cross["value"] == pytest.approx(0.8) and cross["verdict"] == "met"
+    versus = got["gemma3 + value[smollm2] >= gemma3 + proxy[smollm2]"]
+    assert versus["value"] == pytest.approx(-0.1) and versus["verdict"] == "missed"
+    assert got["across vocabularies in both directions"]["verdict"].startswith("not measured")
+    assert sum(g["verdict"] == "not measured" for g in got.values()) == 1   # Qwen same family
+    ids, table = ifeval_goals.instruction_table(report)
+    assert ids == ["punctuation:no_comma"] and len(table) == 6
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(report))
+    assert ifeval_goals.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| punctuation:no_comma (10) | 0.00 | 0.00 | 0.50 | 0.60 | 0.40 | 0.50 |" in out

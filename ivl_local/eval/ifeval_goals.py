@@ -1,0 +1,148 @@
+"""Issue 14's goals read from an ifeval report, each met / missed / not measured with its interval.
+
+    python -m ivl_local.eval.ifeval_goals docs/results/ifeval-first/results.json   # markdown
+    rows = goals(load_report(path))          # [{"goal", "measured", "value", "ci", "verdict"}]
+    table = instruction_table(load_report(path))   # strict pass rate per instruction and row
+
+The harness's own comparisons (report.comparisons) cover the share of the full fine-tune's
+gain and IVL - proxy-tuning; the cross-vocabulary goal also needs the value net's gain on a
+foreign base divided by its gain on its own training base, a ratio of two paired gains on the
+same items, which this module adds. Everything is computed from the per-item prompt-level
+strict scores in results.json: no model runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from .stats import paired_difference, paired_ratio
+
+GOAL_FT_SHARE = 0.90          # value net >= 90 % of full fine-tuning's gain on its training base
+GOAL_CROSS_SHARE = 0.70       # across vocabularies >= 70 % of the gain on the value's own base
+GOAL_SAME_FAMILY = 0.80       # Qwen 0.5B value net on the 1.5B: >= 80 % of the 1.5B's tuning gain
+
+
+def _rows(report: dict) -> list[dict]:
+    return [r for r in report["results"] if r["kind"] != "alpha-sweep"]
+
+
+def _alone(report: dict, base: str) -> dict | None:
+    return next((r for r in _rows(report) if r["kind"] == "base" and r["base"] == base), None)
+
+
+def _trained_on(value_label: str) -> str:
+    """The training base of a value net label: 'value[smollm2-135m, ifeval]' -> 'smollm2-135m'."""
+    return value_label.removeprefix("value[").split(",")[0].split("]")[0]
+
+
+def _verdict(value: float, goal: float, reference_lo: float = 1.0) -> str:
+    """'met' / 'missed' on the point estimate; 'undecided' when the reference gain may be 0."""
+    if math.isnan(value) or not reference_lo > 0:
+        return "undecided (reference gain's interval includes 0)"
+    return "met" if value >= goal else "missed"
+
+
+def _row(goal: str, measured: str, value: float, ci, verdict: str) -> dict:
+    return {"goal": goal, "measured": measured, "value": value, "ci": list(ci), "verdict": verdict}
+
+
+def goals(report: dict) -> list[dict]:
+    """One row per goal of issue 14 that this report can judge, and one 'not measured' row for
+    each goal it cannot (a missing row of the study)."""
+    out: list[dict] = []
+    rows = _rows(report)
+    in_dist = [r for r in rows if r["kind"] == "in-distribution"]
+    for r in in_dist:
+        alone = _alone(report, r["base"])
+        ft = next((o for o in rows if o["kind"] == "full-finetune" and o["base"].startswith(f"{r['base']} ")), None)
+        if alone is None or ft is None:
+            continue
+        share, lo, hi = paired_ratio(r["scores"], alone["scores"], ft["scores"], alone["scores"])
+        _, ft_lo, _ = paired_difference(ft["scores"], alone["scores"])
+        out.append(_row(f"{r['name']}: >= {GOAL_FT_SHARE:.0%} of {ft['name']}'s gain", "share of the gain",
+                        share, (lo, hi), _verdict(share, GOAL_FT_SHARE, ft_lo)))
+    if not out:
+        out.append(_row("value net >= 90 % of full fine-tuning's gain", "not measured", math.nan,
+                        (math.nan, math.nan), "not measured"))
+
+    cross = [r for r in rows if r["kind"] == "cross-vocab"]
+    for r in cross:
+        alone = _alone(report, r["base"])
+        if alone is None:
+            continue
+        gain, lo, hi = paired_difference(r["scores"], alone["scores"])
+        out.append(_row(f"{r['name']}: gain clearly above 0", "gain over the base alone", gain, (lo, hi),
+                        "met" if lo > 0 else "missed"))
+        own = next((o for o in in_dist if o["value"] == r["value"]), None)
+        own_alone = own and _alone(report, own["base"])
+        if own is None or own_alone is None:
+            continue
+        share, slo, shi = paired_ratio(r["scores"], alone["scores"], own["scores"], own_alone["scores"])
+        _, own_lo, _ = paired_difference(own["scores"], own_alone["scores"])
+        out.append(_row(f"{r['name']}: >= {GOAL_CROSS_SHARE:.0%} of the gain on its own base ({own['name']})",
+                        "share of the own-base gain", share, (slo, shi),
+                        _verdict(share, GOAL_CROSS_SHARE, own_lo)))
+    bases_with_cross = {r["base"] for r in cross}
+    if len(bases_with_cross) < 2:
+        out.append(_row("across vocabularies in both directions", "not measured", math.nan,
+                        (math.nan, math.nan), f"not measured (cross-vocabulary rows only on "
+                        f"{', '.join(sorted(bases_with_cross)) or 'no base'})"))
+
+    for p in (r for r in rows if r["kind"] == "proxy-tuning"):
+        ivl = next((o for o in rows if o["base"] == p["base"] and o["kind"] in ("in-distribution", "cross-vocab")
+                    and o["alpha"] == 1.0 and o["value"].startswith("value[")
+                    and p["value"].startswith(f"proxy[{_trained_on(o['value'])} ")), None)
+        if ivl is None:
+            continue
+        d, lo, hi = paired_difference(ivl["scores"], p["scores"])
+        out.append(_row(f"{ivl['name']} >= {p['name']}", "IVL - proxy-tuning", d, (lo, hi),
+                        "met" if d >= 0 else "missed"))
+
+    if not any(r["kind"] == "same-family" for r in rows):
+        out.append(_row("Qwen 0.5B value net on the 1.5B: gain >= its gain on the 0.5B, "
+                        f">= {GOAL_SAME_FAMILY:.0%} of the 1.5B's tuning gain", "not measured", math.nan,
+                        (math.nan, math.nan), "not measured"))
+    return out
+
+
+def instruction_table(report: dict) -> tuple[list[str], list[tuple[str, list[tuple[float, int]]]]]:
+    """(instruction ids, [(row name, [(strict pass rate, count) per id])]) of the non-sweep rows."""
+    rows = [r for r in _rows(report) if r.get("metrics")]
+    ids = sorted({i for r in rows for i in r["metrics"]["per_instruction_strict"]})
+    table = [(r["name"], [tuple(r["metrics"]["per_instruction_strict"].get(i, (math.nan, 0))) for i in ids])
+             for r in rows]
+    return ids, table
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}" if abs(x) < 2 else f"{x:.2f}"
+
+
+def markdown(report: dict) -> str:
+    lines = ["| goal | measured | value [95 % CI] | verdict |", "|---|---|---|---|"]
+    for g in goals(report):
+        ci = "" if math.isnan(g["ci"][0]) else f" [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}]"
+        lines.append(f"| {g['goal']} | {g['measured']} | {_fmt(g['value'])}{ci} | {g['verdict']} |")
+    ids, table = instruction_table(report)
+    if ids:
+        names = [name for name, _ in table]
+        lines += ["", "| instruction (prompts) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for j, iid in enumerate(ids):
+            count = max(cells[j][1] for _, cells in table)
+            lines.append(f"| {iid} ({count}) | " + " | ".join(f"{cells[j][0]:.2f}" for _, cells in table) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    from .report import load_report
+
+    if len(argv) != 1:
+        print("usage: python -m ivl_local.eval.ifeval_goals RESULTS_JSON", file=sys.stderr)
+        return 2
+    print(markdown(load_report(argv[0])), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
