@@ -171,22 +171,29 @@ def _greedy(engine: Engine, prompt: str = CODE, n: int = 32) -> list[int]:
 
 
 def _greedy_with_margins(engine: Engine, prompt: str = CODE, n: int = 32) -> tuple[list[int], list[float]]:
-    """Plain greedy tokens, and at each step the gap between the two best fused logits (the
-    fused step leaves the fused logits in the engine's scratch buffer)."""
+    """Plain greedy tokens, and at each step the gap between the two best fused logits,
+    recomputed in full by `_core.fuse_terms` from the same logits the step samples from (the
+    step itself fuses only the blocks that can hold its token)."""
+    from ivl_local import _core
+    from ivl_local.backend import logits_view
+
     margins = []
-    sample = engine._sample
+    step = _core._fuse_terms_and_sample
 
-    def recording(*args, **kwargs):
-        token = sample(*args, **kwargs)
-        top2 = np.partition(engine._scratch, -2)[-2:]
+    def recording(sampler, base_ptr, n_base, parts, mask, scratch):
+        fused = _core.fuse_terms(logits_view(base_ptr, n_base),
+                                 [(logits_view(ptr, n), *rest) for ptr, n, *rest in parts], mask)
+        top2 = np.partition(fused, -2)[-2:]
         margins.append(float(top2[1] - top2[0]))
-        return token
+        return step(sampler, base_ptr, n_base, parts, mask, scratch)
 
-    engine._sample = recording
+    _core._fuse_terms_and_sample = recording
     try:
-        return _greedy(engine, prompt, n), margins
+        tokens = _greedy(engine, prompt, n)
     finally:
-        del engine._sample
+        _core._fuse_terms_and_sample = step
+    assert len(margins) >= len(tokens)
+    return tokens, margins
 
 
 # llama.cpp's batched kernels round differently from one-token decodes: measured up to ~1.5
