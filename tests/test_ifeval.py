@@ -195,6 +195,16 @@ def test_generator_is_deterministic():
     assert module.make_splits()["test"] == rows("test")
 
 
+def test_limit_spreads_over_the_split_so_a_subset_covers_every_topic():
+    """The splits are written topic by topic; a limit takes rows spread over the file."""
+    every = load_split("test", None, "ifeval")
+    some = load_split("test", 40, "ifeval")
+    assert len(some) == 40 and [e.index for e in some] == sorted(e.index for e in some)
+    topics = {e.base_id.split("/")[0] for e in every}
+    assert {e.base_id.split("/")[0] for e in some} == topics and len(topics) > 1
+    assert some[0].index == every[0].index and len(load_split("test", 10_000, "ifeval")) == len(every)
+
+
 def test_malformed_rows_are_one_data_error(tmp_path):
     good = rows("test")[0]
     cases = {"not json": "{", "no ids": json.dumps({k: v for k, v in good.items() if k != "instruction_id_list"}),
@@ -231,7 +241,7 @@ def test_quick_structure_with_the_real_scorer(tmp_path):
     with the witnesses (the base alone: none): real prompts, real scorer, real report."""
     from ivl_local.eval import Plan, build_plan, run_eval
 
-    witnesses = [r["witness"] for r in rows("test")]
+    witness_of = {r["prompt"]: r["witness"] for r in rows("test")}
     created = []
 
     class WitnessRunner:
@@ -241,7 +251,8 @@ def test_quick_structure_with_the_real_scorer(tmp_path):
 
         def answer_all(self, conversations, max_tokens, advance=lambda: None):
             helped = self.value is not None or bool(self.terms)
-            out = [witnesses[i] if helped and self.alpha > 0 else "I do not know." for i in range(len(conversations))]
+            out = [witness_of[c[0]["content"]] if helped and self.alpha > 0 else "I do not know."
+                   for c in conversations]
             for _ in out:
                 advance()
             return out
