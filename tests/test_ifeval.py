@@ -333,3 +333,31 @@ def test_goals_of_the_issue_from_a_report(tmp_path, capsys):
     assert ifeval_goals.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "| punctuation:no_comma (10) | 0.00 | 0.00 | 0.50 | 0.60 | 0.40 | 0.50 |" in out
+
+
+def test_instruction_level_gains_rescore_the_reports_answers():
+    """Pooled instruction-level differences from the answers on the report's own prompts:
+    witnesses pass every instruction, so witness - non-answer is 1 - the non-answer's rate."""
+    from ivl_local.eval import ifeval_goals
+
+    examples = load_split("test", 12, "ifeval")
+    witness_of = {r["prompt"]: r["witness"] for r in rows("test")}
+    good = [witness_of[e.prompt] for e in examples]
+    bad = ["I do not know."] * len(examples)
+
+    def row(name, kind, base, value, answers):
+        return {"name": name, "kind": kind, "base": base, "value": value, "alpha": 1.0, "answers": answers}
+
+    report = {"meta": {"split": "test", "example_ids": [e.index for e in examples]}, "results": [
+        row("smollm2", "base", "smollm2-135m", "-", bad),
+        row("smollm2 full-FT", "full-finetune", "smollm2-135m full-FT ifeval", "-", good),
+        row("smollm2 + proxy", "proxy-tuning", "smollm2-135m", "proxy[smollm2-135m full-FT ifeval - smollm2-135m]", bad),
+        row("smollm2 + value", "in-distribution", "smollm2-135m", "value[smollm2-135m, ifeval]", good)]}
+    gains = {g["comparison"]: g for g in ifeval_goals.instruction_gains(report)}
+    n = sum(len(e.instruction_ids) for e in examples)
+    floor = summarize([e.verdict("I do not know.") for e in examples])["instruction_strict"]
+    assert gains["smollm2 full-FT - smollm2"]["value"] == pytest.approx(1 - floor)
+    assert gains["smollm2 + value - smollm2 + proxy"]["value"] == pytest.approx(1 - floor)
+    assert gains["smollm2 + proxy - smollm2"]["value"] == 0 == gains["smollm2 + proxy - smollm2"]["ci"][0]
+    lo, hi = gains["smollm2 + value - smollm2"]["ci"]
+    assert lo <= 1 - floor <= hi and n > len(examples)

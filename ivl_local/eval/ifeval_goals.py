@@ -3,6 +3,7 @@
     python -m ivl_local.eval.ifeval_goals docs/results/ifeval-first/results.json   # markdown
     rows = goals(load_report(path))          # [{"goal", "measured", "value", "ci", "verdict"}]
     table = instruction_table(load_report(path))   # strict pass rate per instruction and row
+    gains = instruction_gains(load_report(path))   # instruction-level differences (re-scores answers)
 
 The harness's own comparisons (report.comparisons) cover the share of the full fine-tune's
 gain and IVL - proxy-tuning; the cross-vocabulary goal also needs the value net's gain on a
@@ -16,7 +17,9 @@ from __future__ import annotations
 import math
 import sys
 
-from .stats import paired_difference, paired_ratio
+import numpy as np
+
+from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_difference, paired_ratio
 
 GOAL_FT_SHARE = 0.90          # value net >= 90 % of full fine-tuning's gain on its training base
 GOAL_CROSS_SHARE = 0.70       # across vocabularies >= 70 % of the gain on the value's own base
@@ -106,6 +109,52 @@ def goals(report: dict) -> list[dict]:
     return out
 
 
+def _instruction_passes(report: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(instructions per prompt, {row name: strict passes per prompt}), re-scored from the
+    answers (results.json keeps prompt-level scores only) on the report's own prompts."""
+    from .ifeval import load_examples
+    from .task import split_path
+
+    by_index = {e.index: e for e in load_examples(split_path(report["meta"]["split"], "ifeval"))}
+    examples = [by_index[i] for i in report["meta"]["example_ids"]]
+    counts = np.array([len(e.instruction_ids) for e in examples], np.float64)
+    passes = {r["name"]: np.array([sum(e.verdict(a).strict) for e, a in zip(examples, r["answers"])], np.float64)
+              for r in _rows(report)}
+    return counts, passes
+
+
+def _pooled_difference(a, b, counts, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """sum(a - b) / sum(counts) (IFEval's pooled instruction-level accuracy, a minus b) with a
+    percentile bootstrap over prompts, paired."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, counts.size, size=(BOOTSTRAP_RESAMPLES, counts.size))
+    diff = a - b
+    lo, hi = np.percentile(diff[idx].sum(axis=1) / counts[idx].sum(axis=1), [2.5, 97.5])
+    return float(diff.sum() / counts.sum()), float(lo), float(hi)
+
+
+def instruction_gains(report: dict) -> list[dict]:
+    """Instruction-level strict accuracy (pooled, as IFEval reports it) of each row with an
+    added model minus its base alone, and of IVL minus proxy-tuning on the same base: twice
+    as many verdicts as prompts, so tighter than the prompt-level goal measures."""
+    counts, passes = _instruction_passes(report)
+    rows, out = _rows(report), []
+    for r in rows:
+        if r["kind"] == "base":
+            continue
+        alone = _alone(report, r["base"]) or (   # a fine-tune: the base it was trained from
+            _alone(report, r["base"].split(" ")[0]) if r["kind"] == "full-finetune" else None)
+        if alone is not None:
+            d, lo, hi = _pooled_difference(passes[r["name"]], passes[alone["name"]], counts)
+            out.append({"comparison": f"{r['name']} - {alone['name']}", "value": d, "ci": [lo, hi]})
+    for p in (r for r in rows if r["kind"] == "proxy-tuning"):
+        for ivl in (o for o in rows if o["base"] == p["base"] and o["value"].startswith("value[")
+                    and o["alpha"] == 1.0 and p["value"].startswith(f"proxy[{_trained_on(o['value'])} ")):
+            d, lo, hi = _pooled_difference(passes[ivl["name"]], passes[p["name"]], counts)
+            out.append({"comparison": f"{ivl['name']} - {p['name']}", "value": d, "ci": [lo, hi]})
+    return out
+
+
 def instruction_table(report: dict) -> tuple[list[str], list[tuple[str, list[tuple[float, int]]]]]:
     """(instruction ids, [(row name, [(strict pass rate, count) per id])]) of the non-sweep rows."""
     rows = [r for r in _rows(report) if r.get("metrics")]
@@ -124,6 +173,10 @@ def markdown(report: dict) -> str:
     for g in goals(report):
         ci = "" if math.isnan(g["ci"][0]) else f" [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}]"
         lines.append(f"| {g['goal']} | {g['measured']} | {_fmt(g['value'])}{ci} | {g['verdict']} |")
+    if report["meta"].get("example_ids"):
+        lines += ["", "| instruction-level strict (pooled) | difference [95 % CI] |", "|---|---|"]
+        for g in instruction_gains(report):
+            lines.append(f"| {g['comparison']} | {_fmt(g['value'])} [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}] |")
     ids, table = instruction_table(report)
     if ids:
         names = [name for name, _ in table]
