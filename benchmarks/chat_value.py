@@ -33,10 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FUNCTION_WORDS = set("""a an the is are was were be of in on to and or it its this that there
 there's what which who how do does did you your i i'm my me we can has have had for with as at
 by from word words""".split())
+FRESH = {"init": "fresh", "fresh_hidden": 256, "fresh_layers": 2, "fresh_heads": 4,
+         "fresh_kv_heads": 2, "fresh_intermediate": 768, "learning_rate": 1e-3}
 VARIANTS = {   # init -> settings changed from DEFAULT_RECIPE
-    "fresh": {},                                        # the recipe as it is
+    "fresh": FRESH,                 # the default until this comparison: a fresh 2-layer llama
     "pruned:2": {"init": "pruned:2", "learning_rate": 1e-4},
-    "pruned:4": {"init": "pruned:4", "learning_rate": 1e-4},
+    "pruned:4": {"init": "pruned:4", "learning_rate": 1e-4},    # the default now
 }
 
 
