@@ -3,7 +3,8 @@
     PYTHONPATH=.:convert python benchmarks/bench_train.py [--steps 4] [--rows smollm2 ...]
 
 Each row is one `ivl train` run in its own process (or `torchrun` processes), on the
-arithmetic demonstrations (data/arith_train.jsonl), global batch 8, max_len 96, a trainable
+arithmetic demonstrations (data/arith_train.jsonl), global batch 8 and max_len 96 unless
+given, a trainable
 copy of the base (init pretrained), the same seed; the figures are what the trainer itself
 records in the checkpoint (ivl_checkpoint.json "stats": steps/s over the run's steps, the
 first included; peak RSS of rank 0's process). Rows:
@@ -34,12 +35,12 @@ MODES = {"1 proc": ([], 1, 2), "+gc": (["--grad-checkpointing"], 1, 2),
          "x2 DDP": ([], 2, 1), "x2 FSDP": (["--fsdp"], 2, 1)}
 
 
-def run_row(base: str, mode: str, steps: int, work: Path) -> dict:
+def run_row(base: str, mode: str, steps: int, work: Path, batch: int = 8, max_len: int = 96) -> dict:
     extra, procs, threads = MODES[mode]
     out = work / f"{base}-{mode.replace(' ', '_').replace('+', '')}"
     args = ["train", "--base", BASES[base], "--data", str(ROOT / "data/arith_train.jsonl"),
-            "--out", str(out), "--init", "pretrained", "--steps", str(steps), "--batch-size", "8",
-            "--max-len", "96", "--eval-every", "0", "--threads", str(threads), "--seed", "0",
+            "--out", str(out), "--init", "pretrained", "--steps", str(steps), "--batch-size", str(batch),
+            "--max-len", str(max_len), "--eval-every", "0", "--threads", str(threads), "--seed", "0",
             "--no-check-tokenizer", *extra]
     launcher = ([sys.executable, "-P", "-m", "torch.distributed.run", "--standalone",
                  "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable, "-P"])
@@ -60,13 +61,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rows", nargs="+", default=list(BASES), choices=list(BASES))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--batch-size", type=int, default=8, help="global micro-batch")
+    ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ivl-bench-train-") as tmp:
         for base in args.rows:
             for mode in args.modes:
-                row = run_row(base, mode, args.steps, Path(tmp))
+                row = run_row(base, mode, args.steps, Path(tmp), args.batch_size, args.max_len)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"| value net | mode | steps/s | vs 1 proc | peak RSS MB (rank 0) | vs 1 proc | final loss |")
