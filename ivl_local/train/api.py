@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from .config import TrainConfig
@@ -50,8 +51,8 @@ def evaluate_checkpoint(ckpt_dir: Path, data: Path) -> dict:
     from . import checkpoint as ckpt
     from .trainer import evaluate, setup
 
-    saved = dict(ckpt.load_meta(Path(ckpt_dir)).get("train_config", {}))
-    known = TrainConfig(data=Path(data)).to_json().keys()
+    saved = ckpt.load_meta(Path(ckpt_dir)).get("train_config", {})
+    known = {f.name for f in fields(TrainConfig)}
     settings = {k: v for k, v in saved.items() if k in known}
     settings.update(data=Path(data), out_dir=Path(ckpt_dir), resume=False, eval_fraction=0.0,
                     check_tokenizer=False, grad_checkpointing=False, fsdp=False)

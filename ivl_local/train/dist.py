@@ -119,8 +119,7 @@ def shard(objective, layers, d: Dist, device) -> None:
     """FSDP2 over every process: each decoder layer its own unit (gathered only while it
     runs), then `objective` (the module holding the trained network and the loss head) as
     the root unit holding what is left. Parameters become DTensors in place, so the
-    optimizer must be built after this."""
-    require_group(d)
+    optimizer must be built after this. (setup() calls require_group first, before loading.)"""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
