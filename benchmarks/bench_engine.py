@@ -106,6 +106,7 @@ def run_engine(config: str, tokens: int, threads: int) -> dict:
 def run_numpy(tokens: int, threads: int) -> dict:
     """What a user writes today: two llama_cpp.Llama objects and a numpy logits processor."""
     import llama_cpp
+    from ivl_local.backend import safe_llama_params
     import numpy as np
 
     from ivl_local.models import resolve_model
@@ -114,8 +115,10 @@ def run_numpy(tokens: int, threads: int) -> dict:
 
     gemma, smollm2 = resolve_model("gemma3-270m"), resolve_model("smollm2-135m")
     kw = dict(n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
-    base = llama_cpp.Llama(str(gemma), **kw)
-    value = llama_cpp.Llama(str(smollm2), **{**kw, "n_ctx": 2 * N_CTX})
+    with safe_llama_params():
+        base = llama_cpp.Llama(str(gemma), **kw)
+    with safe_llama_params():
+        value = llama_cpp.Llama(str(smollm2), **{**kw, "n_ctx": 2 * N_CTX})
     mapping = resolve_mapping(read_vocab(read_gguf_header(gemma)), read_vocab(read_gguf_header(smollm2)),
                               lambda t: value.tokenize(t, add_bos=False, special=False))
     token_map, weights = mapping.token_map, mapping.token_weights

@@ -18,7 +18,9 @@ itself trusts the file's tensor extents.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
 import threading
 from pathlib import Path
@@ -63,6 +65,53 @@ def set_verbose(verbose: bool) -> None:
         C.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
     else:
         C.llama_log_set(_silent_log, ctypes.c_void_p(0))
+
+
+@functools.cache
+def extra_buffers_allowed() -> bool:
+    """Whether models may load into llama.cpp's extra weight buffers (AMX, CPU repack).
+
+    Off when this llama.cpp build has Intel AMX kernels: on AMX CPUs under Linux, llama-cpp-python
+    0.3.36's AMX matmul dies with SIGILL at the first decode (measured on a Xeon with amx_int8,
+    `tilezero` in ggml_backend_amx_mul_mat; an open upstream fix requests the tile permission
+    per thread and keeps the tile configuration from being optimised away). Without extra
+    buffers the weights stay in llama.cpp's plain CPU buffers: same results, and the AVX-512 /
+    AVX2 kernels run them. IVL_LLAMA_EXTRA_BUFFERS=1 turns them back on (a fixed build),
+    =0 turns them off anywhere."""
+    forced = os.environ.get("IVL_LLAMA_EXTRA_BUFFERS", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return b"AMX_INT8 = 1" not in C.llama_print_system_info()
+
+
+def model_params(**fields) -> "C.llama_model_params":
+    """llama.cpp's default model parameters, with the fields given and extra buffers as
+    `extra_buffers_allowed()` says."""
+    params = C.llama_model_default_params()
+    params.use_extra_bufts = extra_buffers_allowed()
+    for name, value in fields.items():
+        setattr(params, name, value)
+    return params
+
+
+_llama_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def safe_llama_params():
+    """For code that builds llama-cpp-python's high-level `llama_cpp.Llama` itself (tests'
+    independent references, benchmarks' baselines): within the block, the Llama objects
+    created get `model_params()`'s defaults, so they do not crash on AMX CPUs either.
+    Llama has no parameter for it; its constructor reads llama_model_default_params()."""
+    import llama_cpp.llama_cpp as low
+
+    with _llama_lock:
+        original = low.llama_model_default_params
+        low.llama_model_default_params = lambda: model_params()
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
 
 
 def init_backend(verbose: bool = False) -> None:
@@ -179,10 +228,7 @@ class Model(_Owned):
                  vocab_only: bool = False, verbose: bool = False):
         init_backend(verbose)
         self.path = Path(path)
-        params = C.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        params.use_mmap = use_mmap
-        params.vocab_only = vocab_only
+        params = model_params(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, vocab_only=vocab_only)
         self.ptr = C.llama_model_load_from_file(os.fsencode(self.path), params)
         if not self.ptr:
             self.ptr = None

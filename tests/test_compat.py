@@ -111,13 +111,15 @@ def test_mapped_mass_matches_llama_cpp_logits(vocabs, smollm2_path, report):
     """The mass on exact counterparts, recomputed from llama-cpp-python's Llama(logits_all)
     over the same tokens, with the exact set from the Python normaliser."""
     import llama_cpp
+    from ivl_local.backend import safe_llama_params
 
     from ivl_local import compat
 
     gemma, smol = vocabs
     _, counterparts = _exact_python(gemma, smol)
     text = b"The cat sat on the mat, and 17 + 25 = 42."
-    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    with safe_llama_params():
+        llm = llama_cpp.Llama(str(smollm2_path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
     try:
         tokens = llm.tokenize(text, add_bos=True, special=True)
         llm.eval(tokens)

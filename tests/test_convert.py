@@ -238,6 +238,7 @@ def test_ivl_convert_onto_a_full_disk_prints_one_error_line(tmp_path, monkeypatc
 def test_convert_tiny_checkpoint_all_types(tmp_path, smollm2_path):
     import gguf
     import llama_cpp
+    from ivl_local.backend import safe_llama_params
 
     ckpt = write_checkpoint(tmp_path / "ck", tiny_config(), base_file=str(smollm2_path))
     sizes = {}
@@ -250,7 +251,8 @@ def test_convert_tiny_checkpoint_all_types(tmp_path, smollm2_path):
         expected = {"f32": {"F32"}, "f16": {"F16", "F32"}, "q8_0": {"Q8_0", "F32"}}[out_type]
         assert set(info["tensor_types"]) == expected
         assert info["tokenizer"]["n_tokens"] == VOCAB and info["tokenizer"]["has_chat_template"]
-        llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=64, verbose=False)  # loads on its own
+        with safe_llama_params():
+            llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=64, verbose=False)  # loads on its own
         tokens = llm.tokenize(b"Hello world, how are you?")
         llm.eval(tokens)
         assert np.isfinite(np.asarray(llm.scores[:len(tokens)])).all()
@@ -324,6 +326,7 @@ def test_qwen2_value_file_matches_torch_logits(tmp_path, smollm2_path, tied):
     logits of the converted file must equal transformers' Qwen2ForCausalLM on the same weights."""
     torch = pytest.importorskip("torch")
     import llama_cpp
+    from ivl_local.backend import safe_llama_params
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from ivl_local.train.checkpoint import load_weights_into
@@ -335,7 +338,8 @@ def test_qwen2_value_file_matches_torch_logits(tmp_path, smollm2_path, tied):
     assert info["architecture"] == "qwen2" and info["is_value_file"]
     assert info["hparams"]["qwen2.block_count"] == 2
 
-    llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=64, verbose=False)
+    with safe_llama_params():
+        llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=64, verbose=False)
     tokens = llm.tokenize(b"Hello world, 12 + 30 = 42. How are you?", add_bos=False)
     llm.eval(tokens)
     got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
@@ -433,8 +437,10 @@ def smollm2_tokenizer_dir(tmp_path_factory, smollm2_path):
 
 def llama_cpp_logits(path: Path, text: bytes) -> tuple[list[int], np.ndarray]:
     import llama_cpp
+    from ivl_local.backend import safe_llama_params
 
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, verbose=False)
+    with safe_llama_params():
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, verbose=False)
     tokens = llm.tokenize(text, add_bos=False)
     llm.eval(tokens)
     got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)

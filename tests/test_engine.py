@@ -48,8 +48,10 @@ def engine_with_raw_value(base, value, **kw) -> Engine:
 def llama_cpp_greedy(path, prompt: str, n: int) -> list[int]:
     """llama-cpp-python's own greedy decode of the base model (the reference)."""
     import llama_cpp
+    from ivl_local.backend import safe_llama_params
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
+    with safe_llama_params():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
         out = []

@@ -185,13 +185,15 @@ def torch_value_logits(ckpt: Path, tokens: list[int]) -> np.ndarray:
 @pytest.mark.slow
 def test_converted_value_file_matches_torch_logits(trained, tmp_path):
     import llama_cpp
+    from ivl_local.backend import safe_llama_params
     from ivl_convert import convert_checkpoint, inspect_value_file
 
     text = "State the final answer to the following arithmetic problem: 12 + 30 = 42"
     results = {}
     for out_type in ("f32", "f16", "q8_0"):
         path = convert_checkpoint(trained, tmp_path / f"v.{out_type}.ivl.gguf", out_type=out_type, progress=False)
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False)
+        with safe_llama_params():
+            llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False)
         tokens = llm.tokenize(text.encode(), add_bos=True, special=True)
         llm.eval(tokens)
         got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)
@@ -300,6 +302,7 @@ def test_pruned_gemma3_copy_trains_and_converts_to_llama_cpp_gemma3(tmp_path, ge
     """pruned:1 on the Gemma 3 base (its first layer, embeddings, final norm): the loss falls,
     and the converted gemma3 file's llama.cpp logits equal the torch value net's."""
     import llama_cpp
+    from ivl_local.backend import safe_llama_params
     from ivl_convert import convert_checkpoint, inspect_value_file
 
     from ivl_local.train.api import train
@@ -317,7 +320,8 @@ def test_pruned_gemma3_copy_trains_and_converts_to_llama_cpp_gemma3(tmp_path, ge
     path = convert_checkpoint(ckpt, tmp_path / "v.f32.ivl.gguf", out_type="f32", progress=False)
     info = inspect_value_file(path)
     assert info["architecture"] == "gemma3" and info["ivl"]["ivl.value.init"] == "pruned:1"
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False)
+    with safe_llama_params():
+        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False)
     tokens = llm.tokenize(b"State the final answer: 12 + 30 = 42", add_bos=True, special=True)
     llm.eval(tokens)
     got = np.asarray(llm.scores[:len(tokens)], dtype=np.float32)

@@ -16,9 +16,12 @@ def greedy_fused(base: str, value: str | None, prompt: str, max_tokens: int = 48
                  alpha: float = 1.0, n_ctx: int = 512) -> str:
     import llama_cpp
 
-    base_llm = llama_cpp.Llama(str(resolve_model(base)), n_ctx=n_ctx, verbose=False)
-    value_llm = (llama_cpp.Llama(str(resolve_model(value)), n_ctx=n_ctx, verbose=False)
-                 if value else None)
+    from ..backend import safe_llama_params
+
+    with safe_llama_params():
+        base_llm = llama_cpp.Llama(str(resolve_model(base)), n_ctx=n_ctx, verbose=False)
+        value_llm = (llama_cpp.Llama(str(resolve_model(value)), n_ctx=n_ctx, verbose=False)
+                     if value else None)
     tokens = base_llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
     out: list[int] = []
     for _ in range(max_tokens):
