@@ -2,10 +2,11 @@
 
     ivl serve --base gemma3-270m --value my.ivl.gguf            # http://127.0.0.1:8080/v1
     ivl serve --value none --slots 2 --api-key "$KEY" --port 9000
+    ivl serve --draft ngram                                      # speculative decoding, same output
 
 Takes `ivl chat`'s composition flags (--value PATH[:WEIGHT], --expert/--anti-expert, --cfg-scale,
---amateur, ...), checked before anything loads. Needs the `serve` extra (FastAPI, uvicorn,
-sse-starlette).
+--amateur, ...) and its speculative decoding (--draft, --draft-max), checked before anything
+loads. Needs the `serve` extra (FastAPI, uvicorn, sse-starlette).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from ..errors import ConfigError, IVLError
 from ._common import EXIT_INTERRUPTED, one_line_warnings, print_error, print_note, user_errors
 from .chat import (DEFAULT_BASE, DEFAULT_CTX, AlphaOption, AmateurOption, AntiExpertOption, BaseOption,
                    CdAlphaOption, CdBetaOption, CfgScaleOption, Composition, CtxOption, DebugOption,
-                   ExpertOption, MapOption, NegativePromptOption, ProxyWeightOption, ThreadsOption,
-                   ValueOption, ValuePromptOption)
+                   DraftMaxOption, DraftOption, ExpertOption, MapOption, NegativePromptOption, ProxyWeightOption, ThreadsOption,
+                   ValueOption, ValuePromptOption, check_draft_flag)
 
 DEFAULT_MAX_TOKENS = 1024
 SLOTS_MAX = 64
@@ -106,6 +107,8 @@ def serve(
     seed: Annotated[int, typer.Option(help="Seed of requests that give none.", rich_help_panel="Resources")] = 0,
     ctx: CtxOption = DEFAULT_CTX,
     threads: ThreadsOption = None,
+    draft: DraftOption = None,
+    draft_max: DraftMaxOption = 8,
     debug: DebugOption = False,
     verbose: Annotated[bool, typer.Option(help="llama.cpp's log and every request on stderr.")] = False,
 ) -> None:
@@ -118,7 +121,8 @@ def serve(
 
 def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negative_prompt, amateur, cd_beta,
            cd_alpha, alpha, token_map, value_prompt, host, port, slots, queue, api_key, cors_origin, max_tokens,
-           max_messages, max_body, model_id, shutdown_timeout, seed, ctx, threads, debug, verbose) -> None:
+           max_messages, max_body, model_id, shutdown_timeout, seed, ctx, threads, draft, draft_max, debug,
+           verbose) -> None:
     engines: list = []
     with user_errors(debug), one_line_warnings():
         missing = _missing_extra()
@@ -137,7 +141,9 @@ def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negativ
         if api_key is not None and not api_key.strip():
             raise ConfigError("--api-key is empty")
         total_threads = threads or default_threads()
-        EngineConfig(n_ctx=ctx, n_threads=total_threads)
+        EngineConfig(n_ctx=ctx, n_threads=total_threads, draft_max=draft_max)
+        draft = check_draft_flag(draft)
+        speculative = {} if draft is None else dict(draft=draft, draft_max=draft_max)
         per_slot = max(1, total_threads // slots)   # slots decode at once: share the cores
         composition = Composition.check(value, alpha, token_map, value_prompt)
         composition.resolve(base, expert, anti_expert, proxy_weight, cfg_scale, negative_prompt, amateur,
@@ -155,7 +161,7 @@ def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negativ
             for _ in range(slots):
                 engines.append(Engine(composition.base, composition.value, composition.alpha, n_ctx=ctx,
                                       n_threads=per_slot, seed=seed, verbose=verbose, models=models,
-                                      **composition.engine_kwargs()))
+                                      **composition.engine_kwargs(), **speculative))
             limits = ServerLimits(queue=queue, api_key=api_key, cors_origins=list(cors_origin or []),
                                   max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens,
                                   model_id=model_id, shutdown_grace_s=shutdown_timeout)
@@ -169,6 +175,7 @@ def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negativ
     url_host = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
     print_note(f"ivl serve: {app.state.composition.model_id} on http://{url_host}:{address[1]}/v1 "
                f"({slots} slot{'s' * (slots > 1)} x {per_slot} thread{'s' * (per_slot > 1)}, queue {queue}"
+               f"{f', drafts: {engines[0].draft}' if engines[0].draft else ''}"
                f"{', API key required' if api_key else ''})")
     if not _is_loopback(host) and api_key is None:
         print_note(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")

@@ -56,12 +56,13 @@ class BaseGGUF:
 
     @cached_property
     def _vocab(self):
-        import llama_cpp
+        """llama.cpp's tokenizer of the file (a vocabulary-only load: no weights, no context)."""
+        from ..backend import Model
 
-        return llama_cpp.Llama(str(self.path), vocab_only=True, verbose=False)
+        return Model(self.path, vocab_only=True).vocab
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         """llama.cpp tokenization; special-token text (e.g. '<eos>') becomes its id."""
         if not text and not add_bos:
             return []
-        return list(self._vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        return list(self._vocab.tokenize(text, add_special=add_bos, parse_special=True))
