@@ -445,3 +445,43 @@ def test_sigterm_while_a_request_runs_stops_the_server_cleanly(smollm2_path):
             proc.wait(10)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "ERROR" not in err and "ivl serve: stopped" in err
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_serve_with_ngram_drafts_gives_the_plain_greedy_answer_and_counts_the_drafts(smollm2_path, reference):
+    """`ivl serve --draft ngram`: a quoting prompt (prompt lookup drafts from it) answered greedily
+    through the HTTP endpoint equals the plain engine's answer, and the drafts are reported."""
+    items = "\n".join(f"{i}. {word}" for i, word in enumerate(
+        "apples bananas cherries dates figs grapes kiwis lemons mangoes oranges pears plums".split(), 1))
+    prompt = f"Copy the list exactly.\n\nList:\n{items}\n\nCopy:\n1. apples\n2."
+    reference["base"].clear_cache()
+    expected = reference["base"].complete(prompt, 48, GREEDY)   # the copy: drafts start after a probe
+    cmd = [sys.executable, "-P", "-m", "ivl_local.cli.main", "serve", "--base", str(smollm2_path), "--value", "none",
+           "--port", "0", "--ctx", str(CTX), "--threads", "1", "--draft", "ngram", "--draft-max", "6"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        first = proc.stderr.readline()
+        assert " on http://127.0.0.1:" in first and "drafts: ngram" in first, first + proc.stderr.read()
+        url = first.split(" on ")[1].split("/v1")[0]
+        answer = client(url).completions.create(model=model_id(url), prompt=prompt, max_tokens=48, temperature=0)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert answer.choices[0].text == expected and expected.strip()
+    timings = answer.model_extra["ivl"]["timings"]
+    assert timings["drafted"] > 0 and 0 < timings["accepted"] <= timings["drafted"]
+    assert proc.returncode == 0
+
+
+def test_serve_draft_flags_are_checked_before_anything_loads(tmp_path):
+    for args, message in ((["--draft-max", "0"], "draft_max"), (["--draft", str(tmp_path / "none.gguf")], "none.gguf")):
+        r = subprocess.run([sys.executable, "-P", "-m", "ivl_local.cli.main", "serve", "--base",
+                            str(tmp_path / "missing.gguf"), *args], capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode in (1, 2), (args, r.stderr)
+        assert r.stderr.startswith("error: ") and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
