@@ -4,7 +4,7 @@ teachers' own pass rates.
     python benchmarks/make_ifeval_demos.py --teachers smollm2-135m qwen2.5-coder-1.5b --limit 40
     python benchmarks/make_ifeval_demos.py --split valid --limit 60 --samples 1   # pass rates only
 
-Each teacher answers the first --limit prompts of the split: one greedy answer, then
+Each teacher answers --limit prompts spread evenly over the split (load_split's rule): one greedy answer, then
 --samples - 1 answers drawn at --temperature (seeds 1, 2, ...). An answer is kept as a
 demonstration only if it passes every instruction of its prompt under IFEval's strict rule
 (ivl_local.eval.ifeval); each kept row records how it was made ("source"). The teachers' pass
@@ -67,7 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teachers", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"])
     parser.add_argument("--split", default="train")
-    parser.add_argument("--limit", type=int, default=40, help="prompts (the split's first N)")
+    parser.add_argument("--limit", type=int, default=40, help="prompts (N spread evenly over the split)")
     parser.add_argument("--samples", type=int, default=3, help="answers per prompt: 1 greedy + N-1 sampled")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-tokens", type=int, default=LIMITS["max_tokens"])
@@ -106,7 +106,7 @@ def main() -> int:
     (report / "teachers.json").write_text(json.dumps({"meta": meta, "rates": rates}, indent=1) + "\n")
     lines = ["# ifeval teachers: pass rates of local instruct models", "",
              f"- command: `{command}`", f"- date: {meta['date']}; wall time {meta['wall_seconds']} s",
-             f"- {len(examples)} prompts of split `{args.split}` (its first {len(examples)}); greedy answer "
+             f"- {len(examples)} prompts of split `{args.split}` (spread evenly over it); greedy answer "
              f"+ {args.samples - 1} sampled at temperature {args.temperature:g}; max {args.max_tokens} tokens", "",
              "| teacher | prompt strict | prompt loose | instr. strict | instr. loose | any of "
              f"{args.samples} passes (strict) | greedy cut at max tokens | s |", "|---|---|---|---|---|---|---|---|"]

@@ -305,8 +305,8 @@ def plot(report) -> list[Path]:
         colours = {k: f"C{i}" for i, k in enumerate(KINDS)}
         ax.barh(names, scores, xerr=err, color=[colours[r.config.kind] for r in results][::-1], capsize=3)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("task score (reasoning-gym score_answer), 95% bootstrap CI")
-        ax.set_title(f"Transfer of a value network\n{stamp}", fontsize=9)
+        ax.set_xlabel(f"task score ({report.meta.get('scorer', 'task scorer')}), 95% bootstrap CI")
+        ax.set_title(f"Transfer of a value network: {report.meta.get('task', '')}\n{stamp}", fontsize=9)
         fig.tight_layout()
         path = report.out_dir / "scores.png"
         fig.savefig(path, dpi=110)
