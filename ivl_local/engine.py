@@ -53,9 +53,10 @@ from .models import resolve_model
 from .registry import ModelRegistry
 from .speculative import (DRAFT_MODEL_OVERHEAD, NGRAM, VERIFY_COST, DraftLength, ModelDrafter,
                           NgramDrafter, accept_or_resample, check_draft)
-from .sync import FixedPrompt, KVSequence, TextSync
-from .terms import (BASE, CFG, LOG_SOFTMAX, MAX_PARTS, RAW, SPECS, Contrastive, Proxy, Source,
-                    Term, ValueNet)
+from .sync import CandidateScorer, FixedPrompt, KVSequence, TextSync
+from .terms import (BASE, CFG, DEFAULT_CANDIDATES_K, LOG_SOFTMAX, MAX_PARTS, RAW, SPECS, Contrastive,
+                    Proxy, Source, Term, ValueNet, check_candidates_k, check_map_mode,
+                    refuse_candidates_with_draft)
 from .valuefile import ValueFileInfo, read_gguf_header, value_info_from_header
 from .vocab import TokenMapping, read_vocab, resolve_mapping
 
@@ -124,7 +125,8 @@ class Engine:
                  n_threads: int | None = None, n_batch: int = 512, seed: int = 0,
                  token_map=None, concurrent: bool | None = None, verbose: bool = False,
                  value_prompt: str = "own", models: ModelRegistry | None = None,
-                 draft=None, draft_max: int = 8, draft_min: int = 0):
+                 draft=None, draft_max: int = 8, draft_min: int = 0, map_mode: str = "raw",
+                 candidates_k: int = DEFAULT_CANDIDATES_K):
         if models is not None and not isinstance(models, ModelRegistry):
             raise ConfigError(f"models must be a ModelRegistry, got {type(models).__name__}")
         self._registry = models if models is not None else ModelRegistry()  # private: freed at close
@@ -135,6 +137,11 @@ class Engine:
         if bad:
             raise ConfigError(f"terms must be ValueNet, Proxy, CFG or Contrastive specs, got {bad[0]!r}")
         self.value_prompt = value_prompt
+        map_mode = check_map_mode(map_mode)
+        candidates_k = check_candidates_k(candidates_k)
+        has_value = value is not None and str(value).lower() not in NO_VALUE
+        for mode in [map_mode] * has_value + [t.map_mode for t in terms if isinstance(t, ValueNet)]:
+            refuse_candidates_with_draft(mode, draft)
         config = EngineConfig(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or default_threads(),
                               alpha=1.0 if alpha is None else alpha, seed=seed,
                               draft_max=draft_max, draft_min=draft_min)
@@ -156,14 +163,16 @@ class Engine:
         self._drafter = None   # speculative decoding: NgramDrafter | ModelDrafter
 
         try:
-            self._load(base, value, alpha, terms, config, token_map, concurrent, verbose)
+            self._load(base, value, alpha, terms, config, token_map, concurrent, verbose,
+                       map_mode, candidates_k)
             if draft is not None:
                 self._drafter = self._load_drafter(draft)
         except BaseException:
             self.close()  # free whatever was loaded before the failure, now
             raise
 
-    def _load(self, base, value, alpha, terms, config: EngineConfig, token_map, concurrent, verbose) -> None:
+    def _load(self, base, value, alpha, terms, config: EngineConfig, token_map, concurrent, verbose,
+              map_mode: str = "raw", candidates_k: int = DEFAULT_CANDIDATES_K) -> None:
         self._verbose = verbose
         self.base_path = resolve_model(base)
         base_header = read_gguf_header(self.base_path)
@@ -183,14 +192,16 @@ class Engine:
         self.mapping: TokenMapping | None = None
         self._value = None
         if value is not None and str(value).lower() not in NO_VALUE:
-            self._value_term = self._load_value(ValueNet(value, alpha, token_map), primary=True)
+            self._value_term = self._load_value(ValueNet(value, alpha, token_map, map_mode, candidates_k),
+                                                primary=True)
             self._terms.append(self._value_term)
         for spec in terms:
             self._terms.append(self._load_term(spec))
-        n_parts = sum(len(term.parts) for term in self._terms)
+        n_parts = sum(len(term.parts) + sum(s.scorer is not None for s in term.sources) for term in self._terms)
         if n_parts > MAX_PARTS:
             raise ConfigError(f"these terms add {n_parts} logit vectors per step, at most {MAX_PARTS} "
-                              f"can be fused (a value net counts 1, proxy-tuning, CFG and contrastive 2)")
+                              f"can be fused (a value net counts 1, 2 in map_mode 'candidates' across "
+                              f"vocabularies; proxy-tuning, CFG and contrastive 2)")
         self.value_enabled = self.has_value
         self._scratch = np.empty(self._base_vocab.n_tokens, dtype=np.float32)
         self.concurrent = bool(concurrent) and bool(self._sources())
@@ -240,7 +251,13 @@ class Engine:
                      "across vocabularies", path.name, info.training_base_name)
         source = self._source(path.name, path, spec.token_map, header=header)
         source.reads_own_chat = not source.mapping.identity
-        term = Term("value", path.name, [(source, 1.0, RAW)], spec=spec)
+        transform = RAW
+        if spec.map_mode == "candidates" and not source.mapping.identity:
+            # normalised contributions, whole-text scores for the base's best tokens (sync.py)
+            source.scorer = CandidateScorer(source.follower, spec.candidates_k, self._base_vocab_data,
+                                            read_vocab(header), source.mapping.token_map)
+            transform = LOG_SOFTMAX
+        term = Term("value", path.name, [(source, 1.0, transform)], spec=spec)
         term.weight = info.default_alpha if spec.weight is None else spec.weight   # checked as alpha
         if primary:
             self.value_path, self.value_info, self.mapping = path, info, source.mapping
@@ -593,25 +610,51 @@ class Engine:
         """Fuse the base's logits with every active term's (weights read now, so they can
         change live) and draw a token, accepted into the sampler's penalty history.
         `position`: of a verification batch (else the last decode's logits); `draft`: the
-        drafted token there, judged by the speculative rule when sampling (greedy: argmax)."""
-        from . import _core
-
+        drafted token there, judged by the speculative rule when sampling (greedy: argmax).
+        A value net in map_mode "candidates" first scores the base's best tokens
+        (sync.CandidateScorer): its part reads the value's log-softmax, and a second part adds
+        the whole-text log-probability of each scored token (whose map entry is off meanwhile)."""
         t0 = time.perf_counter()
         at = (lambda follower: follower.logits_at(position)) if position is not None else None
         base_ptr, n_base = (self._base_ctx.logits_ptr() if at is None else at(self._base)), self._base_vocab.n_tokens
-        parts, mask = [], 0.0
-        for term in active:
-            weight = term.weight
-            if weight == 0.0:
-                continue
-            for source, sign, transform in term.parts:
-                if source is BASE:
-                    parts.append((base_ptr, n_base, None, None, sign * weight, transform))
-                else:
-                    ptr = source.ctx.logits_ptr() if at is None else at(source.follower)
-                    parts.append((ptr, source.ctx.n_vocab, source.token_map,
-                                  source.token_weights, sign * weight, transform))
-            mask = max(mask, term.mask_alpha)
+        parts, mask, scorers, scoring_s = [], 0.0, [], 0.0
+        try:
+            for term in active:
+                weight = term.weight
+                if weight == 0.0:
+                    continue
+                for source, sign, transform in term.parts:
+                    if source is BASE:
+                        parts.append((base_ptr, n_base, None, None, sign * weight, transform))
+                    elif source.scorer is not None:   # map_mode "candidates" (no drafts: refused)
+                        assert at is None, "candidate scoring does not run on verification batches"
+                        scorer = source.scorer
+                        t1 = time.perf_counter()
+                        scorers.append(scorer)
+                        n = scorer.score(logits_view(base_ptr, n_base))
+                        scoring_s += time.perf_counter() - t1
+                        parts.append((scorer.logits_ptr(), scorer.n_value, scorer.map_a,
+                                      source.token_weights, sign * weight, transform))
+                        if n:
+                            parts.append((scorer.scores_ptr, n, scorer.map_b, None, sign * weight, RAW))
+                    else:
+                        ptr = source.ctx.logits_ptr() if at is None else at(source.follower)
+                        parts.append((ptr, source.ctx.n_vocab, source.token_map,
+                                      source.token_weights, sign * weight, transform))
+                mask = max(mask, term.mask_alpha)
+            token = self._fuse_and_sample(sampler, base_ptr, n_base, parts, mask, step, draft, rng)
+        finally:
+            for scorer in scorers:
+                scorer.restore()
+        sampler.accept(token)
+        stats.value_decode_s += scoring_s    # the value model's scoring decodes
+        stats.fuse_sample_s += time.perf_counter() - t0 - scoring_s
+        return token
+
+    def _fuse_and_sample(self, sampler, base_ptr: int, n_base: int, parts: list, mask: float, step: int,
+                         draft: int | None, rng) -> int:
+        from . import _core
+
         try:
             if draft is None or sampler.greedy:
                 token = _core._fuse_terms_and_sample(sampler, base_ptr, n_base, parts, mask, self._scratch)
@@ -623,8 +666,6 @@ class Engine:
         except ValueError as e:
             raise InvalidLogitsError(f"cannot sample: {e} (step {step}); the model file may "
                                      f"be corrupt or a weight too large") from None
-        sampler.accept(token)
-        stats.fuse_sample_s += time.perf_counter() - t0
         return token
 
     def _prefill(self, texts: dict[int, str], prompt_tokens: list[int], sources: list[Source],

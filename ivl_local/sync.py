@@ -44,8 +44,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .backend import Context, Vocab
-from .errors import ContextOverflowError
+import numpy as np
+
+from .backend import Context, Vocab, logits_view
+from .errors import ContextOverflowError, IVLError
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -200,6 +202,9 @@ class TextSync:
     def append(self, delta: bytes) -> int:
         """Extend the text; returns how many value tokens were decoded."""
         if not delta:
+            if not self.seq.logits_valid and self.tokens:
+                # the logits were overwritten (CandidateScorer's decode): decode the last again
+                return self._apply(list(self.tokens))
             self.seq.decoded = 0
             return 0
         new_tokens = self._retokenized(self.text + delta)
@@ -313,3 +318,170 @@ class FixedPrompt(KVSequence):
 
     def start(self, prompt_tokens: list[int], text: bytes) -> int:
         return self.sync_to(self.prompt_tokens)
+
+
+# --- map_mode "candidates" (ivl_local/terms.py) --------------------------------------------------
+
+_UNSET = object()
+_SCORED_TYPES = (1, 4, 6)   # normal, user-defined, byte: the token map builder's text tokens
+
+
+class CandidateScorer:
+    """Scores the base's best tokens by the value model's log-probability of their whole text.
+
+    At each step (before fusing), for the base's `k` best tokens by the base's logits alone:
+    a token whose text (normalised as the token map normalises it: '▁'/'Ġ' spaces, byte
+    tokens) is one value token keeps the map; one whose text has no exact value token and is
+    n >= 2 value tokens v_1..v_n (the value tokenizer's encoding of the text alone, as the
+    map's first-piece rule encodes it) gets
+
+        score = Σ_j log p_value(v_j | value tokens so far, v_1..v_{j-1})
+
+    log p(v_1 | ...) from the current logits (copied first: a decode overwrites llama.cpp's
+    buffer), the others from decoding v_1..v_{n-1} after the value context's tokens with
+    logits at every position, after which the cache is truncated back: the value context
+    then holds exactly the tokens it held before (`logits_valid` is cleared, so the next
+    read of its logits re-decodes the last token if nothing else is decoded first).
+
+    Decodes: candidates whose inputs v_1..v_{n-1} are a prefix of another's share its decode
+    (two-token candidates with the same first piece: one one-token decode); each remaining
+    path is one decode of its tokens, one sequence at a time (the context has one sequence:
+    backend.Context is built with n_seq_max = 1).
+
+    The fuse then uses (Engine._sample):
+        part A: (logits_ptr(), n_value, map_a, weights, w, log_softmax)   map_a: scored ids -1
+        part B: (scores_ptr, n, map_b, None, w, raw)                     map_b: scored id -> slot
+    and `restore()` puts the maps back.
+    """
+
+    def __init__(self, follower: TextSync, k: int, base_vocab, value_vocab, token_map: np.ndarray):
+        from . import _core
+
+        self.follower = follower
+        self.k = k
+        self._base = base_vocab        # vocab.VocabData of the base
+        self._value = value_vocab      # vocab.VocabData of the value model
+        self._token_map = token_map
+        self.map_a = np.array(token_map, dtype=np.int32)          # writable copy
+        self.map_b = np.full(len(token_map), -1, dtype=np.int32)
+        self.scores = np.zeros(k, dtype=np.float32)
+        self.ids: list[int] = []
+        self.n_value = follower.seq.ctx.n_vocab
+        self._current = np.empty(self.n_value, dtype=np.float32)
+        self._top = _core.Sampler(1.0, k, 1.0, 0.0, 1.0, 0, 0.0, 0.0, 0)   # top-k only
+        self._texts: dict[int, tuple[int, ...] | None] = {}
+        self.decodes = 0               # value decodes made for scoring (stats, tests)
+        self._copied = False           # _current holds this step's value logits
+
+    def logits_ptr(self) -> int:
+        """The value logits of the current position: the copy made before scoring's decodes
+        overwrote llama.cpp's buffer, else the context's own."""
+        return self._current.ctypes.data if self._copied else self.follower.seq.ctx.logits_ptr()
+
+    @property
+    def scores_ptr(self) -> int:
+        return self.scores.ctypes.data
+
+    def value_tokens(self, token: int) -> tuple[int, ...] | None:
+        """The value tokens of base token `token`'s text when that text is several value
+        tokens and no single one; None otherwise (cached)."""
+        got = self._texts.get(token, _UNSET)
+        if got is _UNSET:
+            got = self._texts[token] = self._split(token)
+        return got
+
+    def _split(self, token: int) -> tuple[int, ...] | None:
+        from . import _core
+
+        base, value = self._base, self._value
+        ttype = int(base.types[token])
+        if ttype not in _SCORED_TYPES:
+            return None
+        text = _core.normalize_token(base.tokens[token], base.kind, ttype)
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None   # a lone byte: no text of its own
+        if not text:
+            return None
+        mapped = int(self._token_map[token])
+        if mapped >= 0 and _core.normalize_token(value.tokens[mapped], value.kind,
+                                                 int(value.types[mapped])) == text:
+            return None   # an exact counterpart: one value token
+        ids = self.follower.vocab.tokenize(text, add_special=False, parse_special=False)
+        return tuple(ids) if len(ids) >= 2 else None
+
+    def score(self, base_logits: np.ndarray) -> int:
+        """Score this step's candidates; returns how many (their base ids in `ids`, their
+        log-probabilities in `scores[:n]`, `map_a`/`map_b` set until `restore()`)."""
+        top, _ = self._top.probs(base_logits)
+        candidates = []
+        for token in top.tolist():
+            pieces = self.value_tokens(token)
+            if pieces is not None:
+                candidates.append((token, pieces))
+        self.ids = []
+        self._copied = False
+        if not candidates:
+            return 0
+        seq = self.follower.seq
+        ctx = seq.ctx
+        if not seq.logits_valid:   # not expected (feed/start leave them valid): decode the last again
+            seq.sync_to(list(seq.tokens))
+        np.copyto(self._current, logits_view(ctx.logits_ptr(), self.n_value))
+        self._copied = True
+        start = len(seq.tokens)
+        room = min(ctx.n_ctx - start, ctx.n_batch)
+        candidates = [(t, p) for t, p in candidates if len(p) - 1 <= room]
+        if not candidates:
+            return 0
+        first = _log_softmax_at(self._current)
+        totals = [first(p[0]) for _, p in candidates]
+        # each decode path: the longest inputs v_1..v_{n-1}; shorter ones that are a prefix share it
+        inputs = [p[:-1] for _, p in candidates]
+        paths: list[tuple[int, ...]] = []
+        for path in sorted(set(inputs), key=len, reverse=True):
+            if not any(other[:len(path)] == path for other in paths):
+                paths.append(path)
+        done = [False] * len(candidates)
+        try:
+            for path in paths:
+                ctx.decode(list(path), start, logits_all=True)
+                self.decodes += 1
+                rows: dict[int, Callable[[int], float]] = {}
+                for c, (_, pieces) in enumerate(candidates):
+                    if done[c] or path[:len(inputs[c])] != inputs[c]:
+                        continue
+                    for j in range(1, len(pieces)):   # p(v_j) from the output after v_{j-1}
+                        row = rows.get(j - 1)
+                        if row is None:
+                            row = rows[j - 1] = _log_softmax_at(logits_view(ctx.logits_ptr(j - 1), self.n_value))
+                        totals[c] += row(pieces[j])
+                    done[c] = True
+                if not ctx.truncate(start):
+                    raise IVLError("the value model's cache cannot drop positions (a recurrent model?): "
+                                   "map_mode 'candidates' needs a model whose cache rolls back")
+        finally:
+            seq.logits_valid = False
+            if ctx.pos_max() >= start and not ctx.truncate(start):
+                seq.reset()
+        for slot, ((token, _), total) in enumerate(zip(candidates, totals)):
+            self.scores[slot] = total
+            self.map_a[token] = -1
+            self.map_b[token] = slot
+            self.ids.append(token)
+        return len(self.ids)
+
+    def restore(self) -> None:
+        """Put the maps back as they were before `score()`."""
+        for token in self.ids:
+            self.map_a[token] = self._token_map[token]
+            self.map_b[token] = -1
+        self.ids = []
+
+
+def _log_softmax_at(row: np.ndarray) -> Callable[[int], float]:
+    """i -> log_softmax(row)[i], the normaliser computed once in double (as _core's log_softmax)."""
+    top = float(row.max())
+    shift = top + float(np.log(np.exp(row - np.float32(top)).sum(dtype=np.float64)))
+    return lambda i: float(row[i]) - shift

@@ -23,11 +23,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import _is_number, _shown, check_alpha, check_number
+from .config import _is_int, _is_number, _shown, check_alpha, check_number
 from .errors import ConfigError
 
 WEIGHT_MAX = 100.0   # the same bound as alpha: beyond it fused float32 logits approach overflow
 MAX_PARTS = 16       # logit vectors _core.fuse_terms takes in one step
+
+# How a value network with another vocabulary speaks for the base's tokens (ValueNet.map_mode):
+#   "raw"         base[i] + w · weights[i] · z_value[map[i]]            (the token map alone)
+#   "candidates"  base[i] + w · weights[i] · log_softmax(z_value)[map[i]], except for the
+#                 base's top-k tokens whose text is several value tokens v_1..v_n:
+#                 base[i] + w · Σ_j log p_value(v_j | text so far, v_<j)   (the whole text's
+#                 log-probability, scored in one batched decode of the value model)
+# With one vocabulary there is no map and both are base + w · z_value (map_mode has no effect).
+MAP_MODES = ("raw", "candidates")
+CANDIDATES_K_MAX = 32    # base candidates scored per step at most (one value batch holds them all)
+DEFAULT_CANDIDATES_K = 8
+
+
+def check_map_mode(value, name: str = "map_mode") -> str:
+    if not isinstance(value, str) or value not in MAP_MODES:
+        raise ConfigError(f"{name} must be {' or '.join(MAP_MODES)}, got {_shown(value)}")
+    return value
+
+
+def refuse_candidates_with_draft(map_mode: str, draft, names=("map_mode 'candidates'", "draft")) -> None:
+    """Candidate scoring is not combined with speculative decoding: each verified position
+    would need its own scoring decode on top of the batch's cache."""
+    if map_mode == "candidates" and draft is not None:
+        raise ConfigError(f"{names[0]} does not combine with speculative decoding ({names[1]}): "
+                          f"use one or the other")
+
+
+def check_candidates_k(value, name: str = "candidates_k") -> int:
+    """How many of the base's best tokens candidates mode scores: an integer in [1, 32]."""
+    if not _is_int(value) or not 1 <= value <= CANDIDATES_K_MAX:
+        raise ConfigError(f"{name} must be an integer between 1 and {CANDIDATES_K_MAX}, got {_shown(value)}")
+    return int(value)
 
 
 def check_weight(value, name: str = "weight") -> float:
@@ -48,16 +80,26 @@ def _check_model(value, name: str) -> Any:
 
 @dataclass(frozen=True)
 class ValueNet:
-    """An IVL value network: + weight · z_value (raw logits). weight None: the file's own alpha."""
+    """An IVL value network: + weight · z_value (raw logits). weight None: the file's own alpha.
+
+    map_mode (only where the value's vocabulary differs from the base's; see MAP_MODES):
+    "raw" adds the raw logit of the one value token each base token maps to; "candidates"
+    adds the value's log-probabilities, and for the base's `candidates_k` best tokens whose
+    text is several value tokens, the log-probability of that whole text (sum over its value
+    tokens, scored in one batched decode of the value context, then rolled back)."""
 
     model: Any
     weight: float | None = None
     token_map: Any = None
+    map_mode: str = "raw"
+    candidates_k: int = DEFAULT_CANDIDATES_K
 
     def __post_init__(self) -> None:
         _check_model(self.model, "a value network")
         if self.weight is not None:
             check_alpha(self.weight, "value weight")   # a value net's weight is its alpha
+        check_map_mode(self.map_mode)
+        check_candidates_k(self.candidates_k)
 
 
 @dataclass(frozen=True)
@@ -127,6 +169,7 @@ class Source:
     reads_own_chat: bool = False   # a cross-vocabulary value net reads the chat in its format
     template: str | None = None    # its chat template (for reads_own_chat)
     eos_text: str = ""
+    scorer: Any = None          # sync.CandidateScorer: map_mode "candidates" across vocabularies
 
     @property
     def token_map(self):

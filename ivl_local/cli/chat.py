@@ -35,13 +35,14 @@ NO_VALUE = ("none", "off", "")
 
 def make_engine(base: Path, value: Path | None, alpha: float | None, *, n_ctx: int,
                 n_threads: int | None, seed: int, token_map: Path | None, verbose: bool,
-                value_prompt: str = "own", terms=(), draft=None, draft_max: int = 8):
+                value_prompt: str = "own", terms=(), draft=None, draft_max: int = 8,
+                map_mode: str = "raw", candidates_k: int = 8):
     """The one place the CLI builds an Engine (monkeypatched by the fast tests)."""
     from ..engine import Engine  # llama.cpp loads here, not at CLI import
 
     return Engine(base, value, alpha, terms=terms, n_ctx=n_ctx, n_threads=n_threads, seed=seed,
                   token_map=token_map, verbose=verbose, value_prompt=value_prompt,
-                  draft=draft, draft_max=draft_max)
+                  draft=draft, draft_max=draft_max, map_mode=map_mode, candidates_k=candidates_k)
 
 
 def check_draft_flag(draft: str | None):
@@ -74,7 +75,7 @@ def split_value(text: str) -> tuple[str, float | None]:
 
 
 def build_terms(values: list[str], expert, anti_expert, proxy_weight, cfg_scale, negative_prompt,
-                amateur, cd_beta, cd_alpha, token_map) -> list:
+                amateur, cd_beta, cd_alpha, token_map, map_mode: str = "raw", candidates_k: int = 8) -> list:
     """The term specs the flags ask for, beyond the first --value: each flag checked and each
     file found and its header validated now, before any model loads."""
     from ..models import resolve_model
@@ -91,7 +92,7 @@ def build_terms(values: list[str], expert, anti_expert, proxy_weight, cfg_scale,
         name, weight = split_value(text)
         if name.strip().lower() in NO_VALUE:
             raise ConfigError("'none' can only be the first --value (it means: no default value network)")
-        spec = ValueNet(name, weight, token_map)     # numbers first: they fail fastest
+        spec = ValueNet(name, weight, token_map, map_mode, candidates_k)   # numbers first: they fail fastest
         terms.append(replace(spec, model=model_file(name)))
     if (expert is None) != (anti_expert is None):
         raise ConfigError("proxy-tuning needs both --expert and --anti-expert (the expert's untuned base)")
@@ -147,6 +148,15 @@ MapOption = Annotated[Optional[Path], typer.Option(
 ValuePromptOption = Annotated[str, typer.Option(
     help="What a value model with another vocabulary reads: 'own' = the chat in its own "
     "format (as trained), 'base' = the base's rendering.", rich_help_panel="Models")]
+MapModeOption = Annotated[str, typer.Option(
+    "--map-mode", help="How a value network with another vocabulary speaks for the base's tokens: "
+    "'raw' = the raw logit of each base token's mapped value token; 'candidates' = the value's "
+    "log-probabilities, and for the base's --candidates-k best tokens that are several value "
+    "tokens, the log-probability of their whole text (one extra value decode per step). "
+    "No effect with one vocabulary.", rich_help_panel="Models")]
+CandidatesKOption = Annotated[int, typer.Option(
+    "--candidates-k", help="--map-mode candidates: how many of the base's best tokens are scored "
+    "per step (1-32).", rich_help_panel="Models")]
 CtxOption = Annotated[int, typer.Option(help="Context window (tokens) of each model.", rich_help_panel="Resources")]
 DraftOption = Annotated[Optional[str], typer.Option(
     "--draft", help="Speculative decoding (same output, faster where drafts are accepted): 'ngram' "
@@ -167,13 +177,18 @@ class Composition:
     alpha: float | None              # the first value network's weight (--alpha or ':WEIGHT')
     token_map: Path | None
     value_prompt: str
+    map_mode: str = "raw"
+    candidates_k: int = 8
     base: Path | None = None         # resolve() fills these
     value: Path | None = None
     terms: list = field(default_factory=list)
 
     @classmethod
-    def check(cls, value: list[str] | None, alpha, token_map, value_prompt) -> "Composition":
+    def check(cls, value: list[str] | None, alpha, token_map, value_prompt, map_mode: str = "raw",
+              candidates_k: int = 8, draft=None) -> "Composition":
         """The cheap checks (milliseconds, no file read but the map's existence)."""
+        from ..terms import check_candidates_k, check_map_mode, refuse_candidates_with_draft
+
         if alpha is not None:
             check_alpha(alpha, "--alpha")
         values = list(value or [])
@@ -184,7 +199,11 @@ class Composition:
             raise ModelFileError(f"no such token map file: {token_map}")
         if value_prompt not in VALUE_PROMPTS:
             raise ConfigError(f"--value-prompt must be {' or '.join(VALUE_PROMPTS)}, got {value_prompt!r}")
-        return cls(values, first_weight if first_weight is not None else alpha, token_map, value_prompt)
+        check_map_mode(map_mode, "--map-mode")
+        check_candidates_k(candidates_k, "--candidates-k")
+        refuse_candidates_with_draft(map_mode, draft, ("--map-mode candidates", "--draft"))
+        return cls(values, first_weight if first_weight is not None else alpha, token_map, value_prompt,
+                   map_mode, candidates_k)
 
     def resolve(self, base: str, expert, anti_expert, proxy_weight, cfg_scale, negative_prompt,
                 amateur, cd_beta, cd_alpha, *, prepare_default: bool = True) -> "Composition":
@@ -193,14 +212,18 @@ class Composition:
         from ..models import resolve_model
 
         self.terms = build_terms(self.values[1:], expert, anti_expert, proxy_weight, cfg_scale,
-                                 negative_prompt, amateur, cd_beta, cd_alpha, self.token_map)
+                                 negative_prompt, amateur, cd_beta, cd_alpha, self.token_map,
+                                 self.map_mode, self.candidates_k)
         self.base = resolve_model(base)
         self.value = resolve_value(split_value(self.values[0])[0] if self.values else None,
                                    prepare=prepare_default)
         return self
 
     def engine_kwargs(self) -> dict:
-        return dict(token_map=self.token_map, value_prompt=self.value_prompt, terms=self.terms)
+        kwargs = dict(token_map=self.token_map, value_prompt=self.value_prompt, terms=self.terms)
+        if self.map_mode != "raw":   # only when asked: Engine fakes in tests need not know it
+            kwargs.update(map_mode=self.map_mode, candidates_k=self.candidates_k)
+        return kwargs
 
 
 # --- resolving what to load ---------------------------------------------------------------
@@ -352,6 +375,8 @@ def chat(
     alpha: AlphaOption = None,
     token_map: MapOption = None,
     value_prompt: ValuePromptOption = "own",
+    map_mode: MapModeOption = "raw",
+    candidates_k: CandidatesKOption = 8,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", help="Answer this prompt and exit (one-shot). Also: text piped on stdin.")] = None,
@@ -384,7 +409,7 @@ def chat(
             check_max_tokens(max_tokens, "--max-tokens")
             EngineConfig(n_ctx=ctx, n_threads=threads or default_threads(), draft_max=draft_max)
             draft = check_draft_flag(draft)
-            composition = Composition.check(value, alpha, token_map, value_prompt)
+            composition = Composition.check(value, alpha, token_map, value_prompt, map_mode, candidates_k, draft)
             text = read_one_shot_prompt(prompt)
             if as_json and text is None:
                 raise ConfigError("--json needs a prompt: -p TEXT or text on stdin")

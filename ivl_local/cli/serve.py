@@ -23,8 +23,8 @@ from ..config import EngineConfig, check_seed, default_threads
 from ..errors import ConfigError, IVLError
 from ._common import EXIT_INTERRUPTED, one_line_warnings, print_error, print_note, user_errors
 from .chat import (DEFAULT_BASE, DEFAULT_CTX, AlphaOption, AmateurOption, AntiExpertOption, BaseOption,
-                   CdAlphaOption, CdBetaOption, CfgScaleOption, Composition, CtxOption, DebugOption,
-                   DraftMaxOption, DraftOption, ExpertOption, MapOption, NegativePromptOption, ProxyWeightOption, ThreadsOption,
+                   CandidatesKOption, CdAlphaOption, CdBetaOption, CfgScaleOption, Composition, CtxOption, DebugOption,
+                   DraftMaxOption, DraftOption, ExpertOption, MapModeOption, MapOption, NegativePromptOption, ProxyWeightOption, ThreadsOption,
                    ValueOption, ValuePromptOption, check_draft_flag)
 
 DEFAULT_MAX_TOKENS = 1024
@@ -80,6 +80,8 @@ def serve(
     alpha: AlphaOption = None,
     token_map: MapOption = None,
     value_prompt: ValuePromptOption = "own",
+    map_mode: MapModeOption = "raw",
+    candidates_k: CandidatesKOption = 8,
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback is reachable from "
                                            "other machines: give it an --api-key.", rich_help_panel="Server")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one, printed at start).", rich_help_panel="Server")] = 8080,
@@ -120,7 +122,7 @@ def serve(
 
 
 def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negative_prompt, amateur, cd_beta,
-           cd_alpha, alpha, token_map, value_prompt, host, port, slots, queue, api_key, cors_origin, max_tokens,
+           cd_alpha, alpha, token_map, value_prompt, map_mode, candidates_k, host, port, slots, queue, api_key, cors_origin, max_tokens,
            max_messages, max_body, model_id, shutdown_timeout, seed, ctx, threads, draft, draft_max, debug,
            verbose) -> None:
     engines: list = []
@@ -145,7 +147,7 @@ def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negativ
         draft = check_draft_flag(draft)
         speculative = {} if draft is None else dict(draft=draft, draft_max=draft_max)
         per_slot = max(1, total_threads // slots)   # slots decode at once: share the cores
-        composition = Composition.check(value, alpha, token_map, value_prompt)
+        composition = Composition.check(value, alpha, token_map, value_prompt, map_mode, candidates_k, draft)
         composition.resolve(base, expert, anti_expert, proxy_weight, cfg_scale, negative_prompt, amateur,
                             cd_beta, cd_alpha, prepare_default=False)
         sock = _bind(host, port)
