@@ -1,6 +1,7 @@
 """End-to-end decode speed and memory of the Engine on real models, side by side in one run.
 
     PYTHONPATH=. python benchmarks/bench_engine.py [--tokens 48] [--threads 1] [--rounds 3]
+    PYTHONPATH=. python benchmarks/bench_engine.py --configs fused,fused-candidates   # map_mode cost
 
 Cross-vocabulary case: Gemma 3 270M base (262k SentencePiece vocabulary) + SmolLM2 135M
 value (49k byte-level BPE vocabulary), alpha 1, llama.cpp's default sampling chain (top-k 40,
@@ -11,6 +12,9 @@ temperature 0.8, top-p 0.95, min-p 0.05). Rows:
   ideal sequential      1 / (t_base + t_value): both decodes back to back, nothing else
   fused, sequential     Engine(gemma, smollm2): decode both + text sync + _core._fuse_and_sample
   fused, concurrent     the same with concurrent=True (the two decodes on two threads)
+  fused, candidates     fused, sequential with map_mode="candidates" (candidates_k 8): the value's
+                        log-softmax, and each step the base's 8 best tokens whose text is several
+                        SmolLM2 tokens scored by the value model (extra value decodes, rolled back)
   numpy baseline        llama-cpp-python high-level Llama.eval for both models, the same text
                         sync, and a numpy logits processor: fuse + map, argsort, the same chain
 
@@ -43,7 +47,7 @@ import warnings
 ALPHA, TOP_K, TEMPERATURE, TOP_P, MIN_P = 1.0, 40, 0.8, 0.95, 0.05
 PROMPT = "Here is a short story about a robot who learns to paint:\n"
 N_CTX = 512
-CONFIGS = ["base", "value", "fused", "fused-concurrent", "numpy"]
+CONFIGS = ["base", "value", "fused", "fused-concurrent", "fused-candidates", "numpy"]
 
 
 def peak_rss_mb() -> float:
@@ -74,13 +78,19 @@ def steady_state(engine, prompt: str, tokens: int, sampling) -> dict:
     s = engine.stats
     timers = {"base_ms": "base_decode_s", "value_ms": "value_decode_s", "fuse_ms": "fuse_sample_s"}
     n0, start = s.completion_tokens, {key: getattr(s, name) for key, name in timers.items()}
+    term = engine._value_term
+    scorer = term.sources[0].scorer if term is not None else None   # map_mode "candidates"
+    decodes0 = scorer.decodes if scorer is not None else 0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in stream:
         pass
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     n = s.completion_tokens - n0
-    return dict(tokens=n, tok_s=n / wall, cpu_ms_per_token=cpu / n * 1e3, step_ms=wall / n * 1e3,
-                **{key: (getattr(s, name) - start[key]) / n * 1e3 for key, name in timers.items()})
+    out = dict(tokens=n, tok_s=n / wall, cpu_ms_per_token=cpu / n * 1e3, step_ms=wall / n * 1e3,
+               **{key: (getattr(s, name) - start[key]) / n * 1e3 for key, name in timers.items()})
+    if scorer is not None:
+        out["scoring_decodes_per_token"] = (scorer.decodes - decodes0) / n
+    return out
 
 
 def run_engine(config: str, tokens: int, threads: int) -> dict:
@@ -92,7 +102,8 @@ def run_engine(config: str, tokens: int, threads: int) -> dict:
     base, value = {"base": (gemma, None), "value": (smollm2, None)}.get(config, (gemma, smollm2))
     warnings.simplefilter("ignore")  # raw value model warning
     engine = Engine(base, value, ALPHA, n_ctx=N_CTX, n_threads=threads,
-                    concurrent=config == "fused-concurrent")
+                    concurrent=config == "fused-concurrent",
+                    map_mode="candidates" if config == "fused-candidates" else "raw")
     sampling = SamplingConfig(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=1)
     out = steady_state(engine, PROMPT, tokens, sampling)
     out.update(files_mb=(os.path.getsize(base) + (os.path.getsize(value) if value else 0)) / 2**20,
@@ -275,7 +286,7 @@ def child(config: str, tokens: int, threads: int) -> None:
 
 def run_child(config: str, args, with_log: bool = False):
     cmd = [sys.executable, __file__, "--child", config, "--tokens", str(args.tokens),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--prompt", args.prompt]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -285,6 +296,7 @@ def run_child(config: str, args, with_log: bool = False):
 
 
 def main() -> None:
+    global PROMPT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
@@ -292,8 +304,10 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--memory", action="store_true",
                     help="only the memory table: peak RSS stage by stage, raw backend vs Engine")
+    ap.add_argument("--prompt", default=PROMPT, help="the text decoded after (default: a story opening)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    PROMPT = args.prompt
     if args.child:
         return child(args.child, args.tokens, args.threads)
     if args.memory:
@@ -317,10 +331,10 @@ def main() -> None:
         b, v = best["base"], best["value"]
         best["ideal"] = dict(tok_s=1 / (1 / b["tok_s"] + 1 / v["tok_s"]),
                              cpu_ms_per_token=b["cpu_ms_per_token"] + v["cpu_ms_per_token"])
-    order = ["base", "value", "ideal", "fused", "fused-concurrent", "numpy"]
+    order = ["base", "value", "ideal", "fused", "fused-concurrent", "fused-candidates", "numpy"]
     names = {"base": "base alone", "value": "value alone", "ideal": "ideal 1/(t_b+t_v)",
              "fused": "fused, sequential", "fused-concurrent": "fused, concurrent",
-             "numpy": "numpy baseline"}
+             "fused-candidates": "fused, candidates", "numpy": "numpy baseline"}
     ideal = best.get("ideal")
     print(f"{'':20s} {'tok/s':>7s} {'vs ideal':>9s} {'cpu ms/tok':>11s} {'vs ideal':>9s} {'step ms':>8s} "
           f"{'fuse+sample ms':>15s} {'peak RSS MB':>12s} {'files+KV MB':>12s}")
@@ -344,6 +358,13 @@ def main() -> None:
               f"fuse+map+sample {fz['fuse_ms']:.3f} ms vs numpy {nz['fuse_ms']:.2f} ms per token "
               f"({nz['fuse_ms'] / max(fz['fuse_ms'], 1e-9):.0f}x)")
         print(f"fuse+sample share of a fused step: {fz['fuse_ms'] / fz['step_ms']:.2%}")
+    if "fused-candidates" in best and "fused" in best:
+        fc, fz = best["fused-candidates"], best["fused"]
+        print(f"map_mode candidates vs raw (fused, sequential): {fc['tok_s'] / fz['tok_s']:.2f}x tokens/s "
+              f"(wall), step {fc['step_ms'] / fz['step_ms'] - 1:+.0%} (wall), "
+              f"{fc['cpu_ms_per_token'] / fz['cpu_ms_per_token'] - 1:+.0%} (cpu ms/token); "
+              f"value ms/token {fz['value_ms']:.1f} -> {fc['value_ms']:.1f}; "
+              f"{fc['scoring_decodes_per_token']:.2f} scoring decodes per token")
     if "fused-concurrent" in best and "fused" in best:
         print(f"concurrent vs sequential: {best['fused-concurrent']['tok_s'] / best['fused']['tok_s']:.2f}x")
 
