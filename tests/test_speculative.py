@@ -226,7 +226,7 @@ def test_greedy_speculative_tokens_equal_plain_tokens(request, base, composition
     alpha = 0.5 if value is not None else None
     with _engine(base_path, value, alpha=alpha, terms=terms) as plain:
         reference, margins = _greedy_with_margins(plain)
-    assert len(reference) == 32
+    assert len(reference) >= 16   # 32 asked; a composition may end sooner (CFG: 23 on an AVX-512 Xeon)
     for draft in ("ngram", base_path):
         for fixed in (True, False):
             kw = dict(draft_min=4, draft_max=4) if fixed else {}
