@@ -199,7 +199,7 @@ def rss_now() -> dict:
                 peak=fields["VmHWM"])
 
 
-def run_memory(kind: str, tokens: int, threads: int) -> dict:
+def run_memory(kind: str, tokens: int, threads: int, models: str = "gemma3-270m,smollm2-135m") -> dict:
     """Stages of one process: imports, the two models and contexts raw (backend.py, as the
     Engine makes them, llama.cpp's log on for its buffer sizes), a decode in each; or the same
     through Engine (construction, then a generation). Each stage's RSS split anon / file."""
@@ -208,16 +208,21 @@ def run_memory(kind: str, tokens: int, threads: int) -> dict:
     from ivl_local import _core, backend  # noqa: F401  (the extension's own footprint)
     from ivl_local.models import resolve_model
 
-    gemma, smollm2 = resolve_model("gemma3-270m"), resolve_model("smollm2-135m")
+    gemma, smollm2 = (resolve_model(name) for name in models.split(","))   # base, value (--memory-models)
     stages = [("python, numpy, ivl_local, _core", rss_now())]
-    value_ctx = min(2 * N_CTX, 8192)  # the Engine's value window: twice the base's
+    from ivl_local.valuefile import read_gguf_header
+    from ivl_local.vocab import read_vocab
+
+    same_vocab = len({read_vocab(read_gguf_header(p)).fingerprint for p in (gemma, smollm2)}) == 1
+    # the Engine's value window: the base's with one vocabulary, twice it across vocabularies
+    value_ctx = N_CTX if same_vocab else min(2 * N_CTX, 8192)
     out = dict(files_mb=(os.path.getsize(gemma) + os.path.getsize(smollm2)) / 2**20,
                kv_mb=kv_cache_mb(gemma, N_CTX) + kv_cache_mb(smollm2, value_ctx))
     if kind == "mem-vocab":  # what llama.cpp holds for a vocabulary alone
         base_vocab = backend.Model(gemma, vocab_only=True)
-        stages.append(("+ base vocabulary only (262,144 tokens)", rss_now()))
+        stages.append((f"+ base vocabulary only ({base_vocab.vocab.n_tokens:,} tokens)", rss_now()))
         value_vocab = backend.Model(smollm2, vocab_only=True)
-        stages.append(("+ value vocabulary only (49,152 tokens)", rss_now()))
+        stages.append((f"+ value vocabulary only ({value_vocab.vocab.n_tokens:,} tokens)", rss_now()))
         del base_vocab, value_vocab
     elif kind == "mem-raw":
         base_model = backend.Model(gemma, verbose=True)
@@ -240,7 +245,7 @@ def run_memory(kind: str, tokens: int, threads: int) -> dict:
 
         warnings.simplefilter("ignore")
         engine = Engine(gemma, smollm2, ALPHA, n_ctx=N_CTX, n_threads=threads)
-        stages.append(("+ Engine(gemma, smollm2)", rss_now()))
+        stages.append((f"+ Engine({gemma.stem[:16]}, {smollm2.stem[:16]})", rss_now()))
         sampling = SamplingConfig(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P,
                                   seed=1)
         for _ in engine.generate(PROMPT, max_tokens=tokens, sampling=sampling):
@@ -274,9 +279,9 @@ def print_memory(results: dict[str, tuple[dict, str]]) -> None:
 
 # --- driver -------------------------------------------------------------------------------------
 
-def child(config: str, tokens: int, threads: int) -> None:
+def child(config: str, tokens: int, threads: int, memory_models: str) -> None:
     if config.startswith("mem-"):
-        result = run_memory(config, tokens, threads)
+        result = run_memory(config, tokens, threads, memory_models)
     elif config == "numpy":
         result = run_numpy(tokens, threads)
     else:
@@ -286,7 +291,7 @@ def child(config: str, tokens: int, threads: int) -> None:
 
 def run_child(config: str, args, with_log: bool = False):
     cmd = [sys.executable, __file__, "--child", config, "--tokens", str(args.tokens),
-           "--threads", str(args.threads), "--prompt", args.prompt]
+           "--threads", str(args.threads), "--prompt", args.prompt, "--memory-models", args.memory_models]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -305,11 +310,14 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true",
                     help="only the memory table: peak RSS stage by stage, raw backend vs Engine")
     ap.add_argument("--prompt", default=PROMPT, help="the text decoded after (default: a story opening)")
+    ap.add_argument("--memory-models", default="gemma3-270m,smollm2-135m",
+                    help="--memory: BASE,VALUE (e.g. qwen2.5-coder-1.5b,qwen2.5-coder-0.5b: larger files, "
+                         "the same fixed overhead)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     PROMPT = args.prompt
     if args.child:
-        return child(args.child, args.tokens, args.threads)
+        return child(args.child, args.tokens, args.threads, args.memory_models)
     if args.memory:
         return print_memory({kind: run_child(kind, args, with_log=True)
                              for kind in ("mem-vocab", "mem-raw", "mem-engine")})
