@@ -7,7 +7,9 @@ arithmetic demonstrations (data/arith_train.jsonl), global batch 8 and max_len 9
 given, a trainable
 copy of the base (init pretrained), the same seed; the figures are what the trainer itself
 records in the checkpoint (ivl_checkpoint.json "stats": steps/s over the run's steps, the
-first included; peak RSS of rank 0's process). Rows:
+first included; rank 0's peak RSS over the whole process, loading the base included, and
+while training only: the steps and evaluations, sampled every 20 ms, which is where gradient
+checkpointing and FSDP's sharding save). Rows:
 
   NAME            one process, 2 torch threads
   NAME +gc        the same with --grad-checkpointing
@@ -53,6 +55,7 @@ def run_row(base: str, mode: str, steps: int, work: Path, batch: int = 8, max_le
     stats = meta["stats"]
     return {"base": base, "mode": mode, "steps": meta["step"], "steps_per_s": stats["steps_per_s"],
             "tokens_per_s": stats["tokens_per_s"], "peak_rss_mb": stats["peak_rss_mb"],
+            "train_peak_rss_mb": stats.get("train_peak_rss_mb"),
             "wall_s": round(wall, 1), "final_loss": stats.get("final", {}).get("loss")}
 
 
@@ -72,8 +75,9 @@ def main() -> None:
                 row = run_row(base, mode, args.steps, Path(tmp), args.batch_size, args.max_len)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"| value net | mode | steps/s | vs 1 proc | peak RSS MB (rank 0) | vs 1 proc | final loss |")
-    print("|---|---|---|---|---|---|---|")
+    print("| value net | mode | steps/s | vs 1 proc | peak RSS MB, whole run (rank 0) | vs 1 proc | "
+          "peak RSS MB, training (rank 0) | vs 1 proc | final loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             print(f"| {row['base']} | {row['mode']} | error: {row['error']} |")
@@ -81,8 +85,10 @@ def main() -> None:
         ref = next((r for r in rows if r["base"] == row["base"] and r["mode"] == "1 proc" and "error" not in r), None)
         speed = f"{row['steps_per_s'] / ref['steps_per_s']:.2f}x" if ref else "-"
         memory = f"{row['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x" if ref else "-"
+        train, ref_train = row.get("train_peak_rss_mb"), ref and ref.get("train_peak_rss_mb")
+        train_ratio = f"{train / ref_train:.2f}x" if train and ref_train else "-"
         print(f"| {row['base']} | {row['mode']} | {row['steps_per_s']:.3f} | {speed} | "
-              f"{row['peak_rss_mb']:.0f} | {memory} | {row['final_loss']:.4f} |")
+              f"{row['peak_rss_mb']:.0f} | {memory} | {train or 0:.0f} | {train_ratio} | {row['final_loss']:.4f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 

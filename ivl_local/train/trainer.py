@@ -8,10 +8,14 @@ steps, each the sum of `grad_accum` global micro-batches (each rank computes its
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import os
 import random
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +42,61 @@ class TrainingInterrupted(IVLError):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):   # not glibc (macOS, musl, Windows)
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+    glibc keeps freed blocks of up to 32 MB inside its heap, and PyTorch's CPU tensors come and
+    go in blocks of that size, so memory freed by loading, by sharding (each rank's whole copy
+    of the value net) and by each step stays resident. Measured, 2 SmolLM2 FSDP ranks: rank 0
+    held 3.8 GB at the end of step 3 without it, 2.0 GB with it after setup and every step
+    (1 process: 3.7 vs 3.0). Called after setup and after every step."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class TrainingRss:
+    """The largest resident set seen while training, loading excluded: a daemon thread samples
+    /proc/self/statm every 20 ms (Linux; None elsewhere). The process's own peak (ru_maxrss)
+    includes loading the base, where every mode peaks alike, so it hides what gradient
+    checkpointing or FSDP's sharding save during the steps."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+        try:
+            self._page = os.sysconf("SC_PAGE_SIZE")
+            self._sample()
+        except (OSError, ValueError, AttributeError):
+            return
+        self._thread = threading.Thread(target=self._watch, name="ivl-rss", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        with open("/proc/self/statm") as f:
+            self.peak = max(self.peak, int(f.read().split()[1]) * self._page)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def mb(self) -> float | None:
+        return round(self.peak / 2**20, 1) if self._thread is not None else None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -130,6 +189,7 @@ class Setup:
     step: int = 0
     history: list = field(default_factory=list)
     dist: distributed.Dist = field(default_factory=distributed.Dist)
+    rss: TrainingRss | None = None     # while run() trains
     wrapped: nn.Module | None = None  # the objective under DistributedDataParallel or FSDP
     sharded: bool = False             # FSDP: every rank takes part in forward and saving
     bf16: bool = False                # autocast the value net's forward to bfloat16
@@ -303,6 +363,7 @@ def setup(cfg: TrainConfig, log=print, dist: distributed.Dist | None = None) -> 
     if cfg.fsdp:
         s.wrapped, s.sharded = _Objective(s), True
         distributed.shard(s.wrapped, model.model.layers, dist, device)
+    release_free_memory()                                  # the unsharded copy, loading's buffers
     s.optimizer = _optimizer(model, cfg)                   # after sharding: it holds the shards
     s.scheduler = _schedule(s.optimizer, total, cfg)
     if cfg.resume:
@@ -397,6 +458,7 @@ def run(s: Setup, progress: bool = True, log=print) -> Path:
     saved_step = s.step if cfg.resume else 0
     stats: dict = {}
     bar = _Bar(s.total_steps, s.step, enabled=progress and main)
+    s.rss = TrainingRss()
     try:
         with bar:
             while s.step < s.total_steps:
@@ -423,6 +485,7 @@ def run(s: Setup, progress: bool = True, log=print) -> Path:
                 s.optimizer.step()
                 s.scheduler.step()
                 s.step += 1
+                release_free_memory()          # this step's activations and gradients
                 record = {"step": s.step, "loss": ce + cfg.norm_weight * norm * (not cfg.full_finetune),
                           "ce": ce, "norm": norm, "lr": lr}
                 if collective and ((cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == s.total_steps):
@@ -448,6 +511,8 @@ def run(s: Setup, progress: bool = True, log=print) -> Path:
             save(s, complete=False, stats=_stats(s, started, first_step, tokens))
         raise TrainingInterrupted(f"training interrupted at step {s.step}/{s.total_steps}; "
                                   f"checkpoint saved in {cfg.out_dir} (continue with --resume)") from None
+    finally:
+        s.rss.close()
     stats = _stats(s, started, first_step, tokens)
     if collective and s.history and "eval_ce" not in s.history[-1]:
         s.history[-1].update(evaluate(s))
@@ -486,7 +551,8 @@ def _stats(s: Setup, started: float, first_step: int, tokens: int) -> dict:
     return {"train_seconds": round(elapsed, 2), "steps_this_run": steps,
             "steps_per_s": steps / elapsed if elapsed > 0 else 0.0,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "peak_rss_mb": round(peak_rss_mb(), 1), "device": str(s.device),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "train_peak_rss_mb": s.rss.mb() if s.rss is not None else None, "device": str(s.device),
             "torch_threads": torch.get_num_threads()}
 
 
