@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 NO_VALUE = ("none", "off", "")
 
 
+def _wants_value(value) -> bool:
+    """A value network was asked for (None, "none", "off" and "" mean the base alone)."""
+    return value is not None and str(value).lower() not in NO_VALUE
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -139,8 +144,7 @@ class Engine:
         self.value_prompt = value_prompt
         map_mode = check_map_mode(map_mode)
         candidates_k = check_candidates_k(candidates_k)
-        has_value = value is not None and str(value).lower() not in NO_VALUE
-        for mode in [map_mode] * has_value + [t.map_mode for t in terms if isinstance(t, ValueNet)]:
+        for mode in [map_mode] * _wants_value(value) + [t.map_mode for t in terms if isinstance(t, ValueNet)]:
             refuse_candidates_with_draft(mode, draft)
         config = EngineConfig(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or default_threads(),
                               alpha=1.0 if alpha is None else alpha, seed=seed,
@@ -191,7 +195,7 @@ class Engine:
         self.value_info: ValueFileInfo | None = None
         self.mapping: TokenMapping | None = None
         self._value = None
-        if value is not None and str(value).lower() not in NO_VALUE:
+        if _wants_value(value):
             self._value_term = self._load_value(ValueNet(value, alpha, token_map, map_mode, candidates_k),
                                                 primary=True)
             self._terms.append(self._value_term)

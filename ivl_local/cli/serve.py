@@ -23,9 +23,10 @@ from ..config import EngineConfig, check_seed, default_threads
 from ..errors import ConfigError, IVLError
 from ._common import EXIT_INTERRUPTED, one_line_warnings, print_error, print_note, user_errors
 from .chat import (DEFAULT_BASE, DEFAULT_CTX, AlphaOption, AmateurOption, AntiExpertOption, BaseOption,
-                   CandidatesKOption, CdAlphaOption, CdBetaOption, CfgScaleOption, Composition, CtxOption, DebugOption,
-                   DraftMaxOption, DraftOption, ExpertOption, MapModeOption, MapOption, NegativePromptOption, ProxyWeightOption, ThreadsOption,
-                   ValueOption, ValuePromptOption, check_draft_flag)
+                   CandidatesKOption, CdAlphaOption, CdBetaOption, CfgScaleOption, Composition, CtxOption,
+                   DebugOption, DraftMaxOption, DraftOption, ExpertOption, MapModeOption, MapOption,
+                   NegativePromptOption, ProxyWeightOption, ThreadsOption, ValueOption, ValuePromptOption,
+                   check_draft_flag)
 
 DEFAULT_MAX_TOKENS = 1024
 SLOTS_MAX = 64
@@ -122,9 +123,9 @@ def serve(
 
 
 def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negative_prompt, amateur, cd_beta,
-           cd_alpha, alpha, token_map, value_prompt, map_mode, candidates_k, host, port, slots, queue, api_key, cors_origin, max_tokens,
-           max_messages, max_body, model_id, shutdown_timeout, seed, ctx, threads, draft, draft_max, debug,
-           verbose) -> None:
+           cd_alpha, alpha, token_map, value_prompt, map_mode, candidates_k, host, port, slots, queue, api_key,
+           cors_origin, max_tokens, max_messages, max_body, model_id, shutdown_timeout, seed, ctx, threads, draft,
+           draft_max, debug, verbose) -> None:
     engines: list = []
     with user_errors(debug), one_line_warnings():
         missing = _missing_extra()
