@@ -119,13 +119,15 @@ def make_fake_runner(table, created=None):
     created = [] if created is None else created
 
     class FakeRunner:
-        def __init__(self, base, value, token_map, seed, torch_gguf, value_prompt="own", terms=()):
+        def __init__(self, base, value, token_map, seed, torch_gguf, value_prompt="own", terms=(), map_mode="raw"):
             self.base, self.value, self.alpha, self.closed = Path(base).stem, value, 1.0, False
-            self.terms = list(terms)
+            self.terms, self.map_mode = list(terms), map_mode
             created.append(self)
 
         def answer_all(self, conversations, max_tokens, advance=lambda: None):
             alone, with_value = table[self.base]
+            if self.map_mode == "candidates":   # the "candidates" entry: its with-value accuracy
+                with_value = table["candidates"][1]
             p = alone if self.value is None else alone + (with_value - alone) * min(self.alpha, 1.0)
             # a proxy term: the "proxy" entry's accuracy; each extra value net: "extra" points
             if any(type(t).__name__ == "Proxy" for t in self.terms):
@@ -553,3 +555,48 @@ def test_proxy_and_composed_rows_are_paired_with_ivl_and_each_value_net(tmp_path
     assert "value[smollm2-135m] + value[smollm2-135m, spell]" in md
     files = report.results["smol + proxy"].files
     assert set(files) == {"base", "expert", "anti-expert"}
+
+
+def test_candidate_rows_load_their_own_engine_and_are_paired_with_the_raw_map(tmp_path):
+    """The cross-vocabulary rows of issue 15: each keeps a share of the value net's own-base gain
+    (goal 90 %), and a map_mode "candidates" row gets its own runner and its difference from the
+    raw exact-text row on the same items."""
+    from ivl_local.eval.configs import with_candidates
+
+    v = Trained("smollm2-135m")
+    cross = EvalConfig("gemma + value", "cross-vocab", "gemma3-270m", v)
+    cand = with_candidates(cross)
+    assert cand.name == "gemma + value candidates" and cand.map_mode == "candidates"
+    assert cand.kind == "cross-vocab-candidates" and cand.engine_key != cross.engine_key
+    configs = [EvalConfig("smol", "base", "smollm2-135m"), EvalConfig("gemma", "base", "gemma3-270m"),
+               EvalConfig("smol + value", "in-distribution", "smollm2-135m", v), cross, cand]
+    table = {"smollm2-135m": (0.2, 0.8), "gemma3-270m": (0.1, 0.5), "candidates": (0.0, 0.7)}
+    runners = []
+    report = run_eval(Plan(configs), limit=40, out_dir=tmp_path, workspace=FakeWorkspace(tmp_path),
+                      runner_factory=make_fake_runner(table, runners), command="pytest fake",
+                      log=lambda line: None, progress=False)
+    assert sorted(r.map_mode for r in runners if r.base == "gemma3-270m" and r.value) == ["candidates", "raw"]
+    rows = {row["comparison"]: row for row in comparisons(report.results)}
+    raw_share = rows["share of own-base gain kept: gemma + value vs smol + value"]
+    assert raw_share["value"] == pytest.approx((0.5 - 0.1) / (0.8 - 0.2)) and raw_share["met"] is False
+    cand_share = rows["share of own-base gain kept: gemma + value candidates vs smol + value"]
+    assert cand_share["value"] == pytest.approx((0.7 - 0.1) / (0.8 - 0.2)) and cand_share["met"] is True
+    assert rows["candidates - raw map: gemma + value candidates"]["value"] == pytest.approx(0.7 - 0.5)
+    summary = report.results["gemma + value candidates"].summary()
+    assert summary["map_mode"] == "candidates" and summary["token_map"] == "exact-text + candidates"
+    assert report.results["gemma + value"].summary()["map_mode"] == "raw"
+
+
+def test_plans_hold_candidate_rows_for_every_cross_vocabulary_value_net():
+    """Issue 15's projections on both tasks: each raw cross-vocabulary row of the SmolLM2 (and,
+    when installed, Qwen) value nets has a candidates twin, and the spell task has its own."""
+    for task in ("arith", "spell"):
+        configs = {c.name: c for c in build_plan(False, installed=lambda name: True, task=task).configs}
+        raw = [c for c in configs.values() if c.kind == "cross-vocab" and c.value_prompt == "own"
+               and not c.name.startswith("smollm2 + value[")]
+        assert raw, task
+        for c in raw:
+            twin = configs[c.name + " candidates"]
+            assert (twin.base, twin.value, twin.map_mode) == (c.base, c.value, "candidates")
+    spell = {c.name: c for c in build_plan(True, installed=lambda name: False, task="spell").configs}
+    assert spell["gemma3 + value[spell] candidates"].value.task == "spell"

@@ -47,6 +47,7 @@ KINDS = (
     "other-quantization",   # another quantization of the training base + the same value net
     "cross-vocab",          # another family (other vocabulary) + the value net, exact-text map
     "cross-vocab-aligned",  # same, corpus-aligned token map
+    "cross-vocab-candidates",  # same, exact-text map + the value's opinion of the base's top-k texts
     "same-family",          # a larger model of the training base's family + the value net
     "norm-weight-0",        # value net trained without the norm penalty
     "other-task",           # a value net trained on the other task (does it leak into this one?)
@@ -144,16 +145,19 @@ class EvalConfig:
     value_prompt: str = "own"       # cross-vocab: the value reads its own chat format | the base's
     proxy: ProxyRef | None = None   # proxy-tuning term (alpha does not scale it)
     extra_values: tuple = ()        # more value nets, as (ModelRef, weight) pairs, added to `value`
+    map_mode: str = "raw"           # cross-vocab projection: Engine(map_mode=...), "raw" | "candidates"
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
+        assert self.map_mode in ("raw", "candidates"), self.map_mode
         assert self.value_prompt in VALUE_PROMPTS, self.value_prompt
         assert not self.extra_values or self.value is not None, "extra value nets need a first one"
 
     @property
     def engine_key(self) -> tuple:
         """Configurations with equal keys share one loaded Engine (only alpha differs)."""
-        return (self.base, self.value, self.token_map, self.value_prompt, self.proxy, self.extra_values)
+        return (self.base, self.value, self.token_map, self.value_prompt, self.proxy, self.extra_values,
+                self.map_mode)
 
     @property
     def values(self) -> list:
@@ -176,6 +180,14 @@ def alpha_sweep(config: EvalConfig, alphas=ALPHAS) -> list[EvalConfig]:
     """The same configuration at each alpha (alpha 1 is the configuration itself)."""
     return [config.with_(name=f"{config.name}{SWEEP_SEP}{a:g}", kind="alpha-sweep", alpha=a)
             for a in alphas if a != config.alpha]
+
+
+def with_candidates(config: EvalConfig) -> EvalConfig:
+    """A cross-vocabulary configuration with the value net scoring the base's top-k candidate
+    texts in its own tokens (Engine map_mode "candidates"), named "NAME candidates"."""
+    return config.with_(name=f"{config.name} candidates", kind="cross-vocab-candidates", map_mode="candidates",
+                        note="map_mode candidates: the value's log-probability of each of the base's "
+                             "top-k texts, next to its raw exact-text map")
 
 
 def sweep_parent(name: str) -> str:
@@ -247,12 +259,21 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
                                    note="the same two value nets, weights 0.5 + 0.5")
     if task == OTHER_TASK:
         # The composition on the second task: its own value net, the main task's, both.
+        cross_spell = EvalConfig("gemma3 + value[spell]", "cross-vocab", GEMMA, v_other)
         configs = [EvalConfig("smollm2", "base", SMOL),
                    EvalConfig("smollm2 + value[spell]", "in-distribution", SMOL, v_other),
                    EvalConfig("smollm2 + value", "other-task", SMOL, v_smol,
                               note="the chain_sum value net on spell_backward"),
-                   composed, composed_half]
-        return Plan(configs, [f"task {task}: the composition rows only (the rest is the {MAIN_TASK} study)"])
+                   composed, composed_half,
+                   # the spell net across vocabularies: a second task for the token map (issue 15)
+                   EvalConfig("gemma3", "base", GEMMA), cross_spell, with_candidates(cross_spell)]
+        if installed(QWEN_LARGE) and not quick:
+            cross_qwen = EvalConfig("qwen1.5b + value[spell]", "cross-vocab", QWEN_LARGE, v_other)
+            configs += [EvalConfig("qwen1.5b", "base", QWEN_LARGE), cross_qwen, with_candidates(cross_qwen)]
+        if not quick:
+            configs += [a for c in (cross_spell, with_candidates(cross_spell)) for a in alpha_sweep(c, alphas)]
+        return Plan(configs, [f"task {task}: the composition and cross-vocabulary rows only "
+                              f"(the rest is the {MAIN_TASK} study)"])
     if task != MAIN_TASK:
         raise ValueError(f"unknown task {task!r} (known: {MAIN_TASK}, {OTHER_TASK}, ifeval)")
     # Proxy-tuning, the IVL paper's baseline: the full fine-tune as expert, its untuned base as
@@ -289,6 +310,7 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
                                     note="value reads the base's prompt format"))
     configs.append(EvalConfig("gemma3 + value[smollm2] aligned", "cross-vocab-aligned", GEMMA, v_smol,
                               token_map=AlignedMap(GEMMA, v_smol, max_bytes=corpus_cap)))
+    configs.append(with_candidates(cross_smol))
     if not quick:
         configs.append(EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma))
     configs += [
@@ -297,7 +319,7 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
         EvalConfig("smollm2 + value[spell]", "other-task", SMOL, v_other,
                    note="the spell_backward value net on chain_sum"),
         composed, composed_half,
-        cross_gemma,
+        cross_gemma, with_candidates(cross_gemma),
         EvalConfig("smollm2 + value[gemma3] aligned", "cross-vocab-aligned", SMOL, v_gemma,
                    token_map=AlignedMap(SMOL, v_gemma, max_bytes=corpus_cap)),
         EvalConfig("smollm2 + value norm 0", "norm-weight-0", SMOL, v_smol_norm0),
@@ -328,7 +350,8 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
                     # the same value net across vocabularies (Qwen's 152k BPE -> SmolLM2, Gemma)
                     EvalConfig("smollm2 + value[qwen0.5b]", "cross-vocab", SMOL, v_qwen),
                     EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen),
-                    *on_qwen_large]
+                    with_candidates(EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen)),
+                    *on_qwen_large, with_candidates(on_qwen_large[0])]
         transfer.append(same)
     else:
         for name in (QWEN_SMALL, QWEN_LARGE):
@@ -342,10 +365,11 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
             if installed(name) and not quick:
                 configs.append(EvalConfig(name.replace("qwen2.5-coder-", "qwen"), "base", name))
         if installed(QWEN_LARGE) and not quick:
-            configs += on_qwen_large
+            configs += [*on_qwen_large, with_candidates(on_qwen_large[0])]
 
     # The in-distribution sweep is where its alpha is chosen (on --split valid; --alpha-from).
-    sweep_of = [in_dist] + transfer if not quick else [cross_smol]   # quick: one cross-vocab sweep
+    sweep_of = ([in_dist] + transfer + [with_candidates(cross_smol)] if not quick
+                else [cross_smol])   # quick: one cross-vocab sweep
     for config in sweep_of:
         configs += alpha_sweep(config, alphas)
     return Plan(configs, skipped)

@@ -50,7 +50,8 @@ class ConfigResult:
     @property
     def map_kind(self) -> str:
         """How value tokens reach the base: '-' (no value), 'identity' (same vocabulary),
-        'aligned' (a corpus-aligned map) or 'exact-text' (the default map)."""
+        'aligned' (a corpus-aligned map), 'exact-text' (the default map) or 'exact-text +
+        candidates' (map_mode candidates)."""
         if self.config.value is None and self.config.proxy is None:
             return "-"
         if self.config.token_map is not None:
@@ -58,7 +59,7 @@ class ConfigResult:
         base, value = (self.files.get(role) or {} for role in ("base", "value" if self.config.value else "expert"))
         if base.get("vocab") and base.get("vocab") == value.get("vocab"):
             return "identity"
-        return "exact-text"
+        return "exact-text + candidates" if self.config.map_mode == "candidates" else "exact-text"
 
     @property
     def score(self) -> float:
@@ -84,7 +85,7 @@ class ConfigResult:
         c = self.config
         return {"name": c.name, "kind": c.kind, "base": label_of(c.base), "value": c.value_label,
                 "alpha": c.alpha, "token_map": self.map_kind,
-                "value_prompt": c.value_prompt,
+                "value_prompt": c.value_prompt, "map_mode": c.map_mode,
                 "n": self.n, "score": self.score, "score_ci": list(self.score_ci),
                 "exact": self.exact, "exact_rate": self.exact / self.n if self.n else float("nan"),
                 "exact_ci": list(self.exact_ci), "lenient_score": self.lenient_score,
@@ -255,6 +256,8 @@ def _answer_all(configs: list[EvalConfig], examples: list[Example], workspace, r
             extra = {"terms": r0.terms} if r0.terms else {}   # a factory without terms still works
             if n_ctx:   # a task with long prompts or answers (else the runner's default)
                 extra["n_ctx"] = n_ctx
+            if members[0].map_mode != "raw":
+                extra["map_mode"] = members[0].map_mode
             runner = runner_factory(r0.base, r0.value, r0.token_map, seed, r0.torch_base_gguf,
                                     value_prompt=members[0].value_prompt, **extra)
             try:

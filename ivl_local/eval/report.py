@@ -20,6 +20,8 @@ from .stats import paired_difference, paired_ratio
 GOAL_RECOVERY = 0.90      # value net recovers >= 90 % of the full fine-tuning gain
 GOAL_RETENTION = 0.90     # >= 90 % of the in-distribution gain survives another quantization
 GOAL_SAME_FAMILY = 0.80   # on a larger same-family base: >= 80 % of its reference FT's gain
+GOAL_CROSS = 0.90         # another vocabulary keeps >= 90 % of the value net's own-base gain
+CROSS_KINDS = ("cross-vocab", "cross-vocab-aligned", "cross-vocab-candidates")
 
 
 def _find(results, predicate):
@@ -48,7 +50,7 @@ def comparisons(results: dict) -> list[dict]:
         if alone is None:
             continue
         gain, lo, hi = paired_difference(r.scores, alone.scores)
-        positive_goal = c.kind in ("cross-vocab", "cross-vocab-aligned", "same-family")
+        positive_goal = c.kind in CROSS_KINDS + ("same-family",)
         add(f"gain: {c.name} vs {alone.config.name}", c.kind, gain, lo, hi,
             "clearly positive (CI above 0)" if positive_goal else "",
             (lo > 0) if positive_goal else None)
@@ -68,6 +70,20 @@ def comparisons(results: dict) -> list[dict]:
                     f">= {GOAL_RETENTION:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_RETENTION, ilo))
         if c.kind == "same-family" and isinstance(value, Trained):
             _same_family_rows(results, r, alone, add)
+        if c.kind in CROSS_KINDS and isinstance(value, Trained) and not c.extra_values and c.proxy is None:
+            indist, train_alone = _in_distribution(results, value)
+            if indist is not None:
+                ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, indist.scores, train_alone.scores)
+                _, ilo, _ = paired_difference(indist.scores, train_alone.scores)
+                add(f"share of own-base gain kept: {c.name} vs {indist.config.name}", c.kind, ratio, rlo, rhi,
+                    f">= {GOAL_CROSS:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_CROSS, ilo))
+        if c.kind == "cross-vocab-candidates":
+            raw = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base and o.value == c.value
+                        and o.token_map == c.token_map and o.value_prompt == c.value_prompt
+                        and o.map_mode == "raw")
+            if raw is not None:
+                d, dlo, dhi = paired_difference(r.scores, raw.scores)
+                add(f"candidates - raw map: {c.name}", c.kind, d, dlo, dhi)
         if c.kind == "cross-vocab" and c.value_prompt == "base":
             own = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base and o.value == c.value
                         and o.token_map == c.token_map and o.value_prompt == "own")
@@ -130,7 +146,7 @@ def _single(results, base, value):
     """The row adding only `value` (alpha 1, no other term) to `base`, if it was run."""
     return _find(results, lambda o: o.base == base and o.value == value and not o.extra_values
                  and o.proxy is None and o.token_map is None and o.value_prompt == "own"
-                 and o.alpha == 1.0 and o.kind != "alpha-sweep")
+                 and o.map_mode == "raw" and o.alpha == 1.0 and o.kind != "alpha-sweep")
 
 
 def _composed_rows(results, r, add) -> None:
@@ -159,7 +175,7 @@ def _proxy_rows(results, r, add) -> None:
                 and isinstance(o.value, Trained) and not o.value.full_finetune
                 and o.value.base == expert.base and o.value.task == expert.task
                 and o.value.norm_weight == 1.0 and o.token_map is None and o.value_prompt == "own"
-                and o.alpha == 1.0 and o.kind != "alpha-sweep")
+                and o.map_mode == "raw" and o.alpha == 1.0 and o.kind != "alpha-sweep")
     if ivl is not None:
         d, lo, hi = paired_difference(ivl.scores, r.scores)
         add(f"IVL - proxy-tuning: {ivl.config.name} vs {c.name}", c.kind, d, lo, hi)

@@ -28,12 +28,12 @@ class EngineRunner:
     """Greedy chat through ivl_local.Engine (base alone when value is None)."""
 
     def __init__(self, base: Path, value: Path | None, token_map: Path | None, seed: int, n_ctx: int = 256,
-                 threads: int | None = None, value_prompt: str = "own", terms=()):
+                 threads: int | None = None, value_prompt: str = "own", terms=(), map_mode: str = "raw"):
         from ..engine import Engine
 
         self.engine = Engine(str(base), None if value is None else str(value), alpha=1.0, n_ctx=n_ctx,
                              terms=terms,
-                             n_threads=threads, seed=seed, value_prompt=value_prompt,
+                             n_threads=threads, seed=seed, value_prompt=value_prompt, map_mode=map_mode,
                              token_map=None if token_map is None else str(token_map))
 
     @property
@@ -79,11 +79,11 @@ class TorchRunner:
 
 def make_runner(base: Path, value: Path | None, token_map: Path | None, seed: int,
                 torch_base_gguf: Path | None = None, threads: int | None = None,
-                value_prompt: str = "own", terms=(), n_ctx: int = 256) -> Runner:
+                value_prompt: str = "own", terms=(), n_ctx: int = 256, map_mode: str = "raw") -> Runner:
     """A folder as base means a torch checkpoint (its GGUF tokenizer comes from torch_base_gguf)."""
     threads = threads or default_threads()
     if Path(base).is_dir():
         assert value is None and not terms and torch_base_gguf is not None
         return TorchRunner(base, torch_base_gguf, threads)
     return EngineRunner(base, value, token_map, seed, n_ctx=n_ctx, threads=threads, value_prompt=value_prompt,
-                        terms=terms)
+                        terms=terms, map_mode=map_mode)
