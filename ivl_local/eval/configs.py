@@ -237,15 +237,18 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     # official lr 1e-4, as the paper copied TinyLlama. The quick plan uses fresh small llamas
     # (2 layers, hidden 256, embeddings from the base's; logits start near 0, so lr 1e-3 is
     # stable): 10x cheaper, but at 100 steps they learned the format and not the sums
-    # (measured, docs/results/README.md). A pruned:4 copy started at loss 25 and was unstable
-    # at 1e-3. Gemma is not llama-arch, so its value net is always a fresh llama.
+    # (measured, docs/results/README.md). A pruned:4 SmolLM2 copy started at loss 25 and was
+    # unstable at 1e-3. Gemma's value net (full plan): a trainable copy of its first 4 layers at
+    # 1e-4, as the default chat value net is made (the fresh llama it replaced, Dec 2026, did not
+    # learn the task: 0.025 on Gemma); the quick plan keeps the fresh llama.
     fresh = common + (("learning_rate", 1e-3), ("warmup_ratio", 0.05))
     v_smol = (Trained(SMOL, init="fresh", steps=steps, extra=fresh) if smollm2_init == "fresh"
               else Trained(SMOL, init=smollm2_init, steps=steps, extra=common))
     v_smol_norm0 = replace(v_smol, norm_weight=0.0)
     # The reference fine-tunes every base weight at the official 1e-4.
     ft_smol = Trained(SMOL, full_finetune=True, steps=steps, extra=common)
-    v_gemma = Trained(GEMMA, init="fresh", steps=steps, extra=fresh)
+    v_gemma = (Trained(GEMMA, init="fresh", steps=steps, extra=fresh) if quick
+               else Trained(GEMMA, init="pruned:4", steps=steps, extra=common))
     alphas = QUICK_ALPHAS if quick else ALPHAS
     corpus_cap = 60_000 if quick else None
     skipped: list[str] = []
