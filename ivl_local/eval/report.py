@@ -62,21 +62,13 @@ def comparisons(results: dict) -> list[dict]:
                                 f"full-FT gain: {ft.config.name} vs {alone.config.name}",
                                 f"share of full-FT gain recovered: {c.name}")
         if c.kind == "other-quantization" and isinstance(value, Trained):
-            indist, train_alone = _in_distribution(results, value)
-            if indist is not None:
-                ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, indist.scores, train_alone.scores)
-                _, ilo, _ = paired_difference(indist.scores, train_alone.scores)
-                add(f"share of in-distribution gain kept: {c.name}", c.kind, ratio, rlo, rhi,
-                    f">= {GOAL_RETENTION:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_RETENTION, ilo))
+            _kept_rows(results, r, alone, add, GOAL_RETENTION,
+                       lambda indist: f"share of in-distribution gain kept: {c.name}")
         if c.kind == "same-family" and isinstance(value, Trained):
             _same_family_rows(results, r, alone, add)
         if c.kind in CROSS_KINDS and isinstance(value, Trained) and not c.extra_values and c.proxy is None:
-            indist, train_alone = _in_distribution(results, value)
-            if indist is not None:
-                ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, indist.scores, train_alone.scores)
-                _, ilo, _ = paired_difference(indist.scores, train_alone.scores)
-                add(f"share of own-base gain kept: {c.name} vs {indist.config.name}", c.kind, ratio, rlo, rhi,
-                    f">= {GOAL_CROSS:.0%}" + _DENOM_NOTE, _met(ratio, GOAL_CROSS, ilo))
+            _kept_rows(results, r, alone, add, GOAL_CROSS,
+                       lambda indist: f"share of own-base gain kept: {c.name} vs {indist.config.name}")
         if c.kind == "cross-vocab-candidates":
             raw = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base and o.value == c.value
                         and o.token_map == c.token_map and o.value_prompt == c.value_prompt
@@ -122,6 +114,17 @@ def comparisons(results: dict) -> list[dict]:
 
 
 _DENOM_NOTE = " (judged only when the reference gain's CI is above 0)"
+
+
+def _kept_rows(results, r, alone, add, goal: float, what) -> None:
+    """The share of the value net's gain on its own training base that row `r` keeps on its
+    base, paired on the same items; `what(in-distribution row)` names the comparison."""
+    indist, train_alone = _in_distribution(results, r.config.value)
+    if indist is None:
+        return
+    ratio, rlo, rhi = paired_ratio(r.scores, alone.scores, indist.scores, train_alone.scores)
+    _, ilo, _ = paired_difference(indist.scores, train_alone.scores)
+    add(what(indist), r.config.kind, ratio, rlo, rhi, f">= {goal:.0%}" + _DENOM_NOTE, _met(ratio, goal, ilo))
 
 
 def _same_family_rows(results, r, alone, add) -> None:
