@@ -201,10 +201,10 @@ class Engine:
             self._terms.append(self._value_term)
         for spec in terms:
             self._terms.append(self._load_term(spec))
-        n_parts = sum(len(term.parts) + sum(s.scorer is not None for s in term.sources) for term in self._terms)
+        n_parts = sum(len(term.parts) + sum(2 * (s.scorer is not None) for s in term.sources) for term in self._terms)
         if n_parts > MAX_PARTS:
             raise ConfigError(f"these terms add {n_parts} logit vectors per step, at most {MAX_PARTS} "
-                              f"can be fused (a value net counts 1, 2 in map_mode 'candidates' across "
+                              f"can be fused (a value net counts 1, 3 in map_mode 'candidates' across "
                               f"vocabularies; proxy-tuning, CFG and contrastive 2)")
         self.value_enabled = self.has_value
         self._scratch = np.empty(self._base_vocab.n_tokens, dtype=np.float32)
@@ -641,6 +641,9 @@ class Engine:
                                       source.token_weights, sign * weight, transform))
                         if n:
                             parts.append((scorer.scores_ptr, n, scorer.map_b, None, sign * weight, RAW))
+                        neutral = scorer.neutral_part()
+                        if neutral is not None:
+                            parts.append((neutral[0], 1, neutral[1], None, sign * weight, RAW))
                     else:
                         ptr = source.ctx.logits_ptr() if at is None else at(source.follower)
                         parts.append((ptr, source.ctx.n_vocab, source.token_map,

@@ -348,9 +348,16 @@ class CandidateScorer:
     path is one decode of its tokens, one sequence at a time (the context has one sequence:
     backend.Context is built with n_seq_max = 1).
 
+    A base token the map gives no value token (control and unused tokens) would get 0 from
+    part A, which on the log-probability scale is certainty: every mapped token scores below
+    it. It gets the value's mean log-probability at this step instead (no opinion, as 0 is for
+    raw logits near 0). Without that, Gemma 3 + the SmolLM2 spell_backward value net emitted
+    unused tokens (empty answers) on 2 of 6 validation prompts.
+
     The fuse then uses (Engine._sample):
         part A: (logits_ptr(), n_value, map_a, weights, w, log_softmax)   map_a: scored ids -1
         part B: (scores_ptr, n, map_b, None, w, raw)                     map_b: scored id -> slot
+        part U: (neutral_ptr, 1, map_u, None, w, raw)                    map_u: unmapped -> 0
     and `restore()` puts the maps back.
     """
 
@@ -372,6 +379,9 @@ class CandidateScorer:
         self._texts: dict[int, tuple[int, ...] | None] = {}
         self.decodes = 0               # value decodes made for scoring (stats, tests)
         self._copied = False           # _current holds this step's value logits
+        unmapped = np.asarray(token_map) < 0
+        self.map_u = np.where(unmapped, 0, -1).astype(np.int32) if unmapped.any() else None
+        self.neutral = np.zeros(1, dtype=np.float32)   # this step's mean value log-probability
 
     def logits_ptr(self) -> int:
         """The value logits of the current position: the copy made before scoring's decodes
@@ -381,6 +391,15 @@ class CandidateScorer:
     @property
     def scores_ptr(self) -> int:
         return self.scores.ctypes.data
+
+    def neutral_part(self) -> tuple[int, np.ndarray] | None:
+        """(pointer to [mean log p_value], map_u) for the tokens the map leaves out, from this
+        step's value logits; None when the map leaves none out."""
+        if self.map_u is None:
+            return None
+        row = logits_view(self.logits_ptr(), self.n_value)
+        self.neutral[0] = float(row.mean(dtype=np.float64)) - _logsumexp(row)
+        return self.neutral.ctypes.data, self.map_u
 
     def value_tokens(self, token: int) -> tuple[int, ...] | None:
         """The value tokens of base token `token`'s text when that text is several value
@@ -480,8 +499,13 @@ class CandidateScorer:
         self.ids = []
 
 
-def _log_softmax_at(row: np.ndarray) -> Callable[[int], float]:
-    """i -> log_softmax(row)[i], the normaliser computed once in double (as _core's log_softmax)."""
+def _logsumexp(row: np.ndarray) -> float:
+    """log Σ exp(row), summed in double after the max is taken out (as _core's log_softmax)."""
     top = float(row.max())
-    shift = top + float(np.log(np.exp(row - np.float32(top)).sum(dtype=np.float64)))
+    return top + float(np.log(np.exp(row - np.float32(top)).sum(dtype=np.float64)))
+
+
+def _log_softmax_at(row: np.ndarray) -> Callable[[int], float]:
+    """i -> log_softmax(row)[i], the normaliser computed once."""
+    shift = _logsumexp(row)
     return lambda i: float(row[i]) - shift

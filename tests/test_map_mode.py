@@ -212,7 +212,9 @@ def test_candidate_score_is_the_sum_of_value_token_logprobs(gemma3_path, smollm2
 @pytest.mark.real
 def test_candidate_contribution_is_on_the_single_token_scale(gemma3_path, smollm2_path):
     """In a real step the fused logit of a scored token is base + alpha * its whole-text
-    log-probability, and of a mapped token base + alpha * log_softmax(value)[map]."""
+    log-probability, of a mapped token base + alpha * log_softmax(value)[map], and of a token
+    the map leaves out base + alpha * the mean of log_softmax(value) (not + 0, which on this
+    scale would rank it above every mapped token)."""
     from ivl_local import _core
     from ivl_local.backend import logits_view
 
@@ -230,8 +232,11 @@ def test_candidate_contribution_is_on_the_single_token_scale(gemma3_path, smollm
             scored = {t: float(scorer.scores[i]) for i, t in enumerate(scorer.ids)}
             token_map = _source(engine).mapping.token_map
             for t in np.argsort(-base)[:32].tolist():
-                want = scored[t] if t in scored else (log_p[token_map[t]] if token_map[t] >= 0 else 0.0)
+                want = scored[t] if t in scored else (log_p[token_map[t]] if token_map[t] >= 0 else log_p.mean())
                 assert fused[t] - base[t] == pytest.approx(0.7 * want, abs=1e-3)
+            unmapped = np.flatnonzero(token_map < 0)
+            assert unmapped.size > 1000    # Gemma's unused and control tokens
+            np.testing.assert_allclose(fused[unmapped] - base[unmapped], 0.7 * log_p.mean(), atol=1e-3)
             seen.append(len(scored))
             return original(sampler, base_ptr, n_base, parts, mask, step, draft, rng)
 
