@@ -263,18 +263,19 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     if task == OTHER_TASK:
         # The composition on the second task: its own value net, the main task's, both.
         cross_spell = EvalConfig("gemma3 + value[spell]", "cross-vocab", GEMMA, v_other)
+        cross_spell_candidates = with_candidates(cross_spell)
         configs = [EvalConfig("smollm2", "base", SMOL),
                    EvalConfig("smollm2 + value[spell]", "in-distribution", SMOL, v_other),
                    EvalConfig("smollm2 + value", "other-task", SMOL, v_smol,
                               note="the chain_sum value net on spell_backward"),
                    composed, composed_half,
                    # the spell net across vocabularies: a second task for the token map (issue 15)
-                   EvalConfig("gemma3", "base", GEMMA), cross_spell, with_candidates(cross_spell)]
+                   EvalConfig("gemma3", "base", GEMMA), cross_spell, cross_spell_candidates]
         if installed(QWEN_LARGE) and not quick:
             cross_qwen = EvalConfig("qwen1.5b + value[spell]", "cross-vocab", QWEN_LARGE, v_other)
             configs += [EvalConfig("qwen1.5b", "base", QWEN_LARGE), cross_qwen, with_candidates(cross_qwen)]
         if not quick:
-            configs += [a for c in (cross_spell, with_candidates(cross_spell)) for a in alpha_sweep(c, alphas)]
+            configs += [a for c in (cross_spell, cross_spell_candidates) for a in alpha_sweep(c, alphas)]
         return Plan(configs, [f"task {task}: the composition and cross-vocabulary rows only "
                               f"(the rest is the {MAIN_TASK} study)"])
     if task != MAIN_TASK:
@@ -346,14 +347,14 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
         ref_large = Trained(QWEN_LARGE, full_finetune=True, steps=qwen_steps,
                             extra=common + (("train_layers", QWEN_REF_LAYERS),))
         same = EvalConfig("qwen1.5b + value[qwen0.5b]", "same-family", QWEN_LARGE, v_qwen)
+        qwen_on_gemma = EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen)
         configs += [EvalConfig("qwen0.5b", "base", QWEN_SMALL), EvalConfig("qwen1.5b", "base", QWEN_LARGE),
                     EvalConfig("qwen0.5b + value", "in-distribution", QWEN_SMALL, v_qwen), same,
                     EvalConfig("qwen1.5b partial-FT", "full-finetune", ref_large,
                                note=f"last {QWEN_REF_LAYERS} layers + final norm fine-tuned"),
                     # the same value net across vocabularies (Qwen's 152k BPE -> SmolLM2, Gemma)
                     EvalConfig("smollm2 + value[qwen0.5b]", "cross-vocab", SMOL, v_qwen),
-                    EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen),
-                    with_candidates(EvalConfig("gemma3 + value[qwen0.5b]", "cross-vocab", GEMMA, v_qwen)),
+                    qwen_on_gemma, with_candidates(qwen_on_gemma),
                     *on_qwen_large, with_candidates(on_qwen_large[0])]
         transfer.append(same)
     else:
