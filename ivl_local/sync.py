@@ -379,6 +379,7 @@ class CandidateScorer:
         self._texts: dict[int, tuple[int, ...] | None] = {}
         self.decodes = 0               # value decodes made for scoring (stats, tests)
         self._copied = False           # _current holds this step's value logits
+        self._current_lse: float | None = None   # their log-sum-exp, once score() needed it
         unmapped = np.asarray(token_map) < 0
         self.map_u = np.where(unmapped, 0, -1).astype(np.int32) if unmapped.any() else None
         self.neutral = np.zeros(1, dtype=np.float32)   # this step's mean value log-probability
@@ -398,7 +399,8 @@ class CandidateScorer:
         if self.map_u is None:
             return None
         row = logits_view(self.logits_ptr(), self.n_value)
-        self.neutral[0] = float(row.mean(dtype=np.float64)) - _logsumexp(row)
+        lse = self._current_lse if self._copied and self._current_lse is not None else _logsumexp(row)
+        self.neutral[0] = float(row.mean(dtype=np.float64)) - lse
         return self.neutral.ctypes.data, self.map_u
 
     def value_tokens(self, token: int) -> tuple[int, ...] | None:
@@ -441,6 +443,7 @@ class CandidateScorer:
                 candidates.append((token, pieces))
         self.ids = []
         self._copied = False
+        self._current_lse = None
         if not candidates:
             return 0
         seq = self.follower.seq
@@ -454,7 +457,8 @@ class CandidateScorer:
         candidates = [(t, p) for t, p in candidates if len(p) - 1 <= room]
         if not candidates:
             return 0
-        first = _log_softmax_at(self._current)
+        self._current_lse = _logsumexp(self._current)
+        first = _log_softmax_at(self._current, self._current_lse)
         totals = [first(p[0]) for _, p in candidates]
         # each decode path: the longest inputs v_1..v_{n-1}; shorter ones that are a prefix share it
         inputs = [p[:-1] for _, p in candidates]
@@ -505,7 +509,7 @@ def _logsumexp(row: np.ndarray) -> float:
     return top + float(np.log(np.exp(row - np.float32(top)).sum(dtype=np.float64)))
 
 
-def _log_softmax_at(row: np.ndarray) -> Callable[[int], float]:
-    """i -> log_softmax(row)[i], the normaliser computed once."""
-    shift = _logsumexp(row)
+def _log_softmax_at(row: np.ndarray, shift: float | None = None) -> Callable[[int], float]:
+    """i -> log_softmax(row)[i], the normaliser (`shift`, row's log-sum-exp) computed once."""
+    shift = _logsumexp(row) if shift is None else shift
     return lambda i: float(row[i]) - shift
