@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_engine.py [--tokens 48] [--threads 1] [--rounds 3]
     PYTHONPATH=. python benchmarks/bench_engine.py --configs fused,fused-candidates   # map_mode cost
+    PYTHONPATH=. python benchmarks/bench_engine.py --configs fused,fused-logprob,fused-shared
 
 Cross-vocabulary case: Gemma 3 270M base (262k SentencePiece vocabulary) + SmolLM2 135M
 value (49k byte-level BPE vocabulary), alpha 1, llama.cpp's default sampling chain (top-k 40,
@@ -15,6 +16,9 @@ temperature 0.8, top-p 0.95, min-p 0.05). Rows:
   fused, candidates     fused, sequential with map_mode="candidates" (candidates_k 8): the value's
                         log-softmax, and each step the base's 8 best tokens whose text is several
                         SmolLM2 tokens scored by the value model (extra value decodes, rolled back)
+  fused, logprob        fused, sequential with map_mode="logprob": the value's log-softmax through
+                        the map, unmapped tokens at its mean (one more pass over the value logits)
+  fused, shared         map_mode="shared": logprob minus log n for base tokens sharing a value token
   numpy baseline        llama-cpp-python high-level Llama.eval for both models, the same text
                         sync, and a numpy logits processor: fuse + map, argsort, the same chain
 
@@ -47,7 +51,8 @@ import warnings
 ALPHA, TOP_K, TEMPERATURE, TOP_P, MIN_P = 1.0, 40, 0.8, 0.95, 0.05
 PROMPT = "Here is a short story about a robot who learns to paint:\n"
 N_CTX = 512
-CONFIGS = ["base", "value", "fused", "fused-concurrent", "fused-candidates", "numpy"]
+MAP_MODE_CONFIGS = {"fused-candidates": "candidates", "fused-logprob": "logprob", "fused-shared": "shared"}
+CONFIGS = ["base", "value", "fused", "fused-concurrent", *MAP_MODE_CONFIGS, "numpy"]
 
 
 def peak_rss_mb() -> float:
@@ -103,7 +108,7 @@ def run_engine(config: str, tokens: int, threads: int) -> dict:
     warnings.simplefilter("ignore")  # raw value model warning
     engine = Engine(base, value, ALPHA, n_ctx=N_CTX, n_threads=threads,
                     concurrent=config == "fused-concurrent",
-                    map_mode="candidates" if config == "fused-candidates" else "raw")
+                    map_mode=MAP_MODE_CONFIGS.get(config, "raw"))
     sampling = SamplingConfig(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=1)
     out = steady_state(engine, PROMPT, tokens, sampling)
     out.update(files_mb=(os.path.getsize(base) + (os.path.getsize(value) if value else 0)) / 2**20,
@@ -339,10 +344,10 @@ def main() -> None:
         b, v = best["base"], best["value"]
         best["ideal"] = dict(tok_s=1 / (1 / b["tok_s"] + 1 / v["tok_s"]),
                              cpu_ms_per_token=b["cpu_ms_per_token"] + v["cpu_ms_per_token"])
-    order = ["base", "value", "ideal", "fused", "fused-concurrent", "fused-candidates", "numpy"]
+    order = ["base", "value", "ideal", "fused", "fused-concurrent", *MAP_MODE_CONFIGS, "numpy"]
     names = {"base": "base alone", "value": "value alone", "ideal": "ideal 1/(t_b+t_v)",
              "fused": "fused, sequential", "fused-concurrent": "fused, concurrent",
-             "fused-candidates": "fused, candidates", "numpy": "numpy baseline"}
+             **{key: f"fused, {mode}" for key, mode in MAP_MODE_CONFIGS.items()}, "numpy": "numpy baseline"}
     ideal = best.get("ideal")
     print(f"{'':20s} {'tok/s':>7s} {'vs ideal':>9s} {'cpu ms/tok':>11s} {'vs ideal':>9s} {'step ms':>8s} "
           f"{'fuse+sample ms':>15s} {'peak RSS MB':>12s} {'files+KV MB':>12s}")
@@ -366,13 +371,17 @@ def main() -> None:
               f"fuse+map+sample {fz['fuse_ms']:.3f} ms vs numpy {nz['fuse_ms']:.2f} ms per token "
               f"({nz['fuse_ms'] / max(fz['fuse_ms'], 1e-9):.0f}x)")
         print(f"fuse+sample share of a fused step: {fz['fuse_ms'] / fz['step_ms']:.2%}")
-    if "fused-candidates" in best and "fused" in best:
-        fc, fz = best["fused-candidates"], best["fused"]
-        print(f"map_mode candidates vs raw (fused, sequential): {fc['tok_s'] / fz['tok_s']:.2f}x tokens/s "
+    for key, mode in MAP_MODE_CONFIGS.items():
+        if key not in best or "fused" not in best:
+            continue
+        fc, fz = best[key], best["fused"]
+        scoring = (f"; {fc['scoring_decodes_per_token']:.2f} scoring decodes per token"
+                   if "scoring_decodes_per_token" in fc else "")
+        print(f"map_mode {mode} vs raw (fused, sequential): {fc['tok_s'] / fz['tok_s']:.2f}x tokens/s "
               f"(wall), step {fc['step_ms'] / fz['step_ms'] - 1:+.0%} (wall), "
               f"{fc['cpu_ms_per_token'] / fz['cpu_ms_per_token'] - 1:+.0%} (cpu ms/token); "
               f"value ms/token {fz['value_ms']:.1f} -> {fc['value_ms']:.1f}; "
-              f"{fc['scoring_decodes_per_token']:.2f} scoring decodes per token")
+              f"fuse+sample ms/token {fz['fuse_ms']:.3f} -> {fc['fuse_ms']:.3f}{scoring}")
     if "fused-concurrent" in best and "fused" in best:
         print(f"concurrent vs sequential: {best['fused-concurrent']['tok_s'] / best['fused']['tok_s']:.2f}x")
 

@@ -53,9 +53,9 @@ from .models import resolve_model
 from .registry import ModelRegistry
 from .speculative import (DRAFT_MODEL_OVERHEAD, NGRAM, VERIFY_COST, DraftLength, ModelDrafter,
                           NgramDrafter, accept_or_resample, check_draft)
-from .sync import CandidateScorer, FixedPrompt, KVSequence, TextSync
-from .terms import (BASE, CFG, DEFAULT_CANDIDATES_K, LOG_SOFTMAX, MAX_PARTS, RAW, SPECS, Contrastive,
-                    Proxy, Source, Term, ValueNet, check_candidates_k, check_map_mode,
+from .sync import CandidateScorer, FixedPrompt, KVSequence, LogProbProjection, TextSync
+from .terms import (BASE, CFG, DEFAULT_CANDIDATES_K, LOG_SOFTMAX, MAX_PARTS, PROJECTION_MODES, RAW, SPECS,
+                    Contrastive, Proxy, Source, Term, ValueNet, check_candidates_k, check_map_mode,
                     refuse_candidates_with_draft)
 from .valuefile import ValueFileInfo, read_gguf_header, value_info_from_header
 from .vocab import TokenMapping, read_vocab, resolve_mapping
@@ -201,11 +201,12 @@ class Engine:
             self._terms.append(self._value_term)
         for spec in terms:
             self._terms.append(self._load_term(spec))
-        n_parts = sum(len(term.parts) + sum(2 * (s.scorer is not None) for s in term.sources) for term in self._terms)
+        n_parts = sum(len(term.parts) + sum(s.extra_parts for s in term.sources) for term in self._terms)
         if n_parts > MAX_PARTS:
             raise ConfigError(f"these terms add {n_parts} logit vectors per step, at most {MAX_PARTS} "
-                              f"can be fused (a value net counts 1, 3 in map_mode 'candidates' across "
-                              f"vocabularies; proxy-tuning, CFG and contrastive 2)")
+                              f"can be fused (a value net counts 1; across vocabularies up to 3 in "
+                              f"map_mode 'candidates' or 'shared', 2 in 'logprob'; proxy-tuning, CFG "
+                              f"and contrastive 2)")
         self.value_enabled = self.has_value
         self._scratch = np.empty(self._base_vocab.n_tokens, dtype=np.float32)
         self.concurrent = bool(concurrent) and bool(self._sources())
@@ -260,6 +261,10 @@ class Engine:
             # normalised contributions, whole-text scores for the base's best tokens (sync.py)
             source.scorer = CandidateScorer(source.follower, spec.candidates_k, self._base_vocab_data,
                                             read_vocab(header), source.mapping.token_map)
+            transform = LOG_SOFTMAX
+        elif spec.map_mode in PROJECTION_MODES and not source.mapping.identity:
+            source.projection = LogProbProjection(source.mapping.token_map, source.ctx.n_vocab,
+                                                  shared=spec.map_mode == "shared")
             transform = LOG_SOFTMAX
         term = Term("value", path.name, [(source, 1.0, transform)], spec=spec)
         term.weight = info.default_alpha if spec.weight is None else spec.weight   # checked as alpha
@@ -648,6 +653,8 @@ class Engine:
                         ptr = source.ctx.logits_ptr() if at is None else at(source.follower)
                         parts.append((ptr, source.ctx.n_vocab, source.token_map,
                                       source.token_weights, sign * weight, transform))
+                        if source.projection is not None:   # map_mode "logprob" / "shared"
+                            parts += source.projection.extra_parts(ptr, sign * weight)
                 mask = max(mask, term.mask_alpha)
             token = self._fuse_and_sample(sampler, base_ptr, n_base, parts, mask, step, draft, rng)
         finally:

@@ -320,6 +320,56 @@ class FixedPrompt(KVSequence):
         return self.sync_to(self.prompt_tokens)
 
 
+# --- map_mode "logprob" / "shared" (ivl_local/terms.py) -------------------------------------------
+
+class LogProbProjection:
+    """The value's log-probabilities through the token map (map_mode "logprob" and "shared").
+
+    The fuse reads (Engine._sample):
+        part A: (value logits, n_value, token_map, weights, w, log_softmax)
+        part U: (neutral, 1, map_u, None, w, raw)     a base token the map leaves out: the
+                value's mean log-probability at this step (no opinion; 0 on this scale would
+                be certainty, above every mapped token)
+        part S: (bias, n_base, None, None, w, raw)    "shared" only: bias[i] = -log n(map[i]),
+                n(v) = how many base tokens map to value token v
+
+    For mapped tokens "logprob" is the raw map shifted by one number per step (the value's
+    log-sum-exp), so on its own it changes only how the unmapped tokens stand against the
+    rest. "shared" is the many-to-one rule: base tokens that share one value token (several
+    Gemma words whose first SmolLM2 piece is the same) share its probability instead of each
+    receiving all of it, so the projected probabilities sum to at most 1 over the base's
+    vocabulary."""
+
+    def __init__(self, token_map: np.ndarray, n_value: int, shared: bool):
+        token_map = np.asarray(token_map)
+        mapped = token_map >= 0
+        self.n_value = n_value
+        self.map_u = np.where(mapped, -1, 0).astype(np.int32) if not mapped.all() else None
+        self.neutral = np.zeros(1, dtype=np.float32)   # this step's mean value log-probability
+        self.bias = None
+        if shared:
+            counts = np.bincount(token_map[mapped], minlength=n_value)
+            bias = np.zeros(len(token_map), dtype=np.float32)
+            bias[mapped] = -np.log(counts[token_map[mapped]].astype(np.float64))
+            self.bias = bias if bias.any() else None   # one-to-one: nothing to share
+        self.n_extra = (self.map_u is not None) + (self.bias is not None)   # parts besides A
+
+    def neutral_value(self, row: np.ndarray, lse: float | None = None) -> float:
+        """Mean log-probability of `row` (value logits); `lse` its log-sum-exp when known."""
+        return float(row.mean(dtype=np.float64)) - (_logsumexp(row) if lse is None else lse)
+
+    def extra_parts(self, logits_ptr: int, weight: float, lse: float | None = None) -> list[tuple]:
+        """Parts U and S for the value logits at `logits_ptr` (fused at once: `neutral` is
+        rewritten at the next call)."""
+        parts = []
+        if self.map_u is not None:
+            self.neutral[0] = self.neutral_value(logits_view(logits_ptr, self.n_value), lse)
+            parts.append((self.neutral.ctypes.data, 1, self.map_u, None, weight, "raw"))
+        if self.bias is not None:
+            parts.append((self.bias.ctypes.data, len(self.bias), None, None, weight, "raw"))
+        return parts
+
+
 # --- map_mode "candidates" (ivl_local/terms.py) --------------------------------------------------
 
 _UNSET = object()
@@ -380,9 +430,8 @@ class CandidateScorer:
         self.decodes = 0               # value decodes made for scoring (stats, tests)
         self._copied = False           # _current holds this step's value logits
         self._current_lse: float | None = None   # their log-sum-exp, once score() needed it
-        unmapped = np.asarray(token_map) < 0
-        self.map_u = np.where(unmapped, 0, -1).astype(np.int32) if unmapped.any() else None
-        self.neutral = np.zeros(1, dtype=np.float32)   # this step's mean value log-probability
+        self._projection = LogProbProjection(token_map, self.n_value, shared=False)   # part U
+        self.map_u = self._projection.map_u
 
     def logits_ptr(self) -> int:
         """The value logits of the current position: the copy made before scoring's decodes
@@ -398,10 +447,9 @@ class CandidateScorer:
         step's value logits; None when the map leaves none out."""
         if self.map_u is None:
             return None
-        row = logits_view(self.logits_ptr(), self.n_value)
-        lse = self._current_lse if self._copied and self._current_lse is not None else _logsumexp(row)
-        self.neutral[0] = float(row.mean(dtype=np.float64)) - lse
-        return self.neutral.ctypes.data, self.map_u
+        lse = self._current_lse if self._copied else None
+        (ptr, _, map_u, *_), = self._projection.extra_parts(self.logits_ptr(), 0.0, lse)
+        return ptr, map_u
 
     def value_tokens(self, token: int) -> tuple[int, ...] | None:
         """The value tokens of base token `token`'s text when that text is several value

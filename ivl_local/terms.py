@@ -35,15 +35,20 @@ MAX_PARTS = 16       # logit vectors _core.fuse_terms takes in one step
 #                 base's top-k tokens whose text is several value tokens v_1..v_n:
 #                 base[i] + w · Σ_j log p_value(v_j | text so far, v_<j)   (the whole text's
 #                 log-probability, scored in one batched decode of the value model)
-# With one vocabulary there is no map and both are base + w · z_value (map_mode has no effect).
-MAP_MODES = ("raw", "candidates")
+#   "logprob"     base[i] + w · weights[i] · log_softmax(z_value)[map[i]]   (normalised; for the
+#                 tokens the map leaves out, the value's mean log-probability at the step)
+#   "shared"      "logprob" − w · log n(map[i]): base tokens sharing one value token share its
+#                 probability (n of them: many-to-one)
+# With one vocabulary there is no map and every mode is base + w · z_value (no effect).
+MAP_MODES = ("raw", "logprob", "shared", "candidates")
+PROJECTION_MODES = ("logprob", "shared")   # sync.LogProbProjection
 CANDIDATES_K_MAX = 32    # base candidates scored per step at most (one value batch holds them all)
 DEFAULT_CANDIDATES_K = 8
 
 
 def check_map_mode(value, name: str = "map_mode") -> str:
     if not isinstance(value, str) or value not in MAP_MODES:
-        raise ConfigError(f"{name} must be {' or '.join(MAP_MODES)}, got {_shown(value)}")
+        raise ConfigError(f"{name} must be one of {', '.join(MAP_MODES)}, got {_shown(value)}")
     return value
 
 
@@ -83,7 +88,9 @@ class ValueNet:
     """An IVL value network: + weight · z_value (raw logits). weight None: the file's own alpha.
 
     map_mode (only where the value's vocabulary differs from the base's; see MAP_MODES):
-    "raw" adds the raw logit of the one value token each base token maps to; "candidates"
+    "raw" adds the raw logit of the one value token each base token maps to; "logprob" the
+    value's log-probability instead; "shared" that, with the probability of a value token
+    shared by the base tokens that map to it; "candidates"
     adds the value's log-probabilities, and for the base's `candidates_k` best tokens whose
     text is several value tokens, the log-probability of that whole text (sum over its value
     tokens, scored in one batched decode of the value context, then rolled back)."""
@@ -170,6 +177,14 @@ class Source:
     template: str | None = None    # its chat template (for reads_own_chat)
     eos_text: str = ""
     scorer: Any = None          # sync.CandidateScorer: map_mode "candidates" across vocabularies
+    projection: Any = None      # sync.LogProbProjection: map_mode "logprob" / "shared" across them
+
+    @property
+    def extra_parts(self) -> int:
+        """Logit vectors this source adds to the fuse besides its own."""
+        if self.scorer is not None:
+            return 2
+        return 0 if self.projection is None else self.projection.n_extra
 
     @property
     def token_map(self):

@@ -126,8 +126,8 @@ def make_fake_runner(table, created=None):
 
         def answer_all(self, conversations, max_tokens, advance=lambda: None):
             alone, with_value = table[self.base]
-            if self.map_mode == "candidates":   # the "candidates" entry: its with-value accuracy
-                with_value = table["candidates"][1]
+            if self.map_mode != "raw":   # e.g. the "candidates" entry: its with-value accuracy
+                with_value = table[self.map_mode][1]
             p = alone if self.value is None else alone + (with_value - alone) * min(self.alpha, 1.0)
             # a proxy term: the "proxy" entry's accuracy; each extra value net: "extra" points
             if any(type(t).__name__ == "Proxy" for t in self.terms):
@@ -587,6 +587,38 @@ def test_candidate_rows_load_their_own_engine_and_are_paired_with_the_raw_map(tm
     assert report.results["gemma + value"].summary()["map_mode"] == "raw"
 
 
+def test_projection_rows_are_paired_with_the_raw_map_on_either_map(tmp_path):
+    """map_mode logprob/shared twins (issue 15): their own engines, a share of the own-base
+    gain each, and their difference from the raw row with the same token map (the exact-text
+    map, and the corpus-aligned one)."""
+    from ivl_local.eval.configs import AlignedMap, with_map_mode, with_projections
+
+    v = Trained("smollm2-135m")
+    cross = EvalConfig("gemma + value", "cross-vocab", "gemma3-270m", v)
+    aligned = EvalConfig("gemma + value aligned", "cross-vocab-aligned", "gemma3-270m", v,
+                         token_map=AlignedMap("gemma3-270m", v))
+    logprob, shared = with_projections(cross)
+    aligned_shared = with_map_mode(aligned, "shared")
+    assert (logprob.name, shared.name, aligned_shared.name) == (
+        "gemma + value logprob", "gemma + value shared", "gemma + value aligned shared")
+    assert {c.kind for c in (logprob, shared, aligned_shared)} == {"cross-vocab-projection"}
+    assert len({c.engine_key for c in (cross, logprob, shared, aligned, aligned_shared)}) == 5
+    configs = [EvalConfig("smol", "base", "smollm2-135m"), EvalConfig("gemma", "base", "gemma3-270m"),
+               EvalConfig("smol + value", "in-distribution", "smollm2-135m", v), cross, logprob, shared]
+    table = {"smollm2-135m": (0.2, 0.8), "gemma3-270m": (0.1, 0.5), "logprob": (0.0, 0.5), "shared": (0.0, 0.3)}
+    runners = []
+    report = run_eval(Plan(configs), limit=40, out_dir=tmp_path, workspace=FakeWorkspace(tmp_path),
+                      runner_factory=make_fake_runner(table, runners), command="pytest fake",
+                      log=lambda line: None, progress=False)
+    assert sorted(r.map_mode for r in runners if r.base == "gemma3-270m" and r.value) == ["logprob", "raw", "shared"]
+    rows = {row["comparison"]: row for row in comparisons(report.results)}
+    assert rows["logprob - raw map: gemma + value logprob"]["value"] == pytest.approx(0.0)
+    assert rows["shared - raw map: gemma + value shared"]["value"] == pytest.approx(0.3 - 0.5)
+    share = rows["share of own-base gain kept: gemma + value shared vs smol + value"]
+    assert share["value"] == pytest.approx((0.3 - 0.1) / (0.8 - 0.2)) and share["met"] is False
+    assert report.results["gemma + value shared"].summary()["token_map"] == "exact-text + shared"
+
+
 def test_plans_hold_candidate_rows_for_every_cross_vocabulary_value_net():
     """Issue 15's projections on both tasks: each raw cross-vocabulary row of the SmolLM2 (and,
     when installed, Qwen) value nets has a candidates twin, and the spell task has its own."""
@@ -598,5 +630,11 @@ def test_plans_hold_candidate_rows_for_every_cross_vocabulary_value_net():
         for c in raw:
             twin = configs[c.name + " candidates"]
             assert (twin.base, twin.value, twin.map_mode) == (c.base, c.value, "candidates")
+        assert configs["gemma3 + value[smollm2] shared" if task == "arith" else "gemma3 + value[spell] shared"]
+    full = {c.name: c for c in build_plan(False, installed=lambda name: True).configs}
+    for name in ("gemma3 + value[smollm2] logprob", "gemma3 + value[smollm2] aligned shared"):
+        assert full[name].kind == "cross-vocab-projection", name
+    assert full["gemma3 + value[smollm2] aligned shared"].token_map == full["gemma3 + value[smollm2] aligned"].token_map
+    assert "gemma3 + value[smollm2] shared @a=1.5" in full and "qwen1.5b + value[smollm2] @a=1.5" in full
     spell = {c.name: c for c in build_plan(True, installed=lambda name: False, task="spell").configs}
     assert spell["gemma3 + value[spell] candidates"].value.task == "spell"

@@ -1,5 +1,7 @@
 """map_mode "candidates" (issue 15): the value model's log-probability of a base token's whole
-text where that text is several value tokens, on one scale with the single-token entries.
+text where that text is several value tokens, on one scale with the single-token entries; and
+map_mode "logprob" / "shared": the value's log-probabilities through the map (shared: base
+tokens that map to one value token share its probability).
 
 Fast tests check the settings and the CLI flags; `real` tests run Gemma 3 270M (base) with
 SmolLM2 135M (its raw model as the value: another vocabulary) and SmolLM2 with itself (one
@@ -29,7 +31,7 @@ WORDS = [" manera", " manus", " unbelievable", " Jahrhundert", " Übersetzung", 
 
 @pytest.mark.parametrize("mode", ["", "Raw", "exact", None, 1, "candidates "])
 def test_bad_map_mode_is_a_config_error(mode):
-    with pytest.raises(ConfigError, match="map_mode must be raw or candidates"):
+    with pytest.raises(ConfigError, match="map_mode must be one of raw, logprob, shared, candidates"):
         ValueNet("v.gguf", map_mode=mode)
 
 
@@ -50,7 +52,7 @@ def test_engine_checks_before_loading(tmp_path):
     from ivl_local.engine import Engine
 
     missing = tmp_path / "nothing.gguf"
-    with pytest.raises(ConfigError, match="map_mode must be raw or candidates"):
+    with pytest.raises(ConfigError, match="map_mode must be one of raw, logprob, shared, candidates"):
         Engine(missing, missing, map_mode="bytes")
     with pytest.raises(ConfigError, match="candidates_k must be an integer"):
         Engine(missing, missing, map_mode="candidates", candidates_k=0)
@@ -107,7 +109,7 @@ def test_cli_map_mode_reaches_the_engine(fake):
 
 @pytest.mark.parametrize("command", ["chat", "serve"])
 @pytest.mark.parametrize("args, message", [
-    (["--map-mode", "bytes"], "--map-mode must be raw or candidates, got 'bytes'"),
+    (["--map-mode", "bytes"], "--map-mode must be one of raw, logprob, shared, candidates, got 'bytes'"),
     (["--map-mode", "candidates", "--candidates-k", "0"], "--candidates-k must be an integer between 1 and 32"),
     (["--candidates-k", "33"], "--candidates-k must be an integer between 1 and 32, got 33"),
     (["--map-mode", "candidates", "--draft", "ngram"],
@@ -122,6 +124,35 @@ def test_cli_bad_map_mode_is_one_error_line(fake, command, args, message):
     r = CliRunner().invoke(app, [command, "--base", str(base), "--value", "none", *args, *extra])
     assert r.exit_code == 2, r.output
     assert message in one_error_line(r)
+
+
+def test_projection_parts_from_a_small_map():
+    """LogProbProjection: unmapped tokens read the mean log-probability (part U); in "shared"
+    mode base tokens mapping to one value token get -log n (part S); one-to-one: no part S."""
+    from ivl_local.backend import logits_view  # noqa: F401  (the parts read pointers)
+    from ivl_local.sync import LogProbProjection
+
+    token_map = np.array([0, 0, 0, 1, -1, 2], dtype=np.int32)
+    value = np.array([1.0, 2.0, 3.0, 0.5], dtype=np.float32)
+    log_p = value.astype(np.float64) - np.log(np.exp(value.astype(np.float64)).sum())
+    shared = LogProbProjection(token_map, len(value), shared=True)
+    assert shared.n_extra == 2
+    np.testing.assert_allclose(shared.bias, [-np.log(3)] * 3 + [0, 0, 0], rtol=1e-6)
+    (ptr_u, n_u, map_u, w_u, weight_u, t_u), (ptr_s, n_s, map_s, w_s, weight_s, t_s) = \
+        shared.extra_parts(value.ctypes.data, 0.5)
+    assert (n_u, w_u, weight_u, t_u) == (1, None, 0.5, "raw") and map_u.tolist() == [-1, -1, -1, -1, 0, -1]
+    assert shared.neutral[0] == pytest.approx(log_p.mean(), abs=1e-6)
+    assert (n_s, map_s, w_s, weight_s, t_s) == (6, None, None, 0.5, "raw")
+    # the projected probabilities: each value token's mass once over the base vocabulary
+    mapped = token_map >= 0
+    projected = np.exp(log_p[token_map[mapped]] + shared.bias[mapped])
+    assert projected.sum() == pytest.approx(np.exp(log_p[:3]).sum(), abs=1e-6)
+
+    plain = LogProbProjection(token_map, len(value), shared=False)
+    assert plain.bias is None and plain.n_extra == 1 and len(plain.extra_parts(value.ctypes.data, 1.0)) == 1
+    one_to_one = LogProbProjection(np.array([2, 0, 1], dtype=np.int32), 3, shared=True)
+    assert one_to_one.bias is None and one_to_one.map_u is None and one_to_one.n_extra == 0
+    assert one_to_one.extra_parts(value.ctypes.data, 1.0) == []
 
 
 # --- real models -------------------------------------------------------------------------------
@@ -287,16 +318,72 @@ def test_cache_after_scoring_equals_a_fresh_decode(gemma3_path, smollm2_path):
 
 
 @pytest.mark.real
+@pytest.mark.parametrize("mode", ["logprob", "shared"])
+def test_projection_contribution_per_token(gemma3_path, smollm2_path, mode):
+    """In a real step the fused logit of a mapped token is base + alpha * (log_softmax(value)
+    [map] - log n(map), n = how many base tokens share that value token, "shared" only), and
+    of a token the map leaves out base + alpha * the mean of log_softmax(value)."""
+    from ivl_local import _core
+    from ivl_local.backend import logits_view
+
+    with _engine(gemma3_path, smollm2_path, map_mode=mode) as engine:
+        engine.alpha = 0.7
+        source = _source(engine)
+        assert source.scorer is None and engine._value_term.parts[0][2] == "log_softmax"
+        token_map = source.mapping.token_map
+        mapped = token_map >= 0
+        counts = np.bincount(token_map[mapped], minlength=source.ctx.n_vocab)
+        share = np.zeros(len(token_map))
+        if mode == "shared":
+            share[mapped] = np.log(counts[token_map[mapped]])
+            assert share.max() > 1   # Gemma words sharing a first SmolLM2 piece
+        seen = []
+        original = engine._fuse_and_sample
+
+        def spy(sampler, base_ptr, n_base, parts, mask, step, draft, rng):
+            base = np.array(logits_view(base_ptr, n_base))
+            fused = _core.fuse_terms(base, [(np.array(logits_view(p, n)), *rest) for p, n, *rest in parts], mask)
+            value = np.array(logits_view(parts[0][0], parts[0][1]), dtype=np.float64)
+            log_p = value - (value.max() + np.log(np.exp(value - value.max()).sum()))
+            want = np.where(mapped, log_p[np.maximum(token_map, 0)] - share, log_p.mean())
+            np.testing.assert_allclose(fused - base, 0.7 * want, rtol=0, atol=2e-3)
+            seen.append(step)
+            return original(sampler, base_ptr, n_base, parts, mask, step, draft, rng)
+
+        engine._fuse_and_sample = spy
+        text = engine.complete("Describe a beautiful old cathedral in three sentences.", max_tokens=8,
+                               sampling=GREEDY)
+    assert text and len(seen) >= 2
+
+
+@pytest.mark.real
+def test_projection_modes_with_speculative_decoding(gemma3_path, smollm2_path):
+    """logprob/shared need no scoring decode, so they combine with --draft: the same greedy
+    answer with and without drafting."""
+    prompt = "List the days of the week: Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. " \
+             "Again: Monday,"
+    for mode in ("logprob", "shared"):
+        with _engine(gemma3_path, smollm2_path, map_mode=mode) as plain:
+            want = plain.complete(prompt, max_tokens=16, sampling=GREEDY)
+        with _engine(gemma3_path, smollm2_path, map_mode=mode, draft="ngram") as drafted:
+            assert drafted.complete(prompt, max_tokens=16, sampling=GREEDY) == want, mode
+            assert drafted.stats.drafted > 0, mode
+
+
+@pytest.mark.real
 def test_same_vocabulary_candidates_is_raw(smollm2_path):
     """(b) one vocabulary: map_mode has no effect (no scorer, raw logits, the same tokens)."""
     prompt = "Write a short poem about the sea."
     out = {}
-    for mode in ("raw", "candidates"):
+    for mode in ("raw", "logprob", "shared", "candidates"):
         with _engine(smollm2_path, smollm2_path, map_mode=mode) as engine:
-            assert _source(engine).scorer is None and engine._value_term.parts[0][2] == "raw"
+            source = _source(engine)
+            assert source.scorer is None and source.projection is None
+            assert engine._value_term.parts[0][2] == "raw"
             out[mode] = engine.complete(prompt, max_tokens=24, sampling=GREEDY)
             out[mode + " tokens"] = list(engine._last_completion_tokens)
-    assert out["candidates tokens"] == out["raw tokens"] and out["candidates"] == out["raw"]
+    for mode in ("logprob", "shared", "candidates"):
+        assert out[mode + " tokens"] == out["raw tokens"] and out[mode] == out["raw"], mode
 
 
 @pytest.mark.real

@@ -150,10 +150,11 @@ ValuePromptOption = Annotated[str, typer.Option(
     "format (as trained), 'base' = the base's rendering.", rich_help_panel="Models")]
 MapModeOption = Annotated[str, typer.Option(
     "--map-mode", help="How a value network with another vocabulary speaks for the base's tokens: "
-    "'raw' = the raw logit of each base token's mapped value token; 'candidates' = the value's "
-    "log-probabilities, and for the base's --candidates-k best tokens that are several value "
-    "tokens, the log-probability of their whole text (one extra value decode per step). "
-    "No effect with one vocabulary.", rich_help_panel="Models")]
+    "'raw' = the raw logit of each base token's mapped value token; 'logprob' = its "
+    "log-probability; 'shared' = that, split among the base tokens that map to one value token; "
+    "'candidates' = the value's log-probabilities, and for the base's --candidates-k best tokens "
+    "that are several value tokens, the log-probability of their whole text (one extra value "
+    "decode per step). No effect with one vocabulary.", rich_help_panel="Models")]
 CandidatesKOption = Annotated[int, typer.Option(
     "--candidates-k", help="--map-mode candidates: how many of the base's best tokens are scored "
     "per step (1-32).", rich_help_panel="Models")]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Union
 
 from ..config import VALUE_PROMPTS
+from ..terms import MAP_MODES
 from ..datasets import data_path
 
 CORPUS = data_path("corpus", "corpus.txt")
@@ -48,6 +49,7 @@ KINDS = (
     "cross-vocab",          # another family (other vocabulary) + the value net, exact-text map
     "cross-vocab-aligned",  # same, corpus-aligned token map
     "cross-vocab-candidates",  # same, exact-text map + the value's opinion of the base's top-k texts
+    "cross-vocab-projection",  # same, the value's log-probabilities through the map (logprob, shared)
     "same-family",          # a larger model of the training base's family + the value net
     "norm-weight-0",        # value net trained without the norm penalty
     "other-task",           # a value net trained on the other task (does it leak into this one?)
@@ -145,11 +147,11 @@ class EvalConfig:
     value_prompt: str = "own"       # cross-vocab: the value reads its own chat format | the base's
     proxy: ProxyRef | None = None   # proxy-tuning term (alpha does not scale it)
     extra_values: tuple = ()        # more value nets, as (ModelRef, weight) pairs, added to `value`
-    map_mode: str = "raw"           # cross-vocab projection: Engine(map_mode=...), "raw" | "candidates"
+    map_mode: str = "raw"           # cross-vocab projection: Engine(map_mode=...), terms.MAP_MODES
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
-        assert self.map_mode in ("raw", "candidates"), self.map_mode
+        assert self.map_mode in MAP_MODES, self.map_mode
         assert self.value_prompt in VALUE_PROMPTS, self.value_prompt
         assert not self.extra_values or self.value is not None, "extra value nets need a first one"
 
@@ -182,12 +184,31 @@ def alpha_sweep(config: EvalConfig, alphas=ALPHAS) -> list[EvalConfig]:
             for a in alphas if a != config.alpha]
 
 
+MAP_MODE_NOTES = {
+    "candidates": "map_mode candidates: the value's log-probability of each of the base's top-k texts, "
+                  "next to its raw map",
+    "logprob": "map_mode logprob: the value's log-probabilities through the map (unmapped tokens: "
+               "their mean), next to its raw map",
+    "shared": "map_mode shared: logprob, with a value token's probability split among the base tokens "
+              "mapped to it, next to its raw map",
+}
+
+
+def with_map_mode(config: EvalConfig, mode: str) -> EvalConfig:
+    """A cross-vocabulary configuration with another projection (Engine map_mode), named
+    "NAME MODE"; its report row compares it with the raw-map configuration on the same items."""
+    kind = "cross-vocab-candidates" if mode == "candidates" else "cross-vocab-projection"
+    return config.with_(name=f"{config.name} {mode}", kind=kind, map_mode=mode, note=MAP_MODE_NOTES[mode])
+
+
 def with_candidates(config: EvalConfig) -> EvalConfig:
-    """A cross-vocabulary configuration with the value net scoring the base's top-k candidate
-    texts in its own tokens (Engine map_mode "candidates"), named "NAME candidates"."""
-    return config.with_(name=f"{config.name} candidates", kind="cross-vocab-candidates", map_mode="candidates",
-                        note="map_mode candidates: the value's log-probability of each of the base's "
-                             "top-k texts, next to its raw exact-text map")
+    """The value net scoring the base's top-k candidate texts in its own tokens."""
+    return with_map_mode(config, "candidates")
+
+
+def with_projections(config: EvalConfig) -> list[EvalConfig]:
+    """The normalised projections of a cross-vocabulary configuration: logprob, shared."""
+    return [with_map_mode(config, mode) for mode in ("logprob", "shared")]
 
 
 def sweep_parent(name: str) -> str:
@@ -264,18 +285,22 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
         # The composition on the second task: its own value net, the main task's, both.
         cross_spell = EvalConfig("gemma3 + value[spell]", "cross-vocab", GEMMA, v_other)
         cross_spell_candidates = with_candidates(cross_spell)
+        cross_spell_shared = with_map_mode(cross_spell, "shared")
         configs = [EvalConfig("smollm2", "base", SMOL),
                    EvalConfig("smollm2 + value[spell]", "in-distribution", SMOL, v_other),
                    EvalConfig("smollm2 + value", "other-task", SMOL, v_smol,
                               note="the chain_sum value net on spell_backward"),
                    composed, composed_half,
                    # the spell net across vocabularies: a second task for the token map (issue 15)
-                   EvalConfig("gemma3", "base", GEMMA), cross_spell, cross_spell_candidates]
+                   EvalConfig("gemma3", "base", GEMMA), cross_spell, cross_spell_candidates,
+                   with_map_mode(cross_spell, "logprob"), cross_spell_shared]
         if installed(QWEN_LARGE) and not quick:
             cross_qwen = EvalConfig("qwen1.5b + value[spell]", "cross-vocab", QWEN_LARGE, v_other)
             configs += [EvalConfig("qwen1.5b", "base", QWEN_LARGE), cross_qwen, with_candidates(cross_qwen)]
+            configs += alpha_sweep(cross_qwen, alphas)   # its alpha, chosen on validation
         if not quick:
-            configs += [a for c in (cross_spell, cross_spell_candidates) for a in alpha_sweep(c, alphas)]
+            configs += [a for c in (cross_spell, cross_spell_candidates, cross_spell_shared)
+                        for a in alpha_sweep(c, alphas)]
         return Plan(configs, [f"task {task}: the composition and cross-vocabulary rows only "
                               f"(the rest is the {MAIN_TASK} study)"])
     if task != MAIN_TASK:
@@ -312,9 +337,14 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
     # comparison for the Engine's default (value_prompt="own").
     configs.append(cross_smol.with_(name="gemma3 + value[smollm2] base format", value_prompt="base",
                                     note="value reads the base's prompt format"))
-    configs.append(EvalConfig("gemma3 + value[smollm2] aligned", "cross-vocab-aligned", GEMMA, v_smol,
-                              token_map=AlignedMap(GEMMA, v_smol, max_bytes=corpus_cap)))
+    aligned_smol = EvalConfig("gemma3 + value[smollm2] aligned", "cross-vocab-aligned", GEMMA, v_smol,
+                              token_map=AlignedMap(GEMMA, v_smol, max_bytes=corpus_cap))
+    configs.append(aligned_smol)
     configs.append(with_candidates(cross_smol))
+    # the normalised projections, on the exact-text map and on the corpus-aligned one
+    configs += with_projections(cross_smol) if not quick else [with_map_mode(cross_smol, "shared")]
+    if not quick:
+        configs.append(with_map_mode(aligned_smol, "shared"))
     if not quick:
         configs.append(EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma))
     configs += [
@@ -372,8 +402,10 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
             configs += [*on_qwen_large, with_candidates(on_qwen_large[0])]
 
     # The in-distribution sweep is where its alpha is chosen (on --split valid; --alpha-from).
-    sweep_of = ([in_dist] + transfer + [with_candidates(cross_smol)] if not quick
-                else [cross_smol])   # quick: one cross-vocab sweep
+    sweep_of = ([in_dist] + transfer + [with_candidates(cross_smol), with_map_mode(cross_smol, "shared")]
+                if not quick else [cross_smol])   # quick: one cross-vocab sweep
+    if installed(QWEN_LARGE) and not quick:
+        sweep_of.append(on_qwen_large[0])   # SmolLM2 -> Qwen 1.5B: its alpha, chosen on validation
     for config in sweep_of:
         configs += alpha_sweep(config, alphas)
     return Plan(configs, skipped)

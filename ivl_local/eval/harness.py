@@ -50,16 +50,17 @@ class ConfigResult:
     @property
     def map_kind(self) -> str:
         """How value tokens reach the base: '-' (no value), 'identity' (same vocabulary),
-        'aligned' (a corpus-aligned map), 'exact-text' (the default map) or 'exact-text +
-        candidates' (map_mode candidates)."""
+        'aligned' (a corpus-aligned map), 'exact-text' (the default map), each '+ MODE' in
+        another map_mode (candidates, logprob, shared)."""
         if self.config.value is None and self.config.proxy is None:
             return "-"
         if self.config.token_map is not None:
-            return "aligned"
+            return "aligned" if self.config.map_mode == "raw" else f"aligned + {self.config.map_mode}"
         base, value = (self.files.get(role) or {} for role in ("base", "value" if self.config.value else "expert"))
         if base.get("vocab") and base.get("vocab") == value.get("vocab"):
             return "identity"
-        return "exact-text + candidates" if self.config.map_mode == "candidates" else "exact-text"
+        mode = self.config.map_mode
+        return "exact-text" if mode == "raw" else f"exact-text + {mode}"
 
     @property
     def score(self) -> float:

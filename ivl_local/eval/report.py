@@ -21,7 +21,7 @@ GOAL_RECOVERY = 0.90      # value net recovers >= 90 % of the full fine-tuning g
 GOAL_RETENTION = 0.90     # >= 90 % of the in-distribution gain survives another quantization
 GOAL_SAME_FAMILY = 0.80   # on a larger same-family base: >= 80 % of its reference FT's gain
 GOAL_CROSS = 0.90         # another vocabulary keeps >= 90 % of the value net's own-base gain
-CROSS_KINDS = ("cross-vocab", "cross-vocab-aligned", "cross-vocab-candidates")
+CROSS_KINDS = ("cross-vocab", "cross-vocab-aligned", "cross-vocab-candidates", "cross-vocab-projection")
 
 
 def _find(results, predicate):
@@ -69,13 +69,13 @@ def comparisons(results: dict) -> list[dict]:
         if c.kind in CROSS_KINDS and isinstance(value, Trained) and not c.extra_values and c.proxy is None:
             _kept_rows(results, r, alone, add, GOAL_CROSS,
                        lambda indist: f"share of own-base gain kept: {c.name} vs {indist.config.name}")
-        if c.kind == "cross-vocab-candidates":
-            raw = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base and o.value == c.value
+        if c.kind in CROSS_KINDS and c.map_mode != "raw":
+            raw = _find(results, lambda o: o.kind in CROSS_KINDS and o.base == c.base and o.value == c.value
                         and o.token_map == c.token_map and o.value_prompt == c.value_prompt
-                        and o.map_mode == "raw")
+                        and o.map_mode == "raw" and not o.extra_values)
             if raw is not None:
                 d, dlo, dhi = paired_difference(r.scores, raw.scores)
-                add(f"candidates - raw map: {c.name}", c.kind, d, dlo, dhi)
+                add(f"{c.map_mode} - raw map: {c.name}", c.kind, d, dlo, dhi)
         if c.kind == "cross-vocab" and c.value_prompt == "base":
             own = _find(results, lambda o: o.kind == "cross-vocab" and o.base == c.base and o.value == c.value
                         and o.token_map == c.token_map and o.value_prompt == "own")
