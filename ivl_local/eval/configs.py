@@ -301,6 +301,12 @@ def build_plan(quick: bool = False, installed=_installed, steps: int | None = No
         if not quick:
             configs += [a for c in (cross_spell, cross_spell_candidates, cross_spell_shared)
                         for a in alpha_sweep(c, alphas)]
+            # the reverse direction: a Gemma value net (the full plan's pruned:4 recipe) on
+            # SmolLM2; Gemma 270M cannot add, so chain_sum gives its value net no gain to keep
+            v_gemma_other = replace(v_gemma, task=OTHER_TASK)
+            reverse = EvalConfig("smollm2 + value[gemma3 spell]", "cross-vocab", SMOL, v_gemma_other)
+            configs += [EvalConfig("gemma3 + value[gemma3 spell]", "in-distribution", GEMMA, v_gemma_other),
+                        reverse, *alpha_sweep(reverse, alphas)]
         return Plan(configs, [f"task {task}: the composition and cross-vocabulary rows only "
                               f"(the rest is the {MAIN_TASK} study)"])
     if task != MAIN_TASK:
