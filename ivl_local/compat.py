@@ -106,6 +106,8 @@ class CompatReport:
     coverage: Coverage
     mass: Mass | None
     steps: list[Step]
+    stored_alpha: float | None = None   # --store-alpha: what was stored with the map ...
+    stored_map: str | None = None       # ... and where (None: nothing stored or removed)
 
     def step_summary(self) -> dict:
         n = len(self.steps)
@@ -344,23 +346,45 @@ def read_data(path: str | Path, limit: int) -> list[tuple[int, dict]]:
     return read_jsonl(Path(path))[:limit]
 
 
+def check_store_alpha(value) -> float | str | None:
+    """--store-alpha: None (store nothing), a number (an alpha), "calibrated" (alpha times the
+    measured logit-spread ratio; needs --data and the value's training base) or "none"
+    (remove a stored alpha)."""
+    from .config import check_alpha
+
+    if value is None or value in ("calibrated", "none"):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--store-alpha must be a number, 'calibrated' or 'none', got {value!r}") from None
+    return check_alpha(number, "--store-alpha")
+
+
 def compat_report(base_ref, value_ref, data=None, *, limit: int = DEFAULT_LIMIT, alpha: float | None = None,
                   own_base=None, token_map=None, n_threads: int = 1, mass_tokens: int = MASS_TOKENS,
-                  progress=lambda message: None) -> CompatReport:
+                  progress=lambda message: None, store_alpha=None) -> CompatReport:
     """Measure coverage, mapped mass and (with `data`) the per-step agreement.
 
     own_base: the value's training base (a path or name); None = the one the value file
-    names, when it is installed and shares the value's vocabulary; "none" = do not load one."""
+    names, when it is installed and shares the value's vocabulary; "none" = do not load one.
+    alpha None: the one stored with the map, else the value file's.
+    store_alpha (check_store_alpha): store this base's alpha with the token map (the given
+    map file, else the cached exact-text map), which an Engine then uses when no alpha is
+    given; "calibrated" stores alpha times the measured logit-spread ratio."""
     from .config import check_alpha
     from .models import resolve_model
     from .valuefile import read_gguf_header, value_info_from_header
-    from .vocab import resolve_mapping
+    from .vocab import cached_map_path, resolve_mapping, store_map_alpha
 
     alpha = None if alpha is None else check_alpha(alpha)     # cheap checks before any file
+    store_alpha = check_store_alpha(store_alpha)
+    if store_alpha == "calibrated" and (data is None or own_base == "none"):
+        raise ConfigError("--store-alpha calibrated needs --data and the value's training base "
+                          "(it measures the two bases' logit spreads on the demonstrations)")
     records = read_data(data, limit) if data is not None else []
     base_path, value_path = resolve_model(base_ref), resolve_model(value_ref)
     info = value_info_from_header(read_gguf_header(value_path))
-    alpha = info.default_alpha if alpha is None else alpha
     sides: list[_Side] = []
     try:
         base = _Side(base_path, n_threads)
@@ -374,6 +398,11 @@ def compat_report(base_ref, value_ref, data=None, *, limit: int = DEFAULT_LIMIT,
             base.vocab_data, value.vocab_data,
             lambda text: value.vocab.tokenize(text, add_special=False, parse_special=False),
             map_path=token_map)
+        if mapping.identity and store_alpha is not None:
+            raise ConfigError("base and value share one vocabulary: there is no token map to store "
+                              "an alpha with (give --alpha)")
+        if alpha is None:
+            alpha = mapping.alpha if mapping.alpha is not None else info.default_alpha
         progress("coverage")
         cov, rules, exact = coverage(base.vocab_data, value.vocab_data, mapping)
         exact_set = np.unique(exact[exact >= 0])
@@ -392,8 +421,20 @@ def compat_report(base_ref, value_ref, data=None, *, limit: int = DEFAULT_LIMIT,
             by_text = _texts_by_piece(base)
             for lineno, record in records:
                 steps += demo_steps(lineno, record, base, value, own, mapping, rules, alpha, by_text)
-        return CompatReport(str(base_path), str(value_path), str(own.path) if own else None, alpha,
-                            mapping.builder, cov, mass, steps)
+        report = CompatReport(str(base_path), str(value_path), str(own.path) if own else None, alpha,
+                              mapping.builder, cov, mass, steps)
+        if store_alpha is not None:
+            stored = None if store_alpha == "none" else store_alpha
+            if stored == "calibrated":
+                summary = report.step_summary()
+                if "spread_ratio" not in summary:
+                    raise ConfigError("--store-alpha calibrated: no logit spreads were measured (the "
+                                      "value's training base was not found; give --own-base)")
+                stored = check_alpha(round(alpha * summary["spread_ratio"], 4), "calibrated alpha")
+            path = token_map if token_map is not None else cached_map_path(base.vocab_data, value.vocab_data)
+            report.stored_map = str(store_map_alpha(path, mapping, stored))
+            report.stored_alpha = stored
+        return report
     finally:
         for side in reversed(sides):
             side.close()

@@ -267,7 +267,16 @@ class Engine:
                                                   shared=spec.map_mode == "shared")
             transform = LOG_SOFTMAX
         term = Term("value", path.name, [(source, 1.0, transform)], spec=spec)
-        term.weight = info.default_alpha if spec.weight is None else spec.weight   # checked as alpha
+        # alpha: the caller's, else this base's stored with the token map (ivl compat
+        # --store-alpha: chosen for this base), else the value file's default
+        if spec.weight is not None:
+            term.weight = spec.weight   # checked as alpha
+        elif source.mapping.alpha is not None:
+            term.weight = source.mapping.alpha
+            log.info("value network %s: alpha %g, stored with the token map for this base", path.name,
+                     source.mapping.alpha)
+        else:
+            term.weight = info.default_alpha
         if primary:
             self.value_path, self.value_info, self.mapping = path, info, source.mapping
             self._value, self._value_ctx, self._value_model = source.follower, source.ctx, source.ctx.model

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 from gguf.constants import TokenType
 
+from .config import ALPHA_MAX
 from .errors import VocabMismatchError
 from .valuefile import GGUFHeader
 from .vocab_fp import vocab_fingerprint
@@ -96,6 +97,7 @@ class TokenMapping:
     value_fingerprint: str
     builder: str
     n_exact: int | None = None        # entries from exact text matches (known when built here)
+    alpha: float | None = None        # this base's alpha for value nets of this vocabulary (stored)
 
     @property
     def identity(self) -> bool:
@@ -129,6 +131,8 @@ def save_map(path: str | os.PathLike, mapping: TokenMapping, extra: dict | None 
                   builder=np.str_(mapping.builder), **(extra or {}))
     if mapping.n_exact is not None:
         arrays["n_exact"] = np.int64(mapping.n_exact)
+    if mapping.alpha is not None:
+        arrays["alpha"] = np.float64(mapping.alpha)
     with atomic_temp(path) as tmp, open(tmp, "wb") as f:   # a file object: no '.npz' appended
         np.savez(f, **arrays)
 
@@ -141,6 +145,7 @@ MAP_MEMBERS = {
     "value_fingerprint": ("U", ()),
     "builder": ("U", ()),
     "n_exact": ("iu", ()),
+    "alpha": ("f", ()),
     "token_map": ("iu", ("n",)),
     "token_weights": ("f", ("n",)),
 }
@@ -241,7 +246,12 @@ def load_map(path: str | os.PathLike, base: VocabData, value: VocabData) -> Toke
     token_map = np.ascontiguousarray(raw_map, dtype=np.int32)
     builder = str(z["builder"]) if "builder" in z else "?"
     n_exact = int(z["n_exact"]) if "n_exact" in z else None
-    return TokenMapping(token_map, weights, base_fp, value_fp, builder, n_exact)
+    alpha = None
+    if "alpha" in z:
+        alpha = float(z["alpha"])
+        if not (np.isfinite(alpha) and 0.0 <= alpha <= ALPHA_MAX):
+            raise VocabMismatchError(f"token map {path.name} stores alpha {alpha}, outside [0, {ALPHA_MAX:g}]")
+    return TokenMapping(token_map, weights, base_fp, value_fp, builder, n_exact, alpha)
 
 
 def build_exact_map(base: VocabData, value: VocabData,
@@ -361,3 +371,27 @@ def resolve_mapping(base: VocabData, value: VocabData, value_tokenize: Callable[
         except OSError as e:  # a read-only cache must not stop generation
             log.warning("could not cache the token map at %s: %s", cached, e)
     return mapping
+
+
+def store_map_alpha(path: str | os.PathLike, mapping: TokenMapping, alpha: float | None) -> Path:
+    """Write `mapping` with this base's alpha (None: none) to `path`, keeping every other
+    member of a map file already there (an aligned map's corpus digest)."""
+    import dataclasses
+    import zipfile
+
+    from .atomic import atomic_temp
+
+    if mapping.identity:
+        raise VocabMismatchError("one vocabulary: there is no token map to store an alpha with "
+                                 "(give --alpha)")
+    path = Path(path)
+    updated = dataclasses.replace(mapping, alpha=None if alpha is None else float(alpha))
+    extra: dict[str, np.ndarray] = {}
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                extra = {key: z[key] for key in z.files if key not in MAP_MEMBERS}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise VocabMismatchError(f"cannot rewrite token map {path}: {e}") from None
+    save_map(path, updated, extra)
+    return path

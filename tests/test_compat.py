@@ -212,6 +212,59 @@ def test_cli_json_and_errors(tmp_path, gemma3_path, smollm2_path):
         assert all(line.startswith(("error: ", "warning: ")) for line in lines), result.stderr
 
 
+def test_store_alpha_reaches_the_engine(tmp_path, gemma3_path, smollm2_path, demos):
+    """`ivl compat --store-alpha` writes this base's alpha into the map; an Engine given that map
+    and no alpha uses it, an explicit alpha still wins; bad values are one error line."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ivl_local.cli.main import app
+    from ivl_local.engine import Engine
+    from ivl_local.vocab import cached_map_path
+
+    runner = CliRunner()
+    map_file = tmp_path / "g2s.npz"
+    compat_report(gemma3_path, smollm2_path, own_base="none", mass_tokens=4)   # builds the cached map
+    shutil.copy(cached_map_path(read_vocab(read_gguf_header(gemma3_path)),
+                                read_vocab(read_gguf_header(smollm2_path))), map_file)
+    result = runner.invoke(app, ["compat", str(gemma3_path), str(smollm2_path), "--own-base", "none",
+                                 "--map", str(map_file), "--store-alpha", "1.5", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["stored_alpha"] == 1.5 and data["stored_map"] == str(map_file)
+    with Engine(gemma3_path, smollm2_path, n_ctx=128, n_threads=1, token_map=map_file) as engine:
+        assert engine.alpha == 1.5
+    with Engine(gemma3_path, smollm2_path, 0.5, n_ctx=128, n_threads=1, token_map=map_file) as engine:
+        assert engine.alpha == 0.5
+    # compat itself reads it back as its default alpha
+    assert compat_report(gemma3_path, smollm2_path, own_base="none", token_map=map_file,
+                         mass_tokens=4).alpha == 1.5
+    # calibrated: alpha times the measured spread ratio
+    r = compat_report(gemma3_path, smollm2_path, demos, limit=1, alpha=1.0, own_base=smollm2_path,
+                      token_map=map_file, mass_tokens=4, store_alpha="calibrated")
+    assert r.stored_alpha == pytest.approx(r.step_summary()["spread_ratio"], abs=1e-4)
+    with Engine(gemma3_path, smollm2_path, n_ctx=128, n_threads=1, token_map=map_file) as engine:
+        assert engine.alpha == pytest.approx(r.stored_alpha)
+    result = runner.invoke(app, ["compat", str(gemma3_path), str(smollm2_path), "--own-base", "none",
+                                 "--map", str(map_file), "--store-alpha", "none"])
+    assert result.exit_code == 0 and "removed the stored alpha" in result.stdout, result.output
+    with Engine(gemma3_path, smollm2_path, n_ctx=128, n_threads=1, token_map=map_file) as engine:
+        assert engine.alpha == 1.0   # the raw value file's default again
+    for args, words in [
+        (["--store-alpha", "big"], "--store-alpha must be a number, 'calibrated' or 'none'"),
+        (["--store-alpha", "-2"], "--store-alpha must be"),
+        (["--store-alpha", "calibrated"], "--store-alpha calibrated needs --data"),
+    ]:
+        result = runner.invoke(app, ["compat", str(gemma3_path), str(smollm2_path), "--map", str(map_file), *args])
+        assert result.exit_code == 2, (args, result.output)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and words in errors[0], (args, result.stderr)
+    result = runner.invoke(app, ["compat", str(smollm2_path), str(smollm2_path), "--own-base", "none",
+                                 "--store-alpha", "1"])
+    assert result.exit_code == 2 and "one vocabulary" in result.stderr, result.output
+
+
 def test_own_base_margins_and_spread(gemma3_path, smollm2_path, demos):
     """With the value's own base equal to the value model, own + alpha * value is (1 + alpha)
     times one logit vector: the wish is its top-1, the value's share of the wish's lead is

@@ -9,7 +9,7 @@ import pytest
 from ivl_local.errors import VocabMismatchError
 from ivl_local.valuefile import read_gguf_header
 from ivl_local.vocab import (build_exact_map, cached_map_path, identity_mapping, load_map, read_vocab,
-                             resolve_mapping, save_map)
+                             resolve_mapping, save_map, store_map_alpha)
 
 pytestmark = pytest.mark.real
 
@@ -143,6 +143,30 @@ def test_map_file_round_trip_and_mismatch(vocabs, gemma_to_smollm2, tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(VocabMismatchError, match="not a token map"):
         load_map(tmp_path / "junk.npz", base, value)
+
+
+def test_stored_alpha_round_trip_keeps_other_members(vocabs, gemma_to_smollm2, tmp_path):
+    """A per-base alpha stored with a map (issue 15): read back, removable, and an aligned
+    map's own members survive the rewrite; a hostile alpha is one VocabMismatchError."""
+    import dataclasses
+
+    base, value = vocabs
+    path = tmp_path / "aligned.npz"
+    save_map(path, gemma_to_smollm2, extra={"corpus_sha256": np.str_("abc123")})
+    assert load_map(path, base, value).alpha is None
+    assert store_map_alpha(path, gemma_to_smollm2, 1.5) == path
+    loaded = load_map(path, base, value)
+    assert loaded.alpha == 1.5 and np.array_equal(loaded.token_map, gemma_to_smollm2.token_map)
+    with np.load(path) as z:
+        assert str(z["corpus_sha256"]) == "abc123"
+    store_map_alpha(path, loaded, None)
+    assert load_map(path, base, value).alpha is None
+    for bad in (float("nan"), -1.0, 1e9):
+        save_map(path, dataclasses.replace(gemma_to_smollm2, alpha=bad))
+        with pytest.raises(VocabMismatchError, match="stores alpha"):
+            load_map(path, base, value)
+    with pytest.raises(VocabMismatchError, match="one vocabulary"):
+        store_map_alpha(path, identity_mapping(value.fingerprint), 1.0)
 
 
 def test_same_vocabulary_is_identity(vocabs):

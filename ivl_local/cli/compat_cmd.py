@@ -3,6 +3,8 @@
     ivl compat gemma3-270m value.ivl.gguf                       # coverage, mass on the corpus
     ivl compat gemma3-270m value.ivl.gguf --data demos.jsonl    # + per-step agreement
     ivl compat gemma3-270m value.ivl.gguf --data demos.jsonl --json
+    ivl compat gemma3-270m value.ivl.gguf --store-alpha 1.5     # this base's alpha, kept with the map
+    ivl compat gemma3-270m value.ivl.gguf --data demos.jsonl --store-alpha calibrated
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def compat(
         help="The value's training base, for what the value wants on it (default: the one "
              "its file names, if installed; 'none' = the value's logits alone).")] = None,
     map_file: Annotated[Path | None, typer.Option("--map", help="A token map .npz (else exact-text).")] = None,
+    store_alpha: Annotated[str | None, typer.Option(
+        "--store-alpha", help="Store this base's alpha with the token map (--map's file, else the cached "
+        "exact-text map): later runs of this base with a value net of this vocabulary use it when no "
+        "--alpha is given. A number, 'calibrated' (alpha x the measured logit-spread ratio; needs --data) "
+        "or 'none' (remove it).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
 ) -> None:
@@ -42,16 +49,21 @@ def compat(
             raise ConfigError(f"no such demonstration file: {data}")
         if map_file is not None and not map_file.is_file():
             raise ConfigError(f"no such token map file: {map_file}")
-        from ..compat import compat_report
+        from ..compat import check_store_alpha, compat_report
 
+        check_store_alpha(store_alpha)
         report = compat_report(base, value, data, limit=limit, alpha=alpha, own_base=own_base,
-                               token_map=map_file,
+                               token_map=map_file, store_alpha=store_alpha,
                                progress=lambda m: print(f"measuring {m}...", file=sys.stderr)
                                if sys.stderr.isatty() else None)
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
         return
     _print(report)
+    if report.stored_map is not None:
+        print("removed the stored alpha from " if report.stored_alpha is None else
+              f"stored alpha {report.stored_alpha:g} with ", end="")
+        print(f"the token map {report.stored_map}")
 
 
 def _print(report) -> None:
