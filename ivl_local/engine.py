@@ -663,7 +663,7 @@ class Engine:
                         parts.append((ptr, source.ctx.n_vocab, source.token_map,
                                       source.token_weights, sign * weight, transform))
                         if source.projection is not None:   # map_mode "logprob" / "shared"
-                            parts += source.projection.extra_parts(ptr, sign * weight)
+                            parts += source.projection.extra_parts(ptr, sign * weight, base_ptr=base_ptr)
                 mask = max(mask, term.mask_alpha)
             token = self._fuse_and_sample(sampler, base_ptr, n_base, parts, mask, step, draft, rng)
         finally:

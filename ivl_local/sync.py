@@ -330,15 +330,24 @@ class LogProbProjection:
         part U: (neutral, 1, map_u, None, w, raw)     a base token the map leaves out: the
                 value's mean log-probability at this step (no opinion; 0 on this scale would
                 be certainty, above every mapped token)
-        part S: (bias, n_base, None, None, w, raw)    "shared" only: bias[i] = -log n(map[i]),
-                n(v) = how many base tokens map to value token v
+        part S: (share, n_base, None, None, w, raw)   "shared" only, see below
 
     For mapped tokens "logprob" is the raw map shifted by one number per step (the value's
     log-sum-exp), so on its own it changes only how the unmapped tokens stand against the
-    rest. "shared" is the many-to-one rule: base tokens that share one value token (several
-    Gemma words whose first SmolLM2 piece is the same) share its probability instead of each
-    receiving all of it, so the projected probabilities sum to at most 1 over the base's
-    vocabulary."""
+    rest.
+
+    "shared" is the many-to-one rule. Base tokens that map to one value token v (Gemma words
+    whose first SmolLM2 piece is the same; SmolLM2's 73 newline-and-space tokens that all
+    begin with Gemma's "\n") form a group, and they share v's probability instead of each
+    receiving all of it, split as the base splits its own probability inside the group:
+
+        share[i] = z_base[i] - log Σ_{j in group(i)} exp(z_base[j])     (0 outside groups)
+
+    so log p_value(v) + share[i] is the log of p_value(v) · p_base(i | group), and the
+    projected probabilities sum to at most 1 over the base's vocabulary. An equal split
+    (-log n) was tried first: it pushed SmolLM2's "\n" (a group of 73) below its end token,
+    and SmolLM2 + the Gemma model answered nothing; the base's own split leaves the token it
+    prefers in a group almost all of the group's mass."""
 
     def __init__(self, token_map: np.ndarray, n_value: int, shared: bool):
         token_map = np.asarray(token_map)
@@ -346,27 +355,44 @@ class LogProbProjection:
         self.n_value = n_value
         self.map_u = np.where(mapped, -1, 0).astype(np.int32) if not mapped.all() else None
         self.neutral = np.zeros(1, dtype=np.float32)   # this step's mean value log-probability
-        self.bias = None
+        self.share = None
         if shared:
             counts = np.bincount(token_map[mapped], minlength=n_value)
-            bias = np.zeros(len(token_map), dtype=np.float32)
-            bias[mapped] = -np.log(counts[token_map[mapped]].astype(np.float64))
-            self.bias = bias if bias.any() else None   # one-to-one: nothing to share
-        self.n_extra = (self.map_u is not None) + (self.bias is not None)   # parts besides A
+            grouped = mapped & (counts[np.maximum(token_map, 0)] >= 2)
+            if grouped.any():   # one-to-one: nothing to share
+                self._members = np.flatnonzero(grouped)
+                _, self._group = np.unique(token_map[self._members], return_inverse=True)
+                self._n_groups = int(self._group.max()) + 1
+                self.share = np.zeros(len(token_map), dtype=np.float32)
+        self.n_extra = (self.map_u is not None) + (self.share is not None)   # parts besides A
 
     def neutral_value(self, row: np.ndarray, lse: float | None = None) -> float:
         """Mean log-probability of `row` (value logits); `lse` its log-sum-exp when known."""
         return float(row.mean(dtype=np.float64)) - (_logsumexp(row) if lse is None else lse)
 
-    def extra_parts(self, logits_ptr: int, weight: float, lse: float | None = None) -> list[tuple]:
-        """Parts U and S for the value logits at `logits_ptr` (fused at once: `neutral` is
-        rewritten at the next call)."""
+    def shares(self, base: np.ndarray) -> np.ndarray:
+        """share[] for these base logits (written in place and returned)."""
+        z = base[self._members].astype(np.float64)
+        top = z.max()
+        sums = np.bincount(self._group, weights=np.exp(z - top), minlength=self._n_groups)
+        with np.errstate(divide="ignore"):   # a group that underflows entirely: share 0 below
+            group_lse = top + np.log(sums)
+        # <= 0 by construction; fmin() also turns NaN (a NaN base logit) into 0 here, and the
+        # fuse reports the base's NaN itself
+        self.share[self._members] = np.fmin(z - group_lse[self._group], 0.0)
+        return self.share
+
+    def extra_parts(self, logits_ptr: int, weight: float, lse: float | None = None,
+                    base_ptr: int | None = None) -> list[tuple]:
+        """Parts U and S for the value logits at `logits_ptr` and (S) the base logits at
+        `base_ptr` (fused at once: `neutral` and `share` are rewritten at the next call)."""
         parts = []
         if self.map_u is not None:
             self.neutral[0] = self.neutral_value(logits_view(logits_ptr, self.n_value), lse)
             parts.append((self.neutral.ctypes.data, 1, self.map_u, None, weight, "raw"))
-        if self.bias is not None:
-            parts.append((self.bias.ctypes.data, len(self.bias), None, None, weight, "raw"))
+        if self.share is not None:
+            self.shares(logits_view(base_ptr, len(self.share)))
+            parts.append((self.share.ctypes.data, len(self.share), None, None, weight, "raw"))
         return parts
 
 

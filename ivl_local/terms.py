@@ -37,8 +37,9 @@ MAX_PARTS = 16       # logit vectors _core.fuse_terms takes in one step
 #                 log-probability, scored in one batched decode of the value model)
 #   "logprob"     base[i] + w · weights[i] · log_softmax(z_value)[map[i]]   (normalised; for the
 #                 tokens the map leaves out, the value's mean log-probability at the step)
-#   "shared"      "logprob" − w · log n(map[i]): base tokens sharing one value token share its
-#                 probability (n of them: many-to-one)
+#   "shared"      "logprob" + w · (z_base[i] − log Σ_{j: map[j]=map[i]} exp z_base[j]): base tokens
+#                 sharing one value token share its probability, split as the base splits
+#                 its own among them (many-to-one; sync.LogProbProjection)
 # With one vocabulary there is no map and every mode is base + w · z_value (no effect).
 MAP_MODES = ("raw", "logprob", "shared", "candidates")
 PROJECTION_MODES = ("logprob", "shared")   # sync.LogProbProjection

@@ -128,30 +128,38 @@ def test_cli_bad_map_mode_is_one_error_line(fake, command, args, message):
 
 def test_projection_parts_from_a_small_map():
     """LogProbProjection: unmapped tokens read the mean log-probability (part U); in "shared"
-    mode base tokens mapping to one value token get -log n (part S); one-to-one: no part S."""
-    from ivl_local.backend import logits_view  # noqa: F401  (the parts read pointers)
+    mode base tokens mapping to one value token split its probability as the base splits its
+    own among them (part S); one-to-one: no part S."""
     from ivl_local.sync import LogProbProjection
 
     token_map = np.array([0, 0, 0, 1, -1, 2], dtype=np.int32)
     value = np.array([1.0, 2.0, 3.0, 0.5], dtype=np.float32)
+    base = np.array([2.0, 0.0, -1.0, 5.0, 1.0, 0.0], dtype=np.float32)
     log_p = value.astype(np.float64) - np.log(np.exp(value.astype(np.float64)).sum())
     shared = LogProbProjection(token_map, len(value), shared=True)
     assert shared.n_extra == 2
-    np.testing.assert_allclose(shared.bias, [-np.log(3)] * 3 + [0, 0, 0], rtol=1e-6)
     (ptr_u, n_u, map_u, w_u, weight_u, t_u), (ptr_s, n_s, map_s, w_s, weight_s, t_s) = \
-        shared.extra_parts(value.ctypes.data, 0.5)
+        shared.extra_parts(value.ctypes.data, 0.5, base_ptr=base.ctypes.data)
     assert (n_u, w_u, weight_u, t_u) == (1, None, 0.5, "raw") and map_u.tolist() == [-1, -1, -1, -1, 0, -1]
     assert shared.neutral[0] == pytest.approx(log_p.mean(), abs=1e-6)
-    assert (n_s, map_s, w_s, weight_s, t_s) == (6, None, None, 0.5, "raw")
-    # the projected probabilities: each value token's mass once over the base vocabulary
+    assert (ptr_s, n_s, map_s, w_s, weight_s, t_s) == (shared.share.ctypes.data, 6, None, None, 0.5, "raw")
+    group = np.exp(base[:3].astype(np.float64))
+    np.testing.assert_allclose(shared.share, [*np.log(group / group.sum()), 0, 0, 0], rtol=0, atol=1e-6)
+    # the projected probabilities: each value token's mass once over the base vocabulary,
+    # split inside the group as the base's own probabilities are
     mapped = token_map >= 0
-    projected = np.exp(log_p[token_map[mapped]] + shared.bias[mapped])
+    projected = np.exp(log_p[token_map[mapped]] + shared.share[mapped])
     assert projected.sum() == pytest.approx(np.exp(log_p[:3]).sum(), abs=1e-6)
+    assert projected[0] / projected[1] == pytest.approx(np.exp(2.0), rel=1e-5)
+    # a NaN base logit does not turn into a NaN share (the fuse reports the base's NaN)
+    nan_base = base.copy()
+    nan_base[1] = np.nan
+    assert np.isfinite(shared.shares(nan_base)).all() and (shared.share <= 0).all()
 
     plain = LogProbProjection(token_map, len(value), shared=False)
-    assert plain.bias is None and plain.n_extra == 1 and len(plain.extra_parts(value.ctypes.data, 1.0)) == 1
+    assert plain.share is None and plain.n_extra == 1 and len(plain.extra_parts(value.ctypes.data, 1.0)) == 1
     one_to_one = LogProbProjection(np.array([2, 0, 1], dtype=np.int32), 3, shared=True)
-    assert one_to_one.bias is None and one_to_one.map_u is None and one_to_one.n_extra == 0
+    assert one_to_one.share is None and one_to_one.map_u is None and one_to_one.n_extra == 0
     assert one_to_one.extra_parts(value.ctypes.data, 1.0) == []
 
 
@@ -318,25 +326,25 @@ def test_cache_after_scoring_equals_a_fresh_decode(gemma3_path, smollm2_path):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("mode", ["logprob", "shared"])
-def test_projection_contribution_per_token(gemma3_path, smollm2_path, mode):
+@pytest.mark.parametrize("mode,reverse", [("logprob", False), ("shared", False), ("shared", True)])
+def test_projection_contribution_per_token(gemma3_path, smollm2_path, mode, reverse):
     """In a real step the fused logit of a mapped token is base + alpha * (log_softmax(value)
     [map] - log n(map), n = how many base tokens share that value token, "shared" only), and
-    of a token the map leaves out base + alpha * the mean of log_softmax(value)."""
+    of a token the map leaves out base + alpha * the mean of log_softmax(value). Gemma 3 base
+    with the SmolLM2 value, and (reverse) SmolLM2 base with the Gemma 3 value."""
     from ivl_local import _core
     from ivl_local.backend import logits_view
 
-    with _engine(gemma3_path, smollm2_path, map_mode=mode) as engine:
+    base_path, value_path = (smollm2_path, gemma3_path) if reverse else (gemma3_path, smollm2_path)
+    with _engine(base_path, value_path, map_mode=mode) as engine:
         engine.alpha = 0.7
         source = _source(engine)
         assert source.scorer is None and engine._value_term.parts[0][2] == "log_softmax"
         token_map = source.mapping.token_map
         mapped = token_map >= 0
         counts = np.bincount(token_map[mapped], minlength=source.ctx.n_vocab)
-        share = np.zeros(len(token_map))
-        if mode == "shared":
-            share[mapped] = np.log(counts[token_map[mapped]])
-            assert share.max() > 1   # Gemma words sharing a first SmolLM2 piece
+        grouped = mapped & (counts[np.maximum(token_map, 0)] >= 2)
+        assert grouped.sum() > 1000   # e.g. Gemma words sharing a first SmolLM2 piece
         seen = []
         original = engine._fuse_and_sample
 
@@ -345,7 +353,13 @@ def test_projection_contribution_per_token(gemma3_path, smollm2_path, mode):
             fused = _core.fuse_terms(base, [(np.array(logits_view(p, n)), *rest) for p, n, *rest in parts], mask)
             value = np.array(logits_view(parts[0][0], parts[0][1]), dtype=np.float64)
             log_p = value - (value.max() + np.log(np.exp(value - value.max()).sum()))
-            want = np.where(mapped, log_p[np.maximum(token_map, 0)] - share, log_p.mean())
+            share = np.zeros(n_base)
+            if mode == "shared":   # log p_base(i | its group), by a loop over the groups' sums
+                z = base.astype(np.float64)
+                sums = np.zeros(len(counts))
+                np.add.at(sums, token_map[grouped], np.exp(z[grouped] - z.max()))
+                share[grouped] = z[grouped] - z.max() - np.log(sums[token_map[grouped]])
+            want = np.where(mapped, log_p[np.maximum(token_map, 0)] + share, log_p.mean())
             np.testing.assert_allclose(fused - base, 0.7 * want, rtol=0, atol=2e-3)
             seen.append(step)
             return original(sampler, base_ptr, n_base, parts, mask, step, draft, rng)

@@ -190,7 +190,7 @@ MAP_MODE_NOTES = {
     "logprob": "map_mode logprob: the value's log-probabilities through the map (unmapped tokens: "
                "their mean), next to its raw map",
     "shared": "map_mode shared: logprob, with a value token's probability split among the base tokens "
-              "mapped to it, next to its raw map",
+              "mapped to it as the base splits its own, next to its raw map",
 }
 
 
