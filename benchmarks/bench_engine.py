@@ -18,7 +18,8 @@ temperature 0.8, top-p 0.95, min-p 0.05). Rows:
                         SmolLM2 tokens scored by the value model (extra value decodes, rolled back)
   fused, logprob        fused, sequential with map_mode="logprob": the value's log-softmax through
                         the map, unmapped tokens at its mean (one more pass over the value logits)
-  fused, shared         map_mode="shared": logprob minus log n for base tokens sharing a value token
+  fused, shared         map_mode="shared": logprob, a value token's probability split among the base
+                        tokens mapped to it as the base splits its own (a pass over the base logits)
   numpy baseline        llama-cpp-python high-level Llama.eval for both models, the same text
                         sync, and a numpy logits processor: fuse + map, argsort, the same chain
 

@@ -371,11 +371,13 @@ def compat_report(base_ref, value_ref, data=None, *, limit: int = DEFAULT_LIMIT,
     alpha None: the one stored with the map, else the value file's.
     store_alpha (check_store_alpha): store this base's alpha with the token map (the given
     map file, else the cached exact-text map), which an Engine then uses when no alpha is
-    given; "calibrated" stores alpha times the measured logit-spread ratio."""
+    given; "calibrated" stores the given alpha (else the value file's, never a stored one)
+    times the measured logit-spread ratio. The alpha is stored for this base file
+    (vocab.base_identity): another base with the same vocabulary does not use it."""
     from .config import check_alpha
     from .models import resolve_model
     from .valuefile import read_gguf_header, value_info_from_header
-    from .vocab import cached_map_path, resolve_mapping, store_map_alpha
+    from .vocab import base_identity, cached_map_path, resolve_mapping, store_map_alpha, stored_alpha_for
 
     alpha = None if alpha is None else check_alpha(alpha)     # cheap checks before any file
     store_alpha = check_store_alpha(store_alpha)
@@ -401,8 +403,10 @@ def compat_report(base_ref, value_ref, data=None, *, limit: int = DEFAULT_LIMIT,
         if mapping.identity and store_alpha is not None:
             raise ConfigError("base and value share one vocabulary: there is no token map to store "
                               "an alpha with (give --alpha)")
+        given = alpha   # --store-alpha calibrated scales this (never a stored alpha: no compounding)
         if alpha is None:
-            alpha = mapping.alpha if mapping.alpha is not None else info.default_alpha
+            stored = stored_alpha_for(mapping, base_path)
+            alpha = stored if stored is not None else info.default_alpha
         progress("coverage")
         cov, rules, exact = coverage(base.vocab_data, value.vocab_data, mapping)
         exact_set = np.unique(exact[exact >= 0])
@@ -430,9 +434,11 @@ def compat_report(base_ref, value_ref, data=None, *, limit: int = DEFAULT_LIMIT,
                 if "spread_ratio" not in summary:
                     raise ConfigError("--store-alpha calibrated: no logit spreads were measured (the "
                                       "value's training base was not found; give --own-base)")
-                stored = check_alpha(round(alpha * summary["spread_ratio"], 4), "calibrated alpha")
+                start = info.default_alpha if given is None else given
+                stored = check_alpha(round(start * summary["spread_ratio"], 4), "calibrated alpha")
             path = token_map if token_map is not None else cached_map_path(base.vocab_data, value.vocab_data)
-            report.stored_map = str(store_map_alpha(path, mapping, stored))
+            report.stored_map = str(store_map_alpha(path, mapping, stored, base.vocab_data, value.vocab_data,
+                                                    alpha_base=base_identity(base_path)))
             report.stored_alpha = stored
         return report
     finally:

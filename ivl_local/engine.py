@@ -58,7 +58,7 @@ from .terms import (BASE, CFG, DEFAULT_CANDIDATES_K, LOG_SOFTMAX, MAX_PARTS, PRO
                     Contrastive, Proxy, Source, Term, ValueNet, check_candidates_k, check_map_mode,
                     refuse_candidates_with_draft)
 from .valuefile import ValueFileInfo, read_gguf_header, value_info_from_header
-from .vocab import TokenMapping, read_vocab, resolve_mapping
+from .vocab import TokenMapping, read_vocab, resolve_mapping, stored_alpha_for
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,9 @@ class Engine:
         # --store-alpha: chosen for this base), else the value file's default
         if spec.weight is not None:
             term.weight = spec.weight   # checked as alpha
-        elif source.mapping.alpha is not None:
-            term.weight = source.mapping.alpha
-            log.info("value network %s: alpha %g, stored with the token map for this base", path.name,
-                     source.mapping.alpha)
+        elif (stored := stored_alpha_for(source.mapping, self.base_path)) is not None:
+            term.weight = stored
+            log.info("value network %s: alpha %g, stored with the token map for this base", path.name, stored)
         else:
             term.weight = info.default_alpha
         if primary:

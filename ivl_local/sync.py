@@ -367,19 +367,28 @@ class LogProbProjection:
         self.n_extra = (self.map_u is not None) + (self.share is not None)   # parts besides A
 
     def neutral_value(self, row: np.ndarray, lse: float | None = None) -> float:
-        """Mean log-probability of `row` (value logits); `lse` its log-sum-exp when known."""
-        return float(row.mean(dtype=np.float64)) - (_logsumexp(row) if lse is None else lse)
+        """Mean log-probability of `row` (value logits) over its finite entries (a -inf logit,
+        a banned token, would make the mean -inf and ban every unmapped token with it); `lse`
+        its log-sum-exp when known. NaN and +inf are the fuse's to report."""
+        mean = float(row.mean(dtype=np.float64))
+        if not np.isfinite(mean):
+            finite = row[np.isfinite(row)]
+            mean = float(finite.mean(dtype=np.float64)) if finite.size else 0.0
+        return mean - (_logsumexp(row) if lse is None else lse)
 
     def shares(self, base: np.ndarray) -> np.ndarray:
         """share[] for these base logits (written in place and returned)."""
         z = base[self._members].astype(np.float64)
-        top = z.max()
-        sums = np.bincount(self._group, weights=np.exp(z - top), minlength=self._n_groups)
-        with np.errstate(divide="ignore"):   # a group that underflows entirely: share 0 below
+        # a group that underflows entirely, or NaN / inf base logits: share 0 below (the fuse
+        # reports a NaN or +inf base logit itself)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            top = z.max()
+            sums = np.bincount(self._group, weights=np.exp(z - top), minlength=self._n_groups)
             group_lse = top + np.log(sums)
         # <= 0 by construction; fmin() also turns NaN (a NaN base logit) into 0 here, and the
         # fuse reports the base's NaN itself
-        self.share[self._members] = np.fmin(z - group_lse[self._group], 0.0)
+        with np.errstate(invalid="ignore"):
+            self.share[self._members] = np.fmin(z - group_lse[self._group], 0.0)
         return self.share
 
     def extra_parts(self, logits_ptr: int, weight: float, lse: float | None = None,

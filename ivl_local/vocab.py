@@ -97,7 +97,8 @@ class TokenMapping:
     value_fingerprint: str
     builder: str
     n_exact: int | None = None        # entries from exact text matches (known when built here)
-    alpha: float | None = None        # this base's alpha for value nets of this vocabulary (stored)
+    alpha: float | None = None        # a base's alpha for value nets of this vocabulary (stored) ...
+    alpha_base: str | None = None     # ... and which base file it is for (base_identity; None: any)
 
     @property
     def identity(self) -> bool:
@@ -133,6 +134,8 @@ def save_map(path: str | os.PathLike, mapping: TokenMapping, extra: dict | None 
         arrays["n_exact"] = np.int64(mapping.n_exact)
     if mapping.alpha is not None:
         arrays["alpha"] = np.float64(mapping.alpha)
+        if mapping.alpha_base is not None:
+            arrays["alpha_base"] = np.str_(mapping.alpha_base)
     with atomic_temp(path) as tmp, open(tmp, "wb") as f:   # a file object: no '.npz' appended
         np.savez(f, **arrays)
 
@@ -146,6 +149,11 @@ MAP_MEMBERS = {
     "builder": ("U", ()),
     "n_exact": ("iu", ()),
     "alpha": ("f", ()),
+    "alpha_base": ("U", ()),
+    # an aligned map's provenance (align.build_aligned_map), kept when an alpha is stored
+    "corpus_sha256": ("U", ()),
+    "corpus_bytes": ("iu", ()),
+    "aligned_pairs": ("iu", ()),
     "token_map": ("iu", ("n",)),
     "token_weights": ("f", ("n",)),
 }
@@ -251,7 +259,8 @@ def load_map(path: str | os.PathLike, base: VocabData, value: VocabData) -> Toke
         alpha = float(z["alpha"])
         if not (np.isfinite(alpha) and 0.0 <= alpha <= ALPHA_MAX):
             raise VocabMismatchError(f"token map {path.name} stores alpha {alpha}, outside [0, {ALPHA_MAX:g}]")
-    return TokenMapping(token_map, weights, base_fp, value_fp, builder, n_exact, alpha)
+    alpha_base = str(z["alpha_base"]) if alpha is not None and "alpha_base" in z else None
+    return TokenMapping(token_map, weights, base_fp, value_fp, builder, n_exact, alpha, alpha_base)
 
 
 def build_exact_map(base: VocabData, value: VocabData,
@@ -357,14 +366,19 @@ def resolve_mapping(base: VocabData, value: VocabData, value_tokenize: Callable[
         return identity_mapping(base.fingerprint)
     base.kind, value.kind  # raise early for tokenizers the builder does not know
     cached = cached_map_path(base, value)
+    old = None
     if use_cache and cached.exists():
         try:
-            mapping = load_map(cached, base, value)
-            if mapping.builder == EXACT_BUILDER:
-                return mapping
+            old = load_map(cached, base, value)
+            if old.builder == EXACT_BUILDER:
+                return old
         except VocabMismatchError:
             log.warning("ignoring unreadable cached token map %s", cached)
     mapping = build_exact_map(base, value, value_tokenize)
+    if old is not None and old.alpha is not None:   # an older builder's map: keep its stored alpha
+        import dataclasses
+
+        mapping = dataclasses.replace(mapping, alpha=old.alpha, alpha_base=old.alpha_base)
     if use_cache:
         try:
             save_map(cached, mapping)
@@ -373,25 +387,45 @@ def resolve_mapping(base: VocabData, value: VocabData, value_tokenize: Callable[
     return mapping
 
 
-def store_map_alpha(path: str | os.PathLike, mapping: TokenMapping, alpha: float | None) -> Path:
-    """Write `mapping` with this base's alpha (None: none) to `path`, keeping every other
-    member of a map file already there (an aligned map's corpus digest)."""
-    import dataclasses
-    import zipfile
+PROVENANCE = ("corpus_sha256", "corpus_bytes", "aligned_pairs")
 
-    from .atomic import atomic_temp
+
+def base_identity(path: str | os.PathLike) -> str:
+    """Which base file a stored alpha is for: its name and size (another quantization or
+    another model with the same tokenizer is another base)."""
+    path = Path(path)
+    return f"{path.name[:500]} ({path.stat().st_size} bytes)"
+
+
+def stored_alpha_for(mapping: TokenMapping, base_path: str | os.PathLike) -> float | None:
+    """The map's stored alpha when it is for this base file (or for any base); else None."""
+    if mapping.alpha is None:
+        return None
+    if mapping.alpha_base is not None and mapping.alpha_base != base_identity(base_path):
+        log.info("the token map's stored alpha %g is for %s, not this base: not used",
+                 mapping.alpha, mapping.alpha_base)
+        return None
+    return mapping.alpha
+
+
+def store_map_alpha(path: str | os.PathLike, mapping: TokenMapping, alpha: float | None,
+                    base: VocabData, value: VocabData, alpha_base: str | None = None) -> Path:
+    """Write `mapping` with a base's alpha (None: none) to `path`; of a map file already there
+    only an aligned map's provenance members (PROVENANCE) are kept, read with load_map's checks."""
+    import dataclasses
 
     if mapping.identity:
         raise VocabMismatchError("one vocabulary: there is no token map to store an alpha with "
                                  "(give --alpha)")
     path = Path(path)
-    updated = dataclasses.replace(mapping, alpha=None if alpha is None else float(alpha))
-    extra: dict[str, np.ndarray] = {}
+    updated = dataclasses.replace(mapping, alpha=None if alpha is None else float(alpha) + 0.0,
+                                  alpha_base=None if alpha is None else alpha_base)
+    extra = {}
     if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                extra = {key: z[key] for key in z.files if key not in MAP_MEMBERS}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise VocabMismatchError(f"cannot rewrite token map {path}: {e}") from None
-    save_map(path, updated, extra)
+        load_map(path, base, value)   # VocabMismatchError for a file that is not a map of these two
+        extra = {k: v for k, v in _read_map_file(path, base, value).items() if k in PROVENANCE}
+    try:
+        save_map(path, updated, extra)
+    except OSError as e:
+        raise VocabMismatchError(f"cannot write token map {path}: {e.strerror or e}") from None
     return path

@@ -240,12 +240,19 @@ def test_store_alpha_reaches_the_engine(tmp_path, gemma3_path, smollm2_path, dem
     # compat itself reads it back as its default alpha
     assert compat_report(gemma3_path, smollm2_path, own_base="none", token_map=map_file,
                          mass_tokens=4).alpha == 1.5
-    # calibrated: alpha times the measured spread ratio
-    r = compat_report(gemma3_path, smollm2_path, demos, limit=1, alpha=1.0, own_base=smollm2_path,
-                      token_map=map_file, mass_tokens=4, store_alpha="calibrated")
-    assert r.stored_alpha == pytest.approx(r.step_summary()["spread_ratio"], abs=1e-4)
+    # calibrated: the value file's alpha (1 for a raw model; not the stored 1.5) times the
+    # measured spread ratio, the same on a second run (no compounding)
+    for _ in range(2):
+        r = compat_report(gemma3_path, smollm2_path, demos, limit=1, own_base=smollm2_path,
+                          token_map=map_file, mass_tokens=4, store_alpha="calibrated")
+        assert r.stored_alpha == pytest.approx(r.step_summary()["spread_ratio"], abs=1e-4)
     with Engine(gemma3_path, smollm2_path, n_ctx=128, n_threads=1, token_map=map_file) as engine:
         assert engine.alpha == pytest.approx(r.stored_alpha)
+    # stored for this base file: another base with the same vocabulary ignores it
+    other = tmp_path / "other-gemma.gguf"
+    other.symlink_to(gemma3_path)
+    with Engine(other, smollm2_path, n_ctx=128, n_threads=1, token_map=map_file) as engine:
+        assert engine.alpha == 1.0
     result = runner.invoke(app, ["compat", str(gemma3_path), str(smollm2_path), "--own-base", "none",
                                  "--map", str(map_file), "--store-alpha", "none"])
     assert result.exit_code == 0 and "removed the stored alpha" in result.stdout, result.output

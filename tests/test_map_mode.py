@@ -151,6 +151,11 @@ def test_projection_parts_from_a_small_map():
     projected = np.exp(log_p[token_map[mapped]] + shared.share[mapped])
     assert projected.sum() == pytest.approx(np.exp(log_p[:3]).sum(), abs=1e-6)
     assert projected[0] / projected[1] == pytest.approx(np.exp(2.0), rel=1e-5)
+    # a -inf value logit (a banned token) does not ban the unmapped tokens with it
+    banned = value.copy()
+    banned[3] = -np.inf
+    kept = banned[:3].astype(np.float64)
+    assert shared.neutral_value(banned) == pytest.approx(kept.mean() - np.log(np.exp(kept).sum()), abs=1e-6)
     # a NaN base logit does not turn into a NaN share (the fuse reports the base's NaN)
     nan_base = base.copy()
     nan_base[1] = np.nan
@@ -329,7 +334,7 @@ def test_cache_after_scoring_equals_a_fresh_decode(gemma3_path, smollm2_path):
 @pytest.mark.parametrize("mode,reverse", [("logprob", False), ("shared", False), ("shared", True)])
 def test_projection_contribution_per_token(gemma3_path, smollm2_path, mode, reverse):
     """In a real step the fused logit of a mapped token is base + alpha * (log_softmax(value)
-    [map] - log n(map), n = how many base tokens share that value token, "shared" only), and
+    [map] + log p_base(token | the base tokens mapped to that value token), "shared" only), and
     of a token the map leaves out base + alpha * the mean of log_softmax(value). Gemma 3 base
     with the SmolLM2 value, and (reverse) SmolLM2 base with the Gemma 3 value."""
     from ivl_local import _core

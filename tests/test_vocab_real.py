@@ -152,21 +152,42 @@ def test_stored_alpha_round_trip_keeps_other_members(vocabs, gemma_to_smollm2, t
 
     base, value = vocabs
     path = tmp_path / "aligned.npz"
-    save_map(path, gemma_to_smollm2, extra={"corpus_sha256": np.str_("abc123")})
+    save_map(path, gemma_to_smollm2, extra={"corpus_sha256": np.str_("abc123"), "corpus_bytes": np.int64(7),
+                                            "junk": np.zeros(1000)})
     assert load_map(path, base, value).alpha is None
-    assert store_map_alpha(path, gemma_to_smollm2, 1.5) == path
+    assert store_map_alpha(path, gemma_to_smollm2, 1.5, base, value, alpha_base="g.gguf (9 bytes)") == path
     loaded = load_map(path, base, value)
-    assert loaded.alpha == 1.5 and np.array_equal(loaded.token_map, gemma_to_smollm2.token_map)
-    with np.load(path) as z:
-        assert str(z["corpus_sha256"]) == "abc123"
-    store_map_alpha(path, loaded, None)
-    assert load_map(path, base, value).alpha is None
+    assert (loaded.alpha, loaded.alpha_base) == (1.5, "g.gguf (9 bytes)")
+    assert np.array_equal(loaded.token_map, gemma_to_smollm2.token_map)
+    with np.load(path) as z:   # the aligned map's provenance kept, anything unknown dropped
+        assert str(z["corpus_sha256"]) == "abc123" and int(z["corpus_bytes"]) == 7 and "junk" not in z.files
+    store_map_alpha(path, loaded, None, base, value)
+    assert (load_map(path, base, value).alpha, load_map(path, base, value).alpha_base) == (None, None)
     for bad in (float("nan"), -1.0, 1e9):
         save_map(path, dataclasses.replace(gemma_to_smollm2, alpha=bad))
         with pytest.raises(VocabMismatchError, match="stores alpha"):
             load_map(path, base, value)
+        with pytest.raises(VocabMismatchError, match="stores alpha"):   # not rewritten over
+            store_map_alpha(path, gemma_to_smollm2, 1.0, base, value)
     with pytest.raises(VocabMismatchError, match="one vocabulary"):
-        store_map_alpha(path, identity_mapping(value.fingerprint), 1.0)
+        store_map_alpha(path, identity_mapping(value.fingerprint), 1.0, base, value)
+
+
+def test_stored_alpha_is_for_one_base_file(tmp_path, gemma_to_smollm2):
+    """A stored alpha names its base file: another base with the same vocabulary (another
+    quantization, a larger model of the family) does not use it."""
+    import dataclasses
+
+    from ivl_local.vocab import base_identity, stored_alpha_for
+
+    one, other = tmp_path / "one.gguf", tmp_path / "other.gguf"
+    one.write_bytes(b"x" * 10)
+    other.write_bytes(b"x" * 11)
+    mapping = dataclasses.replace(gemma_to_smollm2, alpha=1.5, alpha_base=base_identity(one))
+    assert base_identity(one) == "one.gguf (10 bytes)"
+    assert stored_alpha_for(mapping, one) == 1.5 and stored_alpha_for(mapping, other) is None
+    assert stored_alpha_for(dataclasses.replace(mapping, alpha_base=None), other) == 1.5
+    assert stored_alpha_for(gemma_to_smollm2, one) is None
 
 
 def test_same_vocabulary_is_identity(vocabs):
