@@ -361,3 +361,58 @@ def test_instruction_level_gains_rescore_the_reports_answers():
     assert gains["smollm2 + proxy - smollm2"]["value"] == 0 == gains["smollm2 + proxy - smollm2"]["ci"][0]
     lo, hi = gains["smollm2 + value - smollm2"]["ci"]
     assert lo <= 1 - floor <= hi and n > len(examples)
+
+
+def test_an_answer_repeating_the_request_is_an_echo_and_fails_the_guarded_score():
+    """The echo guard: a request sentence of >= 5 words repeated verbatim (case and spacing
+    aside) marks the answer; IFEval's own strict verdicts are unchanged, the guarded one fails."""
+    prompt = ("Describe a lighthouse. Include the keywords keeper and storm in the response. "
+              "Your response must have 2 sections. Mark the beginning of each section with SECTION X.")
+    ids, kwargs = ["keywords:existence"], [{"keywords": ["keeper", "storm"]}]
+    echo = ("Include the keywords   KEEPER and storm in the response. SECTION 1 The keeper watched the storm.")
+    own = "SECTION 1\nThe keeper climbs the stairs while the storm rolls in from the sea."
+    assert ifeval.echoed(echo, prompt) == ("include the keywords keeper and storm in the response.",)
+    assert ifeval.echoed(own, prompt) == () and ifeval.echoed(None, prompt) == ()
+    assert ifeval.echoed("Describe a lighthouse. A tall tower.", prompt) == ()   # 3 words: not an echo
+    v_echo, v_own = verify(echo, ids, kwargs, prompt), verify(own, ids, kwargs, prompt)
+    assert v_echo.prompt_strict and v_echo.echo and not v_echo.prompt_strict_no_echo
+    assert v_own.prompt_strict and not v_own.echo and v_own.prompt_strict_no_echo
+    assert not verify(echo, ids, kwargs).echo   # no prompt given: no guard
+    s = summarize([v_echo, v_own])
+    assert (s["prompt_strict"], s["prompt_strict_no_echo"], s["echoes"]) == (1.0, 0.5, 0.5)
+
+
+def test_echo_rows_rescore_the_reports_answers():
+    """ifeval_goals.echo_rows: echoes and the guarded score per row, and the guarded gain over
+    the base alone, from the report's answers (a base that only echoes scores 0 guarded)."""
+    from ivl_local.eval import ifeval_goals
+
+    examples = load_split("test", 10, "ifeval")
+    witness_of = {r["prompt"]: r["witness"] for r in rows("test")}
+    echo = [e.prompt + "\n" + witness_of[e.prompt] for e in examples]
+    good = [witness_of[e.prompt] for e in examples]
+
+    def row(name, kind, base, value, answers):
+        return {"name": name, "kind": kind, "base": base, "value": value, "alpha": 1.0, "answers": answers}
+
+    report = {"meta": {"split": "test", "example_ids": [e.index for e in examples]}, "results": [
+        row("gemma3", "base", "gemma3-270m", "-", echo),
+        row("gemma3 + value[smollm2]", "cross-vocab", "gemma3-270m", "value[smollm2-135m, ifeval]", good)]}
+    out = {r["name"]: r for r in ifeval_goals.echo_rows(report)}
+    base, fused = out["gemma3"], out["gemma3 + value[smollm2]"]
+    assert base["echoes"] == 1.0 and base["prompt_strict_no_echo"] == 0.0 and base["gain"] is None
+    assert fused["echoes"] == 0.0 and fused["prompt_strict_no_echo"] == fused["prompt_strict"] == 1.0
+    assert fused["gain"]["value"] == pytest.approx(1.0) and fused["gain"]["vs"] == "gemma3"
+
+
+def test_first_runs_gemma_passes_were_all_echoes():
+    """The committed first-run report, re-scored: Gemma 3 base echoed 18 of 40 requests and
+    every prompt it passed was an echo (docs/results, ifeval section)."""
+    from ivl_local.eval import ifeval_goals
+    from ivl_local.eval.report import load_report
+
+    report = load_report(Path(__file__).resolve().parents[1] / "docs/results/ifeval-first/results.json")
+    out = {r["name"]: r for r in ifeval_goals.echo_rows(report)}
+    assert (out["gemma3"]["echoes"], out["gemma3"]["prompt_strict"], out["gemma3"]["prompt_strict_no_echo"]) == \
+        (18 / 40, 3 / 40, 0.0)
+    assert "| gemma3 | 0.450 | 0.075 | 0.000 |" in ifeval_goals.markdown(report)

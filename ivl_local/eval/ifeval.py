@@ -25,6 +25,7 @@ never imported: its module calls `nltk.download` at import time.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -109,6 +110,29 @@ def describe(instruction_id: str, kwargs: dict) -> str:
     return registry[instruction_id](instruction_id).build_description(**kwargs)
 
 
+# An answer that repeats the request passes the checkers that look for words the request
+# itself contains (its placeholders, keywords, "SECTION 1"): Gemma 3 270M base passed 3 of 40
+# prompts that way in the first run. Not a checker of IFEval's: a guard of this harness,
+# reported beside IFEval's own accuracies. A prompt sentence (split at . ! ? and line ends)
+# of at least ECHO_MIN_WORDS words found verbatim in the answer (case and spacing aside) is
+# an echo.
+ECHO_MIN_WORDS = 5
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def echoed(answer: str | None, prompt: str) -> tuple[str, ...]:
+    """The prompt's sentences of >= ECHO_MIN_WORDS words that the answer repeats verbatim."""
+    said = _normal(answer or "")
+    if not said:
+        return ()
+    sentences = (_normal(x) for x in _SENTENCE_END.split(prompt))
+    return tuple(x for x in sentences if len(x.split()) >= ECHO_MIN_WORDS and x in said)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One answer against one prompt's instructions (in the prompt's order)."""
@@ -116,10 +140,16 @@ class Verdict:
     instruction_ids: tuple[str, ...]
     strict: tuple[bool, ...]
     loose: tuple[bool, ...]
+    echo: bool = False     # the answer repeats a sentence of the request (echoed())
 
     @property
     def prompt_strict(self) -> bool:
         return all(self.strict)
+
+    @property
+    def prompt_strict_no_echo(self) -> bool:
+        """Prompt-level strict, an echoing answer failing: what the answer did itself."""
+        return self.prompt_strict and not self.echo
 
     @property
     def prompt_loose(self) -> bool:
@@ -138,7 +168,8 @@ def verify(answer: str | None, instruction_ids, kwargs, prompt: str = "") -> Ver
     if not results:   # an empty answer (or only an unclosed <think> block): every instruction fails
         return Verdict(ids, (False,) * len(ids), (False,) * len(ids))
     assert [r.instruction_id for r in results] == list(ids), "a checker was skipped"
-    return Verdict(ids, tuple(r.strict_pass for r in results), tuple(r.loose_pass for r in results))
+    return Verdict(ids, tuple(r.strict_pass for r in results), tuple(r.loose_pass for r in results),
+                   echo=bool(echoed(answer, prompt)))
 
 
 def summarize(verdicts: list[Verdict]) -> dict:
@@ -156,6 +187,8 @@ def summarize(verdicts: list[Verdict]) -> dict:
 
     return {"prompts": n, "instructions": len(flat_strict),
             "prompt_strict": share([v.prompt_strict for v in verdicts]),
+            "prompt_strict_no_echo": share([v.prompt_strict_no_echo for v in verdicts]),
+            "echoes": share([v.echo for v in verdicts]),
             "prompt_loose": share([v.prompt_loose for v in verdicts]),
             "instruction_strict": share(flat_strict), "instruction_loose": share(flat_loose),
             "per_instruction_strict": {iid: (share(ps), len(ps)) for iid, ps in sorted(per.items())}}

@@ -4,6 +4,7 @@
     rows = goals(load_report(path))          # [{"goal", "measured", "value", "ci", "verdict"}]
     table = instruction_table(load_report(path))   # strict pass rate per instruction and row
     gains = instruction_gains(load_report(path))   # instruction-level differences (re-scores answers)
+    echoes = echo_rows(load_report(path))          # answers that repeat the request, echo-guarded scores
 
 The harness's own comparisons (report.comparisons) cover the share of the full fine-tune's
 gain and IVL - proxy-tuning; the cross-vocabulary goal also needs the value net's gain on a
@@ -123,6 +124,37 @@ def _instruction_passes(report: dict) -> tuple[np.ndarray, dict[str, np.ndarray]
     return counts, passes
 
 
+def _verdicts(report: dict) -> dict[str, list]:
+    """{row name: [Verdict per prompt]}, re-scored from the answers on the report's prompts."""
+    from .ifeval import load_examples
+    from .task import split_path
+
+    by_index = {e.index: e for e in load_examples(split_path(report["meta"]["split"], "ifeval"))}
+    examples = [by_index[i] for i in report["meta"]["example_ids"]]
+    return {r["name"]: [e.verdict(a) for e, a in zip(examples, r["answers"])] for r in _rows(report)}
+
+
+def echo_rows(report: dict) -> list[dict]:
+    """Per row: the share of answers that repeat a sentence of the request, prompt-level strict
+    as IFEval scores it and with an echoing answer failing, and (rows with an added model) the
+    echo-guarded difference from the base alone, paired over the same prompts."""
+    verdicts = _verdicts(report)
+    guarded = {name: np.array([v.prompt_strict_no_echo for v in vs], np.float64) for name, vs in verdicts.items()}
+    out = []
+    for r in _rows(report):
+        vs = verdicts[r["name"]]
+        row = {"name": r["name"], "echoes": float(np.mean([v.echo for v in vs])),
+               "prompt_strict": float(np.mean([v.prompt_strict for v in vs])),
+               "prompt_strict_no_echo": float(guarded[r["name"]].mean()), "gain": None}
+        alone = None if r["kind"] == "base" else (_alone(report, r["base"]) or (
+            _alone(report, r["base"].split(" ")[0]) if r["kind"] == "full-finetune" else None))
+        if alone is not None:
+            d, lo, hi = paired_difference(guarded[r["name"]], guarded[alone["name"]])
+            row["gain"] = {"vs": alone["name"], "value": d, "ci": [lo, hi]}
+        out.append(row)
+    return out
+
+
 def _pooled_difference(a, b, counts, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
     """sum(a - b) / sum(counts) (IFEval's pooled instruction-level accuracy, a minus b) with a
     percentile bootstrap over prompts, paired."""
@@ -177,6 +209,14 @@ def markdown(report: dict) -> str:
         lines += ["", "| instruction-level strict (pooled) | difference [95 % CI] |", "|---|---|"]
         for g in instruction_gains(report):
             lines.append(f"| {g['comparison']} | {_fmt(g['value'])} [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}] |")
+    if report["meta"].get("example_ids"):
+        lines += ["", "| row | answers echoing the request | prompt strict | prompt strict, echoes failing "
+                  "| echo-guarded gain over the base alone [95 % CI] |", "|---|---|---|---|---|"]
+        for e in echo_rows(report):
+            g = e["gain"]
+            gain = "" if g is None else f"{_fmt(g['value'])} [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}] vs {g['vs']}"
+            lines.append(f"| {e['name']} | {e['echoes']:.3f} | {e['prompt_strict']:.3f} | "
+                         f"{e['prompt_strict_no_echo']:.3f} | {gain} |")
     ids, table = instruction_table(report)
     if ids:
         names = [name for name, _ in table]

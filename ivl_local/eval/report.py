@@ -273,12 +273,14 @@ def markdown(report) -> str:
     with_metrics = [r for r in results.values() if r.metrics]
     if with_metrics:   # ifeval: IFEval's four accuracies (instruction-level pools all instructions)
         lines += ["", "## IFEval accuracies", "",
-                  "| configuration | prompt strict | prompt loose | instruction strict | instruction loose |",
-                  "|---|---|---|---|---|"]
+                  "| configuration | prompt strict | prompt loose | instruction strict | instruction loose "
+                  "| answers echoing the request | prompt strict, echoes failing |",
+                  "|---|---|---|---|---|---|---|"]
         for r in with_metrics:
             x = r.metrics
             lines.append(f"| {r.config.name} | {_fmt(x['prompt_strict'])} | {_fmt(x['prompt_loose'])} | "
-                         f"{_fmt(x['instruction_strict'])} | {_fmt(x['instruction_loose'])} |")
+                         f"{_fmt(x['instruction_strict'])} | {_fmt(x['instruction_loose'])} | "
+                         f"{_fmt(x.get('echoes'))} | {_fmt(x.get('prompt_strict_no_echo'))} |")
     sw = sweeps(results)
     if sw:
         alphas = sorted({a for pts in sw.values() for a, _ in pts})
