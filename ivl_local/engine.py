@@ -654,9 +654,7 @@ class Engine:
                                       source.token_weights, sign * weight, transform))
                         if n:
                             parts.append((scorer.scores_ptr, n, scorer.map_b, None, sign * weight, RAW))
-                        neutral = scorer.neutral_part()
-                        if neutral is not None:
-                            parts.append((neutral[0], 1, neutral[1], None, sign * weight, RAW))
+                        parts += scorer.neutral_parts(sign * weight)
                     else:
                         ptr = source.ctx.logits_ptr() if at is None else at(source.follower)
                         parts.append((ptr, source.ctx.n_vocab, source.token_map,

@@ -442,7 +442,7 @@ class CandidateScorer:
     The fuse then uses (Engine._sample):
         part A: (logits_ptr(), n_value, map_a, weights, w, log_softmax)   map_a: scored ids -1
         part B: (scores_ptr, n, map_b, None, w, raw)                     map_b: scored id -> slot
-        part U: (neutral_ptr, 1, map_u, None, w, raw)                    map_u: unmapped -> 0
+        part U: neutral_parts(w), LogProbProjection's: unmapped tokens -> the mean log p
     and `restore()` puts the maps back.
     """
 
@@ -466,7 +466,6 @@ class CandidateScorer:
         self._copied = False           # _current holds this step's value logits
         self._current_lse: float | None = None   # their log-sum-exp, once score() needed it
         self._projection = LogProbProjection(token_map, self.n_value, shared=False)   # part U
-        self.map_u = self._projection.map_u
 
     def logits_ptr(self) -> int:
         """The value logits of the current position: the copy made before scoring's decodes
@@ -477,14 +476,10 @@ class CandidateScorer:
     def scores_ptr(self) -> int:
         return self.scores.ctypes.data
 
-    def neutral_part(self) -> tuple[int, np.ndarray] | None:
-        """(pointer to [mean log p_value], map_u) for the tokens the map leaves out, from this
-        step's value logits; None when the map leaves none out."""
-        if self.map_u is None:
-            return None
-        lse = self._current_lse if self._copied else None
-        (ptr, _, map_u, *_), = self._projection.extra_parts(self.logits_ptr(), 0.0, lse)
-        return ptr, map_u
+    def neutral_parts(self, weight: float) -> list[tuple]:
+        """Part U (the value's mean log-probability for the tokens the map leaves out) of this
+        step's value logits, reusing the log-sum-exp score() took; [] when the map leaves none out."""
+        return self._projection.extra_parts(self.logits_ptr(), weight, self._current_lse if self._copied else None)
 
     def value_tokens(self, token: int) -> tuple[int, ...] | None:
         """The value tokens of base token `token`'s text when that text is several value
