@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -99,6 +99,7 @@ class TokenMapping:
     n_exact: int | None = None        # entries from exact text matches (known when built here)
     alpha: float | None = None        # a base's alpha for value nets of this vocabulary (stored) ...
     alpha_base: str | None = None     # ... and which base file it is for (base_identity; None: any)
+    provenance: dict = field(default_factory=dict)   # an aligned map's PROVENANCE members, as read
 
     @property
     def identity(self) -> bool:
@@ -129,7 +130,7 @@ def save_map(path: str | os.PathLike, mapping: TokenMapping, extra: dict | None 
     arrays = dict(token_map=mapping.token_map, token_weights=mapping.token_weights,
                   base_fingerprint=np.str_(mapping.base_fingerprint),
                   value_fingerprint=np.str_(mapping.value_fingerprint),
-                  builder=np.str_(mapping.builder), **(extra or {}))
+                  builder=np.str_(mapping.builder), **mapping.provenance, **(extra or {}))
     if mapping.n_exact is not None:
         arrays["n_exact"] = np.int64(mapping.n_exact)
     if mapping.alpha is not None:
@@ -157,6 +158,7 @@ MAP_MEMBERS = {
     "token_map": ("iu", ("n",)),
     "token_weights": ("f", ("n",)),
 }
+PROVENANCE = ("corpus_sha256", "corpus_bytes", "aligned_pairs")
 MAP_REQUIRED = ("token_map", "token_weights", "base_fingerprint", "value_fingerprint")
 MAX_MAP_STRING = 1024    # characters of a fingerprint or builder name (they are ~20)
 
@@ -260,7 +262,8 @@ def load_map(path: str | os.PathLike, base: VocabData, value: VocabData) -> Toke
         if not (np.isfinite(alpha) and 0.0 <= alpha <= ALPHA_MAX):
             raise VocabMismatchError(f"token map {path.name} stores alpha {alpha}, outside [0, {ALPHA_MAX:g}]")
     alpha_base = str(z["alpha_base"]) if alpha is not None and "alpha_base" in z else None
-    return TokenMapping(token_map, weights, base_fp, value_fp, builder, n_exact, alpha, alpha_base)
+    provenance = {k: z[k] for k in PROVENANCE if k in z}
+    return TokenMapping(token_map, weights, base_fp, value_fp, builder, n_exact, alpha, alpha_base, provenance)
 
 
 def build_exact_map(base: VocabData, value: VocabData,
@@ -387,9 +390,6 @@ def resolve_mapping(base: VocabData, value: VocabData, value_tokenize: Callable[
     return mapping
 
 
-PROVENANCE = ("corpus_sha256", "corpus_bytes", "aligned_pairs")
-
-
 def base_identity(path: str | os.PathLike) -> str:
     """Which base file a stored alpha is for: its name and size (another quantization or
     another model with the same tokenizer is another base)."""
@@ -411,21 +411,19 @@ def stored_alpha_for(mapping: TokenMapping, base_path: str | os.PathLike) -> flo
 def store_map_alpha(path: str | os.PathLike, mapping: TokenMapping, alpha: float | None,
                     base: VocabData, value: VocabData, alpha_base: str | None = None) -> Path:
     """Write `mapping` with a base's alpha (None: none) to `path`; of a map file already there
-    only an aligned map's provenance members (PROVENANCE) are kept, read with load_map's checks."""
+    (which must be a map of these two vocabularies) only an aligned map's provenance members
+    (PROVENANCE) are kept."""
     import dataclasses
 
     if mapping.identity:
         raise VocabMismatchError("one vocabulary: there is no token map to store an alpha with "
                                  "(give --alpha)")
     path = Path(path)
+    provenance = load_map(path, base, value).provenance if path.exists() else {}
     updated = dataclasses.replace(mapping, alpha=None if alpha is None else float(alpha) + 0.0,
-                                  alpha_base=None if alpha is None else alpha_base)
-    extra = {}
-    if path.exists():
-        load_map(path, base, value)   # VocabMismatchError for a file that is not a map of these two
-        extra = {k: v for k, v in _read_map_file(path, base, value).items() if k in PROVENANCE}
+                                  alpha_base=None if alpha is None else alpha_base, provenance=provenance)
     try:
-        save_map(path, updated, extra)
+        save_map(path, updated)
     except OSError as e:
         raise VocabMismatchError(f"cannot write token map {path}: {e.strerror or e}") from None
     return path
