@@ -110,17 +110,12 @@ def goals(report: dict) -> list[dict]:
     return out
 
 
-def _instruction_passes(report: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _instruction_passes(report: dict, verdicts: dict | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(instructions per prompt, {row name: strict passes per prompt}), re-scored from the
     answers (results.json keeps prompt-level scores only) on the report's own prompts."""
-    from .ifeval import load_examples
-    from .task import split_path
-
-    by_index = {e.index: e for e in load_examples(split_path(report["meta"]["split"], "ifeval"))}
-    examples = [by_index[i] for i in report["meta"]["example_ids"]]
-    counts = np.array([len(e.instruction_ids) for e in examples], np.float64)
-    passes = {r["name"]: np.array([sum(e.verdict(a).strict) for e, a in zip(examples, r["answers"])], np.float64)
-              for r in _rows(report)}
+    verdicts = _verdicts(report) if verdicts is None else verdicts
+    counts = np.array([len(v.instruction_ids) for v in next(iter(verdicts.values()), [])], np.float64)
+    passes = {name: np.array([sum(v.strict) for v in vs], np.float64) for name, vs in verdicts.items()}
     return counts, passes
 
 
@@ -134,11 +129,20 @@ def _verdicts(report: dict) -> dict[str, list]:
     return {r["name"]: [e.verdict(a) for e, a in zip(examples, r["answers"])] for r in _rows(report)}
 
 
-def echo_rows(report: dict) -> list[dict]:
+def _reference(report: dict, r: dict) -> dict | None:
+    """The base-alone row a row with an added model is compared with (a fine-tune: the base it
+    was trained from); None for a base row or when that row was not run."""
+    if r["kind"] == "base":
+        return None
+    return _alone(report, r["base"]) or (
+        _alone(report, r["base"].split(" ")[0]) if r["kind"] == "full-finetune" else None)
+
+
+def echo_rows(report: dict, verdicts: dict | None = None) -> list[dict]:
     """Per row: the share of answers that repeat a sentence of the request, prompt-level strict
     as IFEval scores it and with an echoing answer failing, and (rows with an added model) the
     echo-guarded difference from the base alone, paired over the same prompts."""
-    verdicts = _verdicts(report)
+    verdicts = _verdicts(report) if verdicts is None else verdicts
     guarded = {name: np.array([v.prompt_strict_no_echo for v in vs], np.float64) for name, vs in verdicts.items()}
     out = []
     for r in _rows(report):
@@ -146,8 +150,7 @@ def echo_rows(report: dict) -> list[dict]:
         row = {"name": r["name"], "echoes": float(np.mean([v.echo for v in vs])),
                "prompt_strict": float(np.mean([v.prompt_strict for v in vs])),
                "prompt_strict_no_echo": float(guarded[r["name"]].mean()), "gain": None}
-        alone = None if r["kind"] == "base" else (_alone(report, r["base"]) or (
-            _alone(report, r["base"].split(" ")[0]) if r["kind"] == "full-finetune" else None))
+        alone = _reference(report, r)
         if alone is not None:
             d, lo, hi = paired_difference(guarded[r["name"]], guarded[alone["name"]])
             row["gain"] = {"vs": alone["name"], "value": d, "ci": [lo, hi]}
@@ -165,17 +168,14 @@ def _pooled_difference(a, b, counts, seed: int = BOOTSTRAP_SEED) -> tuple[float,
     return float(diff.sum() / counts.sum()), float(lo), float(hi)
 
 
-def instruction_gains(report: dict) -> list[dict]:
+def instruction_gains(report: dict, verdicts: dict | None = None) -> list[dict]:
     """Instruction-level strict accuracy (pooled, as IFEval reports it) of each row with an
     added model minus its base alone, and of IVL minus proxy-tuning on the same base: twice
     as many verdicts as prompts, so tighter than the prompt-level goal measures."""
-    counts, passes = _instruction_passes(report)
+    counts, passes = _instruction_passes(report, verdicts)
     rows, out = _rows(report), []
     for r in rows:
-        if r["kind"] == "base":
-            continue
-        alone = _alone(report, r["base"]) or (   # a fine-tune: the base it was trained from
-            _alone(report, r["base"].split(" ")[0]) if r["kind"] == "full-finetune" else None)
+        alone = _reference(report, r)
         if alone is not None:
             d, lo, hi = _pooled_difference(passes[r["name"]], passes[alone["name"]], counts)
             out.append({"comparison": f"{r['name']} - {alone['name']}", "value": d, "ci": [lo, hi]})
@@ -206,13 +206,13 @@ def markdown(report: dict) -> str:
         ci = "" if math.isnan(g["ci"][0]) else f" [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}]"
         lines.append(f"| {g['goal']} | {g['measured']} | {_fmt(g['value'])}{ci} | {g['verdict']} |")
     if report["meta"].get("example_ids"):
+        verdicts = _verdicts(report)   # every answer re-scored once, for both tables
         lines += ["", "| instruction-level strict (pooled) | difference [95 % CI] |", "|---|---|"]
-        for g in instruction_gains(report):
+        for g in instruction_gains(report, verdicts):
             lines.append(f"| {g['comparison']} | {_fmt(g['value'])} [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}] |")
-    if report["meta"].get("example_ids"):
         lines += ["", "| row | answers echoing the request | prompt strict | prompt strict, echoes failing "
                   "| echo-guarded gain over the base alone [95 % CI] |", "|---|---|---|---|---|"]
-        for e in echo_rows(report):
+        for e in echo_rows(report, verdicts):
             g = e["gain"]
             gain = "" if g is None else f"{_fmt(g['value'])} [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}] vs {g['vs']}"
             lines.append(f"| {e['name']} | {e['echoes']:.3f} | {e['prompt_strict']:.3f} | "
