@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -343,6 +344,49 @@ def test_a_second_run_waits_for_the_artifact_lock(tmp_path):
         order.append("first done")
     thread.join(10)
     assert order == ["wait", "first done", "second"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_job_dies_with_the_evaluation_that_started_it(tmp_path):
+    """A killed evaluation must not leave its training job running (unlocked, so the next
+    evaluation of the recipe would train into the same folder at the same time)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = (
+        "import functools, os, subprocess, sys, time\n"
+        "from ivl_local.eval.artifacts import _child_setup\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+        "                         preexec_fn=functools.partial(_child_setup, os.getpid()))\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=env)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(child, 0)                       # running while its parent lives
+    proc.send_signal(signal.SIGKILL)        # the parent is killed (not Ctrl-C: no process group signal)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break                           # gone (reaped by init)
+        # a zombie waiting for init to reap it is dead too
+        status = Path(f"/proc/{child}/stat").read_text().split(") ")[-1].split()[0] if \
+            Path(f"/proc/{child}/stat").exists() else "X"
+        if status in ("Z", "X"):
+            break
+        assert time.monotonic() < deadline, "the job outlived the evaluation that started it"
+        time.sleep(0.05)
 
 
 def test_paired_script_compares_two_reports_on_the_same_items(tmp_path):

@@ -15,9 +15,11 @@ enters the evaluating process, and its memory is returned before models are load
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -190,6 +192,18 @@ def _exclusive(path: Path, on_wait=lambda: None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _child_setup(parent: int) -> None:
+    """In the forked job, before exec: nice 5, and on Linux die with the parent (SIGTERM).
+    Without the latter, a killed evaluation left its training job running, unlocked: the next
+    evaluation of the same recipe trained a second copy into the same folder."""
+    os.nice(5)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)                  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:                     # the parent died before prctl took effect
+            os._exit(1)
+
+
 def run_job(name: str, payload: dict) -> dict:
     """Run ivl_local.eval.jobs in a child process (nice'd, so an interactive shell stays usable)."""
     root = Path(__file__).resolve().parents[2]
@@ -199,7 +213,7 @@ def run_job(name: str, payload: dict) -> dict:
     out_file = Path(payload.get("folder") or payload["out_dir"]) / f"{name}-result.json"
     out_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "ivl_local.eval.jobs", name, json.dumps(payload), str(out_file)]
-    proc = subprocess.run(cmd, env=env, preexec_fn=lambda: os.nice(5))
+    proc = subprocess.run(cmd, env=env, preexec_fn=functools.partial(_child_setup, os.getpid()))
     if proc.returncode != 0 or not out_file.exists():
         raise ArtifactError(f"evaluation job '{name}' failed (exit {proc.returncode}); see the log above")
     return json.loads(out_file.read_text())
