@@ -77,7 +77,7 @@ def test_task_scorer_is_reasoning_gyms():
 def test_plan_has_every_kind_and_unique_names(quick):
     plan = build_plan(quick, installed=lambda name: name in ("smollm2-135m", "gemma3-270m"))
     kinds = {c.kind for c in plan.configs}
-    assert kinds == set(KINDS) - set(OPTIONAL_KINDS)
+    assert kinds == set(KINDS) - set(OPTIONAL_KINDS) - {"chat-value"}   # chat-value: the ifeval plan's
     names = [c.name for c in plan.configs]
     assert len(names) == len(set(names))
     assert any("qwen" in s for s in plan.skipped)
@@ -541,9 +541,9 @@ def test_plans_hold_proxy_tuning_and_composition_on_both_tasks():
 
 
 def test_the_main_task_keeps_the_cache_keys_of_older_artifacts():
-    """Trained gained a task field; the artifacts trained before it keep their recipe hash."""
+    """Trained gained task and data fields; the artifacts trained before them keep their recipe hash."""
     v = Trained("smollm2-135m", init="pretrained", steps=100)
-    old = {k: val for k, val in asdict(v).items() if k != "task"}
+    old = {k: val for k, val in asdict(v).items() if k not in ("task", "data")}
     assert v.recipe() == old
     assert replace(v, task="spell").recipe()["task"] == "spell"
     assert replace(v, task="spell").label == "value[smollm2-135m, spell]"

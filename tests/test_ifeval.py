@@ -416,3 +416,55 @@ def test_first_runs_gemma_passes_were_all_echoes():
     assert (out["gemma3"]["echoes"], out["gemma3"]["prompt_strict"], out["gemma3"]["prompt_strict_no_echo"]) == \
         (18 / 40, 3 / 40, 0.0)
     assert "| gemma3 | 0.450 | 0.075 | 0.000 |" in ifeval_goals.markdown(report)
+
+
+def test_the_default_chat_value_network_before_and_after_the_tasks_demonstrations(tmp_path):
+    """The plan's chat-value rows: "before" is ivl-chat's default recipe on the chat set alone,
+    "after" the same recipe on the chat set + this task's demonstrations (one epoch each); the
+    workspace trains "after" on the concatenated sets, and the report gives after - before."""
+    import math as _math
+
+    import numpy as np
+
+    from ivl_local.datasets import data_path
+    from ivl_local.eval import build_plan
+    from ivl_local.eval.artifacts import Workspace
+    from ivl_local.eval.configs import EvalConfig, Trained
+    from ivl_local.eval.harness import ConfigResult
+    from ivl_local.eval.ifeval_plan import MAX_LEN, chat_value_rows
+    from ivl_local.eval.report import comparisons
+    from ivl_local.train.api import DEFAULT_RECIPE
+
+    before, after = chat_value_rows()
+    assert (before.kind, after.kind) == ("chat-value", "chat-value")
+    b, a = before.value, after.value
+    assert (b.base, b.init, b.data) == (DEFAULT_RECIPE["base"], DEFAULT_RECIPE["init"], ("chat",))
+    assert b.steps == 41          # the default recipe's one epoch (docs: 41 steps)
+    assert dict(b.extra)["max_len"] == DEFAULT_RECIPE["max_len"] and dict(a.extra)["max_len"] == MAX_LEN
+    assert a.data == ("chat", "ifeval", "ifeval-sampled") and a.steps > b.steps
+    assert {c.name for c in build_plan(task="ifeval", installed=lambda name: False).configs} >= {before.name, after.name}
+
+    # the mix: every line of every set, once, in order; content-named; reused
+    ws = Workspace(tmp_path, log=lambda line: None)
+    mixed = ws.demonstrations(a)
+    lines = mixed.read_text().splitlines()
+    sets = [data_path(name) for name in ("chat_train.jsonl", "ifeval_train.jsonl", "ifeval_train_sampled.jsonl")]
+    expected = [line for path in sets for line in path.read_text().splitlines()]
+    assert lines == expected and len(lines) == 339 + 768 + len(sets[2].read_text().splitlines())
+    assert ws.demonstrations(a) == mixed and ws.demonstrations(Trained("smollm2-135m", task="ifeval")).name == "ifeval_train.jsonl"
+    # a recipe without a mix keeps its old cache key; a mix of unknown sets is refused
+    assert "data" not in Trained("smollm2-135m").recipe() and a.recipe()["data"] == a.data
+    with pytest.raises(ValueError, match="demonstration sets"):
+        Trained("gemma3-270m", data=("chat", "nope"))
+    with pytest.raises(ValueError, match="demonstration sets"):
+        Trained("gemma3-270m", data=("chat", "chat"))
+
+    # the report's after - before row, paired over the same items
+    n = 10
+    base_scores = np.zeros(n)
+    rows_ = {"gemma3": ConfigResult(EvalConfig("gemma3", "base", "gemma3-270m"), [""] * n, base_scores, base_scores, 0.0),
+             before.name: ConfigResult(before, [""] * n, np.array([1.0] * 2 + [0.0] * 8), base_scores, 0.0),
+             after.name: ConfigResult(after, [""] * n, np.array([1.0] * 6 + [0.0] * 4), base_scores, 0.0)}
+    found = [r for r in comparisons(rows_) if r["comparison"].startswith("after - before")]
+    assert len(found) == 1 and "ifeval+ifeval-sampled" in found[0]["comparison"]
+    assert _math.isclose(found[0]["value"], 0.4)

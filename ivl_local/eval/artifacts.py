@@ -30,7 +30,8 @@ from ..atomic import atomic_temp
 from ..config import default_threads
 from ..errors import IVLError, ModelFileError
 from ..models import resolve_model
-from .configs import AlignedMap, ModelRef, Requantized, Trained
+from ..datasets import data_path
+from .configs import DEMO_SETS, AlignedMap, ModelRef, Requantized, Trained
 from .task import split_path
 
 # llama_ftype values (llama.h) for the re-quantization targets we use
@@ -88,6 +89,24 @@ class Workspace:
 
     def train_data(self, task: str) -> Path:
         return split_path(self.train_split, task)
+
+    def demonstrations(self, ref: Trained) -> Path:
+        """What `ref` learns: its task's train split, or its mix of shipped demonstration sets
+        (one JSONL file, the sets concatenated in order; the trainer shuffles), written once
+        under the workspace and named by its content."""
+        if not ref.data:
+            return self.train_data(ref.task)
+        parts = []
+        for name in ref.data:
+            text = data_path(DEMO_SETS[name]).read_text(encoding="utf-8")
+            parts.append(text if text.endswith("\n") or not text else text + "\n")
+        mixed = "".join(parts).encode("utf-8")
+        out = self.root / "data" / f"mix-{'+'.join(ref.data)}-{hashlib.sha256(mixed).hexdigest()[:12]}.jsonl"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_temp(out) as tmp:
+                tmp.write_bytes(mixed)
+        return out
 
     # --- public -----------------------------------------------------------------------------
 
@@ -150,7 +169,7 @@ class Workspace:
 
     def _trained(self, ref: Trained) -> Path:
         base = resolve_model(ref.base)
-        data = self.train_data(ref.task)
+        data = self.demonstrations(ref)
         key = _recipe_hash(ref.recipe(), sha256_of(base), sha256_of(data))
         folder = self.root / "trained" / f"{_slug(ref.label)}-{key}"
         done = folder / "artifact.json"

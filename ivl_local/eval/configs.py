@@ -38,6 +38,11 @@ QWEN_STEPS = 50         # training steps of the Qwen value net and reference (fu
 # Tasks (task.TASKS): the study's task, and a second one with another answer type, so two
 # value nets trained on different tasks can be composed and checked on both.
 MAIN_TASK, OTHER_TASK = "arith", "spell"
+# Shipped demonstration sets (data/) a Trained can mix instead of its task's train split:
+# the chat set the default chat value network learns, the ifeval programmatic demonstrations,
+# and the ifeval answers sampled from local instruct models that passed every checker.
+DEMO_SETS = {"chat": "chat_train.jsonl", "ifeval": "ifeval_train.jsonl",
+             "ifeval-sampled": "ifeval_train_sampled.jsonl"}
 
 # Configuration kinds, in report order.
 KINDS = (
@@ -54,6 +59,7 @@ KINDS = (
     "norm-weight-0",        # value net trained without the norm penalty
     "other-task",           # a value net trained on the other task (does it leak into this one?)
     "composed",             # two value nets trained on different tasks, added together
+    "chat-value",           # the default chat value network's recipe, before/after adding the task's demonstrations
     "alpha-sweep",          # a transfer configuration at several alphas
 )
 OPTIONAL_KINDS = ("same-family",)   # needs the optional Qwen models
@@ -70,10 +76,19 @@ class Trained:
     steps: int = 300
     extra: tuple = ()              # other TrainConfig fields as (name, value) pairs
     task: str = MAIN_TASK          # whose train split it learns (task.TASKS)
+    data: tuple = ()               # DEMO_SETS names mixed instead of that split, e.g. ("chat", "ifeval")
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.data if name not in DEMO_SETS]
+        if unknown or len(set(self.data)) != len(self.data):
+            raise ValueError(f"Trained.data: unknown or repeated demonstration sets {list(self.data)} "
+                             f"(known: {', '.join(DEMO_SETS)})")
 
     @property
     def label(self) -> str:
         task = "" if self.task == MAIN_TASK else f", {self.task}"
+        if self.data:
+            task = ", " + "+".join(self.data)
         if self.full_finetune:
             partial = dict(self.extra).get("train_layers")
             return f"{self.base} {'partial-FT' if partial else 'full-FT'}{task.replace(',', '')}"
@@ -86,6 +101,8 @@ class Trained:
         out = asdict(self)
         if self.task == MAIN_TASK:
             del out["task"]
+        if not self.data:          # likewise the artifacts trained before mixes existed
+            del out["data"]
         return out
 
 

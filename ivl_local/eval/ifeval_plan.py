@@ -8,18 +8,53 @@ ifeval train split (data/ifeval_train.jsonl, programmatic demonstrations): the v
 full fine-tuning on its training base, another quantization, across vocabularies in both
 directions (SmolLM2 <-> Gemma 3, SmolLM2 -> Qwen 1.5B), same family larger (Qwen 0.5B value
 net on the 1.5B vs the 1.5B's partial fine-tune), proxy-tuning on every base, alpha sweeps
-(their alpha is chosen on --split valid, then --alpha-from).
+(their alpha is chosen on --split valid, then --alpha-from), and the default chat value
+network before/after these demonstrations join its chat set (chat_value_rows).
 """
 
 from __future__ import annotations
 
-from .configs import (ALPHAS, GEMMA, QUICK_ALPHAS, QWEN_LARGE, QWEN_REF_LAYERS, QWEN_SMALL, QWEN_STEPS, SMOL,
+import math
+from dataclasses import replace
+
+from ..datasets import data_path
+from .configs import (DEMO_SETS, ALPHAS, GEMMA, QUICK_ALPHAS, QWEN_LARGE, QWEN_REF_LAYERS, QWEN_SMALL, QWEN_STEPS, SMOL,
                       EvalConfig, Plan, ProxyRef, Requantized, Trained, alpha_sweep)
 
 TASK = "ifeval"
 # Demonstrations are at most ~200 tokens with the prompt (SmolLM2's tokenizer), plus the chat
 # template: 320 never truncates one.
 MAX_LEN = 320
+
+
+def _one_epoch(sets: tuple, batch_size: int, eval_fraction: float) -> int:
+    """Optimizer steps in one pass over the mixed sets, after the trainer's held-out split
+    (train.data.split_eval)."""
+    n = sum(1 for name in sets for line in data_path(DEMO_SETS[name]).read_text(encoding="utf-8").splitlines()
+            if line.strip())
+    held = min(n - 1, max(1, round(n * eval_fraction))) if eval_fraction > 0 and n > 1 else 0
+    return math.ceil((n - held) / batch_size)
+
+
+def chat_value_rows() -> list[EvalConfig]:
+    """The default chat value network (ivl-chat's recipe, train.api.DEFAULT_RECIPE: a pruned:4
+    copy of Gemma 3 270M, one epoch of the chat demonstrations) before and after this task's
+    demonstrations (programmatic and sampled) join its data, at the same recipe (one epoch;
+    max_len raised to the task's so no demonstration is cut; no wall-time cap, so a busy machine
+    does not change the result)."""
+    from ..train.api import DEFAULT_RECIPE
+
+    settings = {name: DEFAULT_RECIPE[name] for name in ("learning_rate", "warmup_ratio", "batch_size",
+                                                         "max_len", "eval_every")}
+    fraction = 0.05   # TrainConfig's default held-out share, which the default recipe keeps
+    before_sets, after_sets = ("chat",), ("chat", TASK, TASK + "-sampled")
+    before = Trained(DEFAULT_RECIPE["base"], init=DEFAULT_RECIPE["init"], task=TASK, data=before_sets,
+                     steps=_one_epoch(before_sets, settings["batch_size"], fraction),
+                     extra=tuple(settings.items()))
+    after = replace(before, data=after_sets, steps=_one_epoch(after_sets, settings["batch_size"], fraction),
+                    extra=tuple({**settings, "max_len": MAX_LEN}.items()))
+    return [EvalConfig("gemma3 + chat value", "chat-value", before.base, before),
+            EvalConfig(f"gemma3 + chat+{TASK} value", "chat-value", after.base, after)]
 
 
 def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: int | None = None,
@@ -77,10 +112,10 @@ def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: i
         transfer.append(same)
     else:
         skipped.append("same-family (Qwen 0.5B -> 1.5B): needs both Qwen models")
-    skipped.append("the default chat value network before/after training on these demonstrations: not built yet")
+    configs += chat_value_rows()
     for config in [in_dist] + transfer:
         configs += alpha_sweep(config, alphas)
     return Plan(configs, skipped)
 
 
-__all__ = ["build_ifeval_plan", "TASK", "MAX_LEN"]
+__all__ = ["build_ifeval_plan", "chat_value_rows", "TASK", "MAX_LEN"]

@@ -89,6 +89,13 @@ def comparisons(results: dict) -> list[dict]:
             if exact is not None:
                 d, dlo, dhi = paired_difference(r.scores, exact.scores)
                 add(f"aligned - exact-text map: {c.name}", c.kind, d, dlo, dhi)
+        if c.kind == "chat-value" and isinstance(value, Trained):
+            before = _find(results, lambda o: o.kind == "chat-value" and o.base == c.base
+                           and isinstance(o.value, Trained) and set(o.value.data) < set(value.data))
+            if before is not None:
+                d, dlo, dhi = paired_difference(r.scores, before.scores)
+                added = "+".join(x for x in value.data if x not in before.config.value.data)
+                add(f"after - before adding {added}: {c.name} vs {before.config.name}", c.kind, d, dlo, dhi)
         if c.kind == "composed":
             _composed_rows(results, r, add)
         if c.kind == "norm-weight-0" and isinstance(value, Trained):
