@@ -358,9 +358,9 @@ def test_a_job_dies_with_the_evaluation_that_started_it(tmp_path):
     pid_file = tmp_path / "child.pid"
     parent = (
         "import functools, os, subprocess, sys, time\n"
-        "from ivl_local.eval.artifacts import _child_setup\n"
+        "from ivl_local.eval.artifacts import _child_setup, _linux_prctl\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
-        "                         preexec_fn=functools.partial(_child_setup, os.getpid()))\n"
+        "                         preexec_fn=functools.partial(_child_setup, os.getpid(), _linux_prctl()))\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
         "time.sleep(120)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),

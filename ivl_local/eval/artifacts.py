@@ -211,16 +211,20 @@ def _exclusive(path: Path, on_wait=lambda: None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _child_setup(parent: int) -> None:
+def _child_setup(parent: int, prctl) -> None:
     """In the forked job, before exec: nice 5, and on Linux die with the parent (SIGTERM).
     Without the latter, a killed evaluation left its training job running, unlocked: the next
-    evaluation of the same recipe trained a second copy into the same folder."""
+    evaluation of the same recipe trained a second copy into the same folder. `prctl` is looked
+    up in the parent: loading a library between fork and exec can deadlock."""
     os.nice(5)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)                  # PR_SET_PDEATHSIG
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)                       # PR_SET_PDEATHSIG
         if os.getppid() != parent:                     # the parent died before prctl took effect
             os._exit(1)
+
+
+def _linux_prctl():
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def run_job(name: str, payload: dict) -> dict:
@@ -232,7 +236,7 @@ def run_job(name: str, payload: dict) -> dict:
     out_file = Path(payload.get("folder") or payload["out_dir"]) / f"{name}-result.json"
     out_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "ivl_local.eval.jobs", name, json.dumps(payload), str(out_file)]
-    proc = subprocess.run(cmd, env=env, preexec_fn=functools.partial(_child_setup, os.getpid()))
+    proc = subprocess.run(cmd, env=env, preexec_fn=functools.partial(_child_setup, os.getpid(), _linux_prctl()))
     if proc.returncode != 0 or not out_file.exists():
         raise ArtifactError(f"evaluation job '{name}' failed (exit {proc.returncode}); see the log above")
     return json.loads(out_file.read_text())
