@@ -15,7 +15,7 @@ import pytest
 from ivl_local.eval import (KINDS, EvalConfig, Plan, Requantized, Trained, build_plan, run_eval,
                            wilson_interval)
 from ivl_local.errors import DataError
-from ivl_local.eval.configs import OPTIONAL_KINDS, AlignedMap, ProxyRef, alpha_sweep
+from ivl_local.eval.configs import IFEVAL_KINDS, OPTIONAL_KINDS, AlignedMap, ProxyRef, alpha_sweep
 from ivl_local.eval.report import comparisons
 from ivl_local.eval.stats import bootstrap_interval, paired_difference, paired_ratio
 from ivl_local.eval.task import load_split
@@ -77,7 +77,7 @@ def test_task_scorer_is_reasoning_gyms():
 def test_plan_has_every_kind_and_unique_names(quick):
     plan = build_plan(quick, installed=lambda name: name in ("smollm2-135m", "gemma3-270m"))
     kinds = {c.kind for c in plan.configs}
-    assert kinds == set(KINDS) - set(OPTIONAL_KINDS) - {"chat-value"}   # chat-value: the ifeval plan's
+    assert kinds == set(KINDS) - set(OPTIONAL_KINDS) - set(IFEVAL_KINDS)
     names = [c.name for c in plan.configs]
     assert len(names) == len(set(names))
     assert any("qwen" in s for s in plan.skipped)
@@ -289,7 +289,7 @@ def test_quick_mode_real(tmp_path, smollm2_path, gemma3_path):
     report = run_eval(None, quick=True, limit=6, out_dir=tmp_path, progress=False)
     plan = build_plan(quick=True)
     assert list(report.results) == [c.name for c in plan.configs], report.skipped
-    assert {r.config.kind for r in report.results.values()} == set(KINDS) - set(OPTIONAL_KINDS)
+    assert {r.config.kind for r in report.results.values()} == set(KINDS) - set(OPTIONAL_KINDS) - set(IFEVAL_KINDS)
     for r in report.results.values():
         assert r.n == report.meta["examples"] > 0
         assert all(0.0 <= s <= 1.0 for s in r.scores) and all(0.0 <= s <= 1.0 for s in r.lenient)

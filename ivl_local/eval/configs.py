@@ -63,6 +63,7 @@ KINDS = (
     "alpha-sweep",          # a transfer configuration at several alphas
 )
 OPTIONAL_KINDS = ("same-family",)   # needs the optional Qwen models
+IFEVAL_KINDS = ("chat-value",)      # only in the ifeval plan (ifeval_plan.chat_value_rows)
 
 
 @dataclass(frozen=True)
