@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -231,9 +232,11 @@ def test_ifeval_plans_have_the_studys_rows():
     assert trained and all(r.task == "ifeval" for r in trained)
     full = {c.name: c for c in build_plan(task="ifeval", installed=lambda name: True).configs}
     for name in ("smollm2 Q4_0 + value", "smollm2 + value[gemma3]", "qwen1.5b + value[qwen0.5b]",
-                 "qwen1.5b partial-FT", "qwen1.5b + proxy[smollm2]", "gemma3 + value[smollm2] @a=0.5"):
+                 "qwen1.5b partial-FT", "qwen1.5b + proxy[smollm2]", "gemma3 + value[smollm2] @a=0.5",
+                 "smollm2 + value norm 0"):
         assert name in full
     assert dict(full["smollm2 + value"].value.extra)["max_len"] >= 256
+    assert full["smollm2 + value norm 0"].value == replace(full["smollm2 + value"].value, norm_weight=0.0)
 
 
 def test_quick_structure_with_the_real_scorer(tmp_path):

@@ -85,6 +85,11 @@ def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: i
 
     q4 = Requantized(SMOL, "Q4_0")
     cross_gemma = EvalConfig("smollm2 + value[gemma3]", "cross-vocab", SMOL, v_gemma)
+    # the norm penalty at weight 1 kept the value net's logits small (mean |logit| 0.84 at 100
+    # steps, as large as its CE); does the net follow the case/quotation constraints without it?
+    v_smol_norm0 = replace(v_smol, norm_weight=0.0)
+    configs += [EvalConfig("smollm2 + value norm 0", "norm-weight-0", SMOL, v_smol_norm0),
+                EvalConfig("gemma3 + value[smollm2] norm 0", "norm-weight-0", GEMMA, v_smol_norm0)]
     configs += [EvalConfig("smollm2 Q4_0", "base", q4),
                 EvalConfig("smollm2 Q4_0 + value", "other-quantization", q4, v_smol),
                 EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma), cross_gemma]
