@@ -27,13 +27,16 @@ TASK = "ifeval"
 MAX_LEN = 320
 
 
-def _one_epoch(sets: tuple, batch_size: int, eval_fraction: float) -> int:
-    """Optimizer steps in one pass over the mixed sets, after the trainer's held-out split
-    (train.data.split_eval)."""
+def _one_epoch(sets: tuple, batch_size: int) -> int:
+    """Optimizer steps in one pass over the mixed sets' demonstrations (non-blank lines), after
+    the trainer's own held-out split at TrainConfig's default share."""
+    from ..train.config import TrainConfig
+    from ..train.data import split_eval
+
     n = sum(1 for name in sets for line in data_path(DEMO_SETS[name]).read_text(encoding="utf-8").splitlines()
             if line.strip())
-    held = min(n - 1, max(1, round(n * eval_fraction))) if eval_fraction > 0 and n > 1 else 0
-    return math.ceil((n - held) / batch_size)
+    train, _ = split_eval(list(range(n)), TrainConfig().eval_fraction, seed=0)
+    return math.ceil(len(train) / batch_size)
 
 
 def chat_value_rows() -> list[EvalConfig]:
@@ -46,12 +49,11 @@ def chat_value_rows() -> list[EvalConfig]:
 
     settings = {name: DEFAULT_RECIPE[name] for name in ("learning_rate", "warmup_ratio", "batch_size",
                                                          "max_len", "eval_every")}
-    fraction = 0.05   # TrainConfig's default held-out share, which the default recipe keeps
     before_sets, after_sets = ("chat",), ("chat", TASK, TASK + "-sampled")
     before = Trained(DEFAULT_RECIPE["base"], init=DEFAULT_RECIPE["init"], task=TASK, data=before_sets,
-                     steps=_one_epoch(before_sets, settings["batch_size"], fraction),
+                     steps=_one_epoch(before_sets, settings["batch_size"]),
                      extra=tuple(settings.items()))
-    after = replace(before, data=after_sets, steps=_one_epoch(after_sets, settings["batch_size"], fraction),
+    after = replace(before, data=after_sets, steps=_one_epoch(after_sets, settings["batch_size"]),
                     extra=tuple({**settings, "max_len": MAX_LEN}.items()))
     return [EvalConfig("gemma3 + chat value", "chat-value", before.base, before),
             EvalConfig(f"gemma3 + chat+{TASK} value", "chat-value", after.base, after)]
