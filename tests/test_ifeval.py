@@ -237,6 +237,12 @@ def test_ifeval_plans_have_the_studys_rows():
         assert name in full
     assert dict(full["smollm2 + value"].value.extra)["max_len"] >= 256
     assert full["smollm2 + value norm 0"].value == replace(full["smollm2 + value"].value, norm_weight=0.0)
+    # the reverse direction's value net is Gemma's pruned:4 copy, as in the arithmetic plan
+    # (a fresh llama did not learn there); the quick plan keeps the cheap fresh one
+    assert full["gemma3 + value"].value.init == "pruned:4"
+    assert full["smollm2 + value[gemma3]"].value is full["gemma3 + value"].value
+    gemma_extra = dict(full["gemma3 + value"].value.extra)
+    assert gemma_extra["max_len"] == 320 and "learning_rate" not in gemma_extra   # the trainer's 1e-4
 
 
 def test_quick_structure_with_the_real_scorer(tmp_path):

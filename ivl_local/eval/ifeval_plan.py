@@ -68,7 +68,10 @@ def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: i
     v_smol = (Trained(SMOL, init="fresh", steps=steps, extra=fresh, task=TASK) if smollm2_init == "fresh"
               else Trained(SMOL, init=smollm2_init, steps=steps, extra=common, task=TASK))
     ft_smol = Trained(SMOL, full_finetune=True, steps=steps, extra=common, task=TASK)
-    v_gemma = Trained(GEMMA, init="fresh", steps=steps, extra=fresh, task=TASK)
+    # Gemma's value net: a trainable copy of its first 4 layers at 1e-4, as in the arithmetic
+    # plan and the default chat value net (a fresh llama did not learn there); quick: fresh.
+    v_gemma = (Trained(GEMMA, init="fresh", steps=steps, extra=fresh, task=TASK) if quick
+               else Trained(GEMMA, init="pruned:4", steps=steps, extra=common, task=TASK))
     proxy = ProxyRef(expert=ft_smol, anti=SMOL)
     alphas = QUICK_ALPHAS if quick else ALPHAS
     skipped: list[str] = []
