@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ivl_local.errors import DataError
@@ -344,6 +345,39 @@ def test_goals_of_the_issue_from_a_report(tmp_path, capsys):
     assert "| punctuation:no_comma (10) | 0.00 | 0.00 | 0.50 | 0.60 | 0.40 | 0.50 |" in out
 
 
+def test_goals_judge_each_value_net_recipe():
+    """A recipe variant (norm weight 0) is judged on its own: its row on its training base
+    against the full FT, its row on another base as a cross-vocabulary row against its own
+    base's, and against proxy-tuning on that base."""
+    from ivl_local.eval import ifeval_goals
+
+    def row(name, kind, base, value, ones):
+        return {"name": name, "kind": kind, "base": base, "value": value, "alpha": 1.0,
+                "scores": [1.0] * ones + [0.0] * (10 - ones)}
+
+    value, value0 = "value[smollm2-135m, ifeval]", "value[smollm2-135m, norm 0, ifeval]"
+    report = {"meta": {"split": "test"}, "results": [
+        row("smollm2", "base", "smollm2-135m", "-", 0),
+        row("gemma3", "base", "gemma3-270m", "-", 1),
+        row("smollm2 + value", "in-distribution", "smollm2-135m", value, 1),
+        row("smollm2 full-FT", "full-finetune", "smollm2-135m full-FT ifeval", "-", 8),
+        row("gemma3 + value[smollm2]", "cross-vocab", "gemma3-270m", value, 0),
+        row("gemma3 + proxy[smollm2]", "proxy-tuning", "gemma3-270m",
+            "proxy[smollm2-135m full-FT ifeval - smollm2-135m]", 5),
+        row("smollm2 + value norm 0", "norm-weight-0", "smollm2-135m", value0, 8),
+        row("gemma3 + value[smollm2] norm 0", "norm-weight-0", "gemma3-270m", value0, 7)]}
+    got = {g["goal"]: g for g in ifeval_goals.goals(report)}
+    assert got["smollm2 + value: >= 90% of smollm2 full-FT's gain"]["verdict"] == "missed"
+    own = got["smollm2 + value norm 0: >= 90% of smollm2 full-FT's gain"]
+    assert own["value"] == pytest.approx(1.0) and own["verdict"] == "met"
+    assert got["gemma3 + value[smollm2] norm 0: gain clearly above 0"]["verdict"] == "met"
+    cross = got["gemma3 + value[smollm2] norm 0: >= 70% of the gain on its own base (smollm2 + value norm 0)"]
+    assert cross["value"] == pytest.approx(6 / 8) and cross["verdict"] == "met"
+    assert got["gemma3 + value[smollm2] norm 0 >= gemma3 + proxy[smollm2]"]["verdict"] == "met"
+    assert got["gemma3 + value[smollm2] >= gemma3 + proxy[smollm2]"]["verdict"] == "missed"
+    assert not any("norm 0: >= 70% of the gain on its own base (smollm2 + value)" in g for g in got)
+
+
 def test_instruction_level_gains_rescore_the_reports_answers():
     """Pooled instruction-level differences from the answers on the report's own prompts:
     witnesses pass every instruction, so witness - non-answer is 1 - the non-answer's rate."""
@@ -402,7 +436,8 @@ def test_echo_rows_rescore_the_reports_answers():
     good = [witness_of[e.prompt] for e in examples]
 
     def row(name, kind, base, value, answers):
-        return {"name": name, "kind": kind, "base": base, "value": value, "alpha": 1.0, "answers": answers}
+        return {"name": name, "kind": kind, "base": base, "value": value, "alpha": 1.0, "answers": answers,
+                "scores": [float(e.verdict(a).prompt_strict) for e, a in zip(examples, answers)]}
 
     report = {"meta": {"split": "test", "example_ids": [e.index for e in examples]}, "results": [
         row("gemma3", "base", "gemma3-270m", "-", echo),
@@ -412,6 +447,14 @@ def test_echo_rows_rescore_the_reports_answers():
     assert base["echoes"] == 1.0 and base["prompt_strict_no_echo"] == 0.0 and base["gain"] is None
     assert fused["echoes"] == 0.0 and fused["prompt_strict_no_echo"] == fused["prompt_strict"] == 1.0
     assert fused["gain"]["value"] == pytest.approx(1.0) and fused["gain"]["vs"] == "gemma3"
+    # the goals, judged again with echoes failing: the base's credit for echoing is gone
+    strict_floor = float(np.mean([e.verdict(a).prompt_strict for e, a in zip(examples, echo)]))
+    plain = {g["goal"]: g for g in ifeval_goals.goals(report)}["gemma3 + value[smollm2]: gain clearly above 0"]
+    guarded = {g["goal"]: g for g in ifeval_goals.guarded_goals(report)}["gemma3 + value[smollm2]: gain clearly above 0"]
+    assert plain["value"] == pytest.approx(1.0 - strict_floor) and strict_floor > 0   # echoes pass IFEval
+    assert guarded["value"] == pytest.approx(1.0)
+    assert guarded["verdict"] == "met"
+    assert "The same goals with an answer that echoes the request failing" in ifeval_goals.markdown(report)
 
 
 def test_first_runs_gemma_passes_were_all_echoes():

@@ -5,6 +5,7 @@
     table = instruction_table(load_report(path))   # strict pass rate per instruction and row
     gains = instruction_gains(load_report(path))   # instruction-level differences (re-scores answers)
     echoes = echo_rows(load_report(path))          # answers that repeat the request, echo-guarded scores
+    rows = guarded_goals(load_report(path))        # the goals with an echoing answer failing
 
 The harness's own comparisons (report.comparisons) cover the share of the full fine-tune's
 gain and IVL - proxy-tuning; the cross-vocabulary goal also needs the value net's gain on a
@@ -51,12 +52,24 @@ def _row(goal: str, measured: str, value: float, ci, verdict: str) -> dict:
     return {"goal": goal, "measured": measured, "value": value, "ci": list(ci), "verdict": verdict}
 
 
+# Rows of a value network added to a base at its default weight: on its own training base
+# (in-distribution) or on another (cross-vocab); a recipe variant (norm-weight-0) is either,
+# by the base it runs on. Each recipe is judged against the goals on its own.
+VALUE_KINDS = ("in-distribution", "cross-vocab", "norm-weight-0")
+
+
+def _on_own_base(r: dict) -> bool:
+    return r["base"] == _trained_on(r["value"])
+
+
 def goals(report: dict) -> list[dict]:
     """One row per goal of issue 14 that this report can judge, and one 'not measured' row for
-    each goal it cannot (a missing row of the study)."""
+    each goal it cannot (a missing row of the study). Every value-net recipe in the report (the
+    plan's and its norm-weight-0 variant) gets its own rows."""
     out: list[dict] = []
     rows = _rows(report)
-    in_dist = [r for r in rows if r["kind"] == "in-distribution"]
+    value_rows = [r for r in rows if r["kind"] in VALUE_KINDS and r["value"].startswith("value[")]
+    in_dist = [r for r in value_rows if _on_own_base(r)]
     for r in in_dist:
         alone = _alone(report, r["base"])
         ft = next((o for o in rows if o["kind"] == "full-finetune" and o["base"].startswith(f"{r['base']} ")), None)
@@ -70,7 +83,7 @@ def goals(report: dict) -> list[dict]:
         out.append(_row("value net >= 90 % of full fine-tuning's gain", "not measured", math.nan,
                         (math.nan, math.nan), "not measured"))
 
-    cross = [r for r in rows if r["kind"] == "cross-vocab"]
+    cross = [r for r in value_rows if not _on_own_base(r)]
     for r in cross:
         alone = _alone(report, r["base"])
         if alone is None:
@@ -94,14 +107,11 @@ def goals(report: dict) -> list[dict]:
                         f"{', '.join(sorted(bases_with_cross)) or 'no base'})"))
 
     for p in (r for r in rows if r["kind"] == "proxy-tuning"):
-        ivl = next((o for o in rows if o["base"] == p["base"] and o["kind"] in ("in-distribution", "cross-vocab")
-                    and o["alpha"] == 1.0 and o["value"].startswith("value[")
-                    and p["value"].startswith(f"proxy[{_trained_on(o['value'])} ")), None)
-        if ivl is None:
-            continue
-        d, lo, hi = paired_difference(ivl["scores"], p["scores"])
-        out.append(_row(f"{ivl['name']} >= {p['name']}", "IVL - proxy-tuning", d, (lo, hi),
-                        "met" if d >= 0 else "missed"))
+        for ivl in (o for o in value_rows if o["base"] == p["base"] and o["alpha"] == 1.0
+                    and p["value"].startswith(f"proxy[{_trained_on(o['value'])} ")):
+            d, lo, hi = paired_difference(ivl["scores"], p["scores"])
+            out.append(_row(f"{ivl['name']} >= {p['name']}", "IVL - proxy-tuning", d, (lo, hi),
+                            "met" if d >= 0 else "missed"))
 
     if not any(r["kind"] == "same-family" for r in rows):
         out.append(_row("Qwen 0.5B value net on the 1.5B: gain >= its gain on the 0.5B, "
@@ -158,6 +168,15 @@ def echo_rows(report: dict, verdicts: dict | None = None) -> list[dict]:
     return out
 
 
+def guarded_goals(report: dict, verdicts: dict | None = None) -> list[dict]:
+    """goals() with an echoing answer failing: a base that passes only by repeating the request
+    (Gemma 3 base, docs/results) is judged from its guarded floor, not from IFEval's credit."""
+    verdicts = _verdicts(report) if verdicts is None else verdicts
+    guarded = {**report, "results": [{**r, "scores": [float(v.prompt_strict_no_echo) for v in verdicts[r["name"]]]}
+                                     for r in _rows(report)]}
+    return goals(guarded)
+
+
 def _pooled_difference(a, b, counts, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
     """sum(a - b) / sum(counts) (IFEval's pooled instruction-level accuracy, a minus b) with a
     percentile bootstrap over prompts, paired."""
@@ -200,13 +219,20 @@ def _fmt(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}" if abs(x) < 2 else f"{x:.2f}"
 
 
-def markdown(report: dict) -> str:
+def _goal_lines(rows: list[dict]) -> list[str]:
     lines = ["| goal | measured | value [95 % CI] | verdict |", "|---|---|---|---|"]
-    for g in goals(report):
+    for g in rows:
         ci = "" if math.isnan(g["ci"][0]) else f" [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}]"
         lines.append(f"| {g['goal']} | {g['measured']} | {_fmt(g['value'])}{ci} | {g['verdict']} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = _goal_lines(goals(report))
     if report["meta"].get("example_ids"):
-        verdicts = _verdicts(report)   # every answer re-scored once, for both tables
+        verdicts = _verdicts(report)   # every answer re-scored once, for every table
+        lines += ["", "The same goals with an answer that echoes the request failing:", ""]
+        lines += _goal_lines(guarded_goals(report, verdicts))
         lines += ["", "| instruction-level strict (pooled) | difference [95 % CI] |", "|---|---|"]
         for g in instruction_gains(report, verdicts):
             lines.append(f"| {g['comparison']} | {_fmt(g['value'])} [{_fmt(g['ci'][0])}, {_fmt(g['ci'][1])}] |")
