@@ -569,6 +569,7 @@ def test_proxy_and_composed_rows_are_paired_with_ivl_and_each_value_net(tmp_path
                EvalConfig("smol + proxy", "proxy-tuning", "smollm2-135m", proxy=proxy),
                EvalConfig("gemma + value", "cross-vocab", "gemma3-270m", v),
                EvalConfig("gemma + proxy", "proxy-tuning", "gemma3-270m", proxy=proxy),
+               EvalConfig("gemma + value norm 0", "cross-vocab", "gemma3-270m", replace(v, norm_weight=0.0)),
                EvalConfig("smol + value[spell]", "other-task", "smollm2-135m", v2),
                EvalConfig("smol + both", "composed", "smollm2-135m", v, extra_values=((v2, 1.0),))]
     table = {"smollm2-135m": (0.2, 0.8), "gemma3-270m": (0.1, 0.5), "smollm2-135m_full-FT": (0.9, 0.9),
@@ -588,6 +589,9 @@ def test_proxy_and_composed_rows_are_paired_with_ivl_and_each_value_net(tmp_path
     rows = {row["comparison"]: row for row in comparisons(report.results)}
     assert rows["IVL - proxy-tuning: smol + value vs smol + proxy"]["value"] == pytest.approx(0.8 - 0.6)
     assert rows["IVL - proxy-tuning: gemma + value vs gemma + proxy"]["value"] == pytest.approx(0.5 - 0.6)
+    # every recipe of the value net is set against proxy-tuning; another task's net is not
+    assert rows["IVL - proxy-tuning: gemma + value norm 0 vs gemma + proxy"]["value"] == pytest.approx(0.5 - 0.6)
+    assert sum(k.startswith("IVL - proxy-tuning") for k in rows) == 3
     assert rows["gain: gemma + proxy vs gemma"]["value"] == pytest.approx(0.6 - 0.1)
     share = rows["share of full-FT gain recovered: smol + proxy"]
     assert share["value"] == pytest.approx((0.6 - 0.2) / (0.9 - 0.2))

@@ -242,6 +242,13 @@ def test_ifeval_plans_have_the_studys_rows():
     # (a fresh llama did not learn there); the quick plan keeps the cheap fresh one
     assert full["gemma3 + value"].value.init == "pruned:4"
     assert full["smollm2 + value[gemma3]"].value is full["gemma3 + value"].value
+    # the norm-0 twins carry their rows' kinds, so the report pairs them with their own recipe
+    twins = {"smollm2 + value norm 0": "smollm2 + value", "gemma3 + value[smollm2] norm 0": "gemma3 + value[smollm2]",
+             "smollm2 Q4_0 + value norm 0": "smollm2 Q4_0 + value", "gemma3 + value norm 0": "gemma3 + value",
+             "smollm2 + value[gemma3] norm 0": "smollm2 + value[gemma3]"}
+    for twin, row in twins.items():
+        assert full[twin].kind == full[row].kind and full[twin].base == full[row].base
+        assert full[twin].value == replace(full[row].value, norm_weight=0.0)
     gemma_extra = dict(full["gemma3 + value"].value.extra)
     assert gemma_extra["max_len"] == 320 and "learning_rate" not in gemma_extra   # the trainer's 1e-4
 

@@ -170,6 +170,16 @@ def _composed_rows(results, r, add) -> None:
             add(f"composed - one value net: {c.name} vs {single.config.name}", c.kind, d, lo, hi)
 
 
+def _plain_ivl_of(o, base, expert: Trained) -> bool:
+    """Row `o` adds, at alpha 1 on `base` with the default map and prompt, a value net trained
+    on the proxy expert's base and task: the IVL row proxy-tuning is compared with."""
+    return (o.base == base and o.proxy is None and not o.extra_values
+            and isinstance(o.value, Trained) and not o.value.full_finetune
+            and o.value.base == expert.base and o.value.task == expert.task
+            and o.token_map is None and o.value_prompt == "own"
+            and o.map_mode == "raw" and o.alpha == 1.0 and o.kind != "alpha-sweep")
+
+
 def _proxy_rows(results, r, add) -> None:
     """Proxy-tuning, the IVL paper's baseline: its gain over the base alone, IVL's score
     minus its own on the same items (the value net trained on the expert's base and data),
@@ -181,12 +191,8 @@ def _proxy_rows(results, r, add) -> None:
         add(f"gain: {c.name} vs {alone.config.name}", c.kind, gain, lo, hi)
     if not isinstance(expert, Trained):
         return
-    ivl = _find(results, lambda o: o.base == c.base and o.proxy is None and not o.extra_values
-                and isinstance(o.value, Trained) and not o.value.full_finetune
-                and o.value.base == expert.base and o.value.task == expert.task
-                and o.value.norm_weight == 1.0 and o.token_map is None and o.value_prompt == "own"
-                and o.map_mode == "raw" and o.alpha == 1.0 and o.kind != "alpha-sweep")
-    if ivl is not None:
+    # every value-net recipe on this base (norm weight 1 and its norm-0 twin, if both ran)
+    for ivl in (o for o in results.values() if _plain_ivl_of(o.config, c.base, expert)):
         d, lo, hi = paired_difference(ivl.scores, r.scores)
         add(f"IVL - proxy-tuning: {ivl.config.name} vs {c.name}", c.kind, d, lo, hi)
     ft = _reference_for(results, c.base, expert.task)
