@@ -385,6 +385,43 @@ def test_goals_judge_each_value_net_recipe():
     assert not any("norm 0: >= 70% of the gain on its own base (smollm2 + value)" in g for g in got)
 
 
+def test_goals_of_several_reports_on_the_same_items(tmp_path, capsys):
+    """A row run later (the norm-0 net on Gemma) is judged with the earlier report's rows when
+    both scored the same items; reports of other items, or one row with two different answer
+    sets, are one error line."""
+    from ivl_local.eval import ifeval_goals
+
+    examples = load_split("test", 6, "ifeval")
+    meta = {"split": "test", "example_ids": [e.index for e in examples], "seed": 0, "max_tokens": 256}
+
+    def row(name, kind, base, value, answers):
+        return {"name": name, "kind": kind, "base": base, "value": value, "alpha": 1.0, "answers": answers,
+                "scores": [float(e.verdict(a).prompt_strict) for e, a in zip(examples, answers)]}
+
+    witness_of = {r["prompt"]: r["witness"] for r in rows("test")}
+    good, bad = [witness_of[e.prompt] for e in examples], ["I do not know."] * len(examples)
+    gemma = row("gemma3", "base", "gemma3-270m", "-", bad)
+    first = {"meta": meta, "results": [gemma]}
+    later = {"meta": meta, "results": [gemma, row("gemma3 + value[smollm2] norm 0", "cross-vocab", "gemma3-270m",
+                                                  "value[smollm2-135m, norm 0, ifeval]", good)]}
+    merged = ifeval_goals.merge_reports([first, later])
+    assert [r["name"] for r in merged["results"]] == ["gemma3", "gemma3 + value[smollm2] norm 0"]
+    got = {g["goal"]: g for g in ifeval_goals.goals(merged)}
+    assert got["gemma3 + value[smollm2] norm 0: gain clearly above 0"]["verdict"] == "met"
+    paths = []
+    for i, report in enumerate([first, later, {"meta": {**meta, "example_ids": meta["example_ids"][::-1]},
+                                               "results": [gemma]},
+                                {"meta": meta, "results": [{**gemma, "answers": good}]}]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert ifeval_goals.main([str(paths[0]), str(paths[1])]) == 0
+    assert "| gemma3 + value[smollm2] norm 0: gain clearly above 0 |" in capsys.readouterr().out
+    assert ifeval_goals.main([str(paths[0]), str(paths[2])]) == 2
+    assert "differ in example_ids" in capsys.readouterr().err
+    assert ifeval_goals.main([str(paths[0]), str(paths[3])]) == 2
+    assert "row 'gemma3' is in two reports with different answers" in capsys.readouterr().err
+
+
 def test_instruction_level_gains_rescore_the_reports_answers():
     """Pooled instruction-level differences from the answers on the report's own prompts:
     witnesses pass every instruction, so witness - non-answer is 1 - the non-answer's rate."""

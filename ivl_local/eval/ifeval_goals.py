@@ -1,6 +1,7 @@
 """Issue 14's goals read from an ifeval report, each met / missed / not measured with its interval.
 
     python -m ivl_local.eval.ifeval_goals docs/results/ifeval-first/results.json   # markdown
+    python -m ivl_local.eval.ifeval_goals A/results.json B/results.json   # rows of runs on the same items
     rows = goals(load_report(path))          # [{"goal", "measured", "value", "ci", "verdict"}]
     table = instruction_table(load_report(path))   # strict pass rate per instruction and row
     gains = instruction_gains(load_report(path))   # instruction-level differences (re-scores answers)
@@ -253,13 +254,43 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SAME_ITEMS = ("split", "example_ids", "seed", "max_tokens")   # what makes two reports' rows pair
+
+
+def merge_reports(reports: list[dict], names: list[str] | None = None) -> dict:
+    """One report holding the rows of several run on the same items (a row run later, e.g. the
+    norm-0 net on Gemma, paired with the earlier rows). A row name in two reports must carry the
+    same answers; it is kept once. ValueError when the reports' items or settings differ."""
+    names = names or [f"report {i + 1}" for i in range(len(reports))]
+    first, rows, seen = reports[0], [], {}
+    for report, name in zip(reports, names):
+        for key in SAME_ITEMS:
+            if report["meta"].get(key) != first["meta"].get(key):
+                raise ValueError(f"{name} and {names[0]} differ in {key}: their rows do not pair")
+        for r in report["results"]:
+            if r["name"] in seen:
+                if seen[r["name"]].get("answers") != r.get("answers"):
+                    raise ValueError(f"row {r['name']!r} is in two reports with different answers")
+                continue
+            seen[r["name"]] = r
+            rows.append(r)
+    return {**first, "results": rows}
+
+
 def main(argv: list[str]) -> int:
+    from ..errors import IVLError
     from .report import load_report
 
-    if len(argv) != 1:
-        print("usage: python -m ivl_local.eval.ifeval_goals RESULTS_JSON", file=sys.stderr)
+    if not argv:
+        print("usage: python -m ivl_local.eval.ifeval_goals RESULTS_JSON [RESULTS_JSON ...]\n"
+              "  several reports of the same items are judged as one", file=sys.stderr)
         return 2
-    print(markdown(load_report(argv[0])), end="")
+    try:
+        report = merge_reports([load_report(path) for path in argv], argv)
+    except (IVLError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(report), end="")
     return 0
 
 
