@@ -416,6 +416,11 @@ def test_goals_of_several_reports_on_the_same_items(tmp_path, capsys):
         paths[-1].write_text(json.dumps(report))
     assert ifeval_goals.main([str(paths[0]), str(paths[1])]) == 0
     assert "| gemma3 + value[smollm2] norm 0: gain clearly above 0 |" in capsys.readouterr().out
+    png = tmp_path / "ifeval.png"
+    assert ifeval_goals.main([str(paths[0]), str(paths[1]), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+    assert ifeval_goals.main([str(paths[0]), "--plot"]) == 2
+    assert "--plot needs a .png path" in capsys.readouterr().err
     assert ifeval_goals.main([str(paths[0]), str(paths[2])]) == 2
     assert "differ in example_ids" in capsys.readouterr().err
     assert ifeval_goals.main([str(paths[0]), str(paths[3])]) == 2

@@ -2,6 +2,7 @@
 
     python -m ivl_local.eval.ifeval_goals docs/results/ifeval-first/results.json   # markdown
     python -m ivl_local.eval.ifeval_goals A/results.json B/results.json   # rows of runs on the same items
+    python -m ivl_local.eval.ifeval_goals A/results.json --plot ifeval.png   # and a plot of every row
     rows = goals(load_report(path))          # [{"goal", "measured", "value", "ci", "verdict"}]
     table = instruction_table(load_report(path))   # strict pass rate per instruction and row
     gains = instruction_gains(load_report(path))   # instruction-level differences (re-scores answers)
@@ -22,7 +23,7 @@ import sys
 
 import numpy as np
 
-from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_difference, paired_ratio
+from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval, paired_difference, paired_ratio
 
 GOAL_FT_SHARE = 0.90          # value net >= 90 % of full fine-tuning's gain on its training base
 GOAL_CROSS_SHARE = 0.70       # across vocabularies >= 70 % of the gain on the value's own base
@@ -254,6 +255,36 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(report: dict, path, verdicts: dict | None = None) -> None:
+    """Prompt-level strict per row, as IFEval scores it and with an echoing answer failing, each
+    with its 95 % bootstrap interval over the report's prompts (matplotlib, Agg: no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    verdicts = _verdicts(report) if verdicts is None else verdicts
+    names = [r["name"] for r in _rows(report)][::-1]
+    series = {"prompt strict (IFEval)": "prompt_strict", "prompt strict, echoes failing": "prompt_strict_no_echo"}
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.6))
+    y = np.arange(len(names))
+    for i, (label, field) in enumerate(series.items()):
+        scores = [np.array([float(getattr(v, field)) for v in verdicts[name]]) for name in names]
+        means = np.array([s.mean() for s in scores])
+        cis = np.array([bootstrap_interval(s) for s in scores])
+        ax.barh(y + (0.2 if i == 0 else -0.2), means, height=0.38, label=label, color=f"C{i}", capsize=3,
+                xerr=[means - cis[:, 0], cis[:, 1] - means])
+    ax.set_yticks(y, names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of prompts with every instruction followed, 95 % bootstrap CI")
+    ax.set_title(f"ifeval, {len(report['meta']['example_ids'])} {report['meta']['split']} prompts "
+                 "(the same for every row)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 SAME_ITEMS = ("split", "example_ids", "seed", "max_tokens")   # what makes two reports' rows pair
 
 
@@ -281,8 +312,16 @@ def main(argv: list[str]) -> int:
     from ..errors import IVLError
     from .report import load_report
 
+    plot_to = None
+    if "--plot" in argv:
+        at = argv.index("--plot")
+        plot_to = argv[at + 1] if at + 1 < len(argv) else None
+        argv = argv[:at] + argv[at + 2:]
+        if not plot_to or not plot_to.endswith(".png"):
+            print("error: --plot needs a .png path", file=sys.stderr)
+            return 2
     if not argv:
-        print("usage: python -m ivl_local.eval.ifeval_goals RESULTS_JSON [RESULTS_JSON ...]\n"
+        print("usage: python -m ivl_local.eval.ifeval_goals RESULTS_JSON [RESULTS_JSON ...] [--plot PNG]\n"
               "  several reports of the same items are judged as one", file=sys.stderr)
         return 2
     try:
@@ -291,6 +330,12 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown(report), end="")
+    if plot_to:
+        if not report["meta"].get("example_ids"):
+            print("error: --plot needs a report with its example ids and answers", file=sys.stderr)
+            return 2
+        plot(report, plot_to)
+        print(f"wrote {plot_to}")
     return 0
 
 
