@@ -196,6 +196,7 @@ def test_run_eval_with_fakes_writes_a_complete_report(tmp_path):
     assert rows["aligned - exact-text map: gemma3 + value aligned"]["value"] == pytest.approx(0.0)
     assert rows["value's own chat format - base's format: gemma3 + value"]["value"] == pytest.approx(0.0)
     assert rows["alpha 0 reproduces base alone: gemma3 + value @a=0"]["met"] is True
+    assert rows["norm penalty (weight 1 - weight 0): smol + value"]["value"] == pytest.approx(0.0)
 
     md = (out / "results.md").read_text()
     for name in names:
@@ -591,7 +592,9 @@ def test_proxy_and_composed_rows_are_paired_with_ivl_and_each_value_net(tmp_path
     assert rows["IVL - proxy-tuning: gemma + value vs gemma + proxy"]["value"] == pytest.approx(0.5 - 0.6)
     # every recipe of the value net is set against proxy-tuning; another task's net is not
     assert rows["IVL - proxy-tuning: gemma + value norm 0 vs gemma + proxy"]["value"] == pytest.approx(0.5 - 0.6)
-    assert sum(k.startswith("IVL - proxy-tuning") for k in rows) == 3
+    assert sum(row["comparison"].startswith("IVL - proxy-tuning") for row in comparisons(report.results)) == 3
+    # a norm-0 twin that has its row's kind is still set against weight 1
+    assert rows["norm penalty (weight 1 - weight 0): gemma + value"]["value"] == pytest.approx(0.0)
     assert rows["gain: gemma + proxy vs gemma"]["value"] == pytest.approx(0.6 - 0.1)
     share = rows["share of full-FT gain recovered: smol + proxy"]
     assert share["value"] == pytest.approx((0.6 - 0.2) / (0.9 - 0.2))

@@ -324,7 +324,7 @@ def test_goals_of_the_issue_from_a_report(tmp_path, capsys):
                 "metrics": {"per_instruction_strict": {"punctuation:no_comma": [ones / 10, 10]}}}
 
     value = "value[smollm2-135m, ifeval]"
-    report = {"meta": {"split": "test"}, "results": [
+    report = {"meta": {"task": "ifeval", "split": "test"}, "results": [
         row("smollm2", "base", "smollm2-135m", "-", 0),
         row("gemma3", "base", "gemma3-270m", "-", 0),
         row("smollm2 + value", "in-distribution", "smollm2-135m", value, 5),
@@ -340,7 +340,7 @@ def test_goals_of_the_issue_from_a_report(tmp_path, capsys):
     cross = got["gemma3 + value[smollm2]: >= 70% of the gain on its own base (smollm2 + value)"]
     assert cross["value"] == pytest.approx(0.8) and cross["verdict"] == "met"
     versus = got["gemma3 + value[smollm2] >= gemma3 + proxy[smollm2]"]
-    assert versus["value"] == pytest.approx(-0.1) and versus["verdict"] == "missed"
+    assert versus["value"] == pytest.approx(-0.1) and versus["verdict"].startswith("level")   # CI holds 0
     assert got["across vocabularies in both directions"]["verdict"].startswith("not measured")
     assert sum(g["verdict"] == "not measured" for g in got.values()) == 1   # Qwen same family
     ids, table = ifeval_goals.instruction_table(report)
@@ -383,6 +383,23 @@ def test_goals_judge_each_value_net_recipe():
     assert got["gemma3 + value[smollm2] norm 0 >= gemma3 + proxy[smollm2]"]["verdict"] == "met"
     assert got["gemma3 + value[smollm2] >= gemma3 + proxy[smollm2]"]["verdict"] == "missed"
     assert not any("norm 0: >= 70% of the gain on its own base (smollm2 + value)" in g for g in got)
+    # the value net on its training model in another quantization is not a cross-vocabulary row,
+    # and SmolLM2 -> Gemma alone is one direction, however many foreign bases it runs on
+    report["results"] += [row("smollm2 Q4_0", "base", "smollm2-135m Q4_0", "-", 0),
+                          row("smollm2 Q4_0 + value norm 0", "norm-weight-0", "smollm2-135m Q4_0", value0, 8),
+                          row("qwen1.5b", "base", "qwen2.5-coder-1.5b", "-", 0),
+                          row("qwen1.5b + value[smollm2]", "cross-vocab", "qwen2.5-coder-1.5b", value, 3)]
+    got = {g["goal"]: g for g in ifeval_goals.goals(report)}
+    assert not any(g.startswith("smollm2 Q4_0") for g in got)
+    assert got["qwen1.5b + value[smollm2]: gain clearly above 0"]["verdict"] == "missed"
+    assert got["across vocabularies in both directions"]["verdict"].startswith("not measured")
+    report["results"] += [row("smollm2 + value[gemma3]", "cross-vocab", "smollm2-135m", "value[gemma3-270m, ifeval]", 2)]
+    got = {g["goal"]: g for g in ifeval_goals.goals(report)}
+    assert "across vocabularies in both directions" not in got
+    # IVL >= proxy is met or missed only when the interval says so; level otherwise
+    report["results"][5]["scores"] = [0.0] * 3 + [1.0] * 7   # as many wins as losses
+    got = {g["goal"]: g for g in ifeval_goals.goals(report)}
+    assert got["gemma3 + value[smollm2] norm 0 >= gemma3 + proxy[smollm2]"]["verdict"].startswith("level")
 
 
 def test_goals_of_several_reports_on_the_same_items(tmp_path, capsys):
@@ -392,7 +409,8 @@ def test_goals_of_several_reports_on_the_same_items(tmp_path, capsys):
     from ivl_local.eval import ifeval_goals
 
     examples = load_split("test", 6, "ifeval")
-    meta = {"split": "test", "example_ids": [e.index for e in examples], "seed": 0, "max_tokens": 256}
+    meta = {"task": "ifeval", "split": "test", "example_ids": [e.index for e in examples], "seed": 0,
+            "max_tokens": 256}
 
     def row(name, kind, base, value, answers):
         return {"name": name, "kind": kind, "base": base, "value": value, "alpha": 1.0, "answers": answers,
@@ -421,10 +439,28 @@ def test_goals_of_several_reports_on_the_same_items(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
     assert ifeval_goals.main([str(paths[0]), "--plot"]) == 2
     assert "--plot needs a .png path" in capsys.readouterr().err
+    assert ifeval_goals.main([str(paths[0]), str(paths[1]), "--plot", str(tmp_path / "no" / "x.png")]) == 2
+    assert "--plot: no folder" in capsys.readouterr().err
     assert ifeval_goals.main([str(paths[0]), str(paths[2])]) == 2
     assert "differ in example_ids" in capsys.readouterr().err
     assert ifeval_goals.main([str(paths[0]), str(paths[3])]) == 2
-    assert "row 'gemma3' is in two reports with different answers" in capsys.readouterr().err
+    assert "two different rows are named 'gemma3'" in capsys.readouterr().err
+    # rows that do not pair: no ids, another task, the same name with other scores (no answers)
+    with pytest.raises(ValueError, match="no example ids"):
+        ifeval_goals.merge_reports([first, {"meta": {**meta, "example_ids": []}, "results": []}])
+    with pytest.raises(ValueError, match="differ in task"):
+        ifeval_goals.merge_reports([{"meta": {**meta, "task": "ifeval"}, "results": []},
+                                    {"meta": {**meta, "task": "spell"}, "results": []}])
+    bare = {k: v for k, v in gemma.items() if k != "answers"}
+    with pytest.raises(ValueError, match="two different rows"):
+        ifeval_goals.merge_reports([{"meta": meta, "results": [bare]},
+                                    {"meta": meta, "results": [{**bare, "scores": [1.0] * len(examples)}]}])
+    with pytest.raises(ValueError, match="one name per report"):
+        ifeval_goals.merge_reports([first, later], ["one"])
+    other_task = tmp_path / "arith.json"
+    other_task.write_text(json.dumps({"meta": {**meta, "task": "chain_sum"}, "results": [gemma]}))
+    assert ifeval_goals.main([str(other_task)]) == 2
+    assert "is a 'chain_sum' report, not an ifeval one" in capsys.readouterr().err
 
 
 def test_instruction_level_gains_rescore_the_reports_answers():

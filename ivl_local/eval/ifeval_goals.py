@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -60,8 +61,24 @@ def _row(goal: str, measured: str, value: float, ci, verdict: str) -> dict:
 VALUE_KINDS = ("in-distribution", "cross-vocab", "norm-weight-0")
 
 
-def _on_own_base(r: dict) -> bool:
-    return r["base"] == _trained_on(r["value"])
+def _model(base_label: str) -> str:
+    """The model of a base label: 'smollm2-135m Q4_0' (another quantization) -> 'smollm2-135m'."""
+    return base_label.split(" ")[0]
+
+
+def _plain(r: dict) -> bool:
+    """A row composed the default way: alpha 1, the exact-text map (or none), its own chat
+    format; the rows the goals speak of (variants have their own comparisons in the report)."""
+    return (r["alpha"] == 1.0 and r.get("map_mode", "raw") == "raw" and r.get("value_prompt", "own") == "own"
+            and r.get("token_map", "-") in ("-", "identity", "exact-text"))
+
+
+def _ivl_rows_against(proxy_row: dict, rows: list[dict]) -> list[dict]:
+    """The IVL rows a proxy-tuning row is compared with: every recipe of a value net trained on
+    the expert's base, added the default way to the same base."""
+    return [o for o in rows if o["kind"] in VALUE_KINDS and o["base"] == proxy_row["base"]
+            and o["value"].startswith("value[") and _plain(o)
+            and proxy_row["value"].startswith(f"proxy[{_trained_on(o['value'])} ")]
 
 
 def goals(report: dict) -> list[dict]:
@@ -70,8 +87,9 @@ def goals(report: dict) -> list[dict]:
     plan's and its norm-weight-0 variant) gets its own rows."""
     out: list[dict] = []
     rows = _rows(report)
-    value_rows = [r for r in rows if r["kind"] in VALUE_KINDS and r["value"].startswith("value[")]
-    in_dist = [r for r in value_rows if _on_own_base(r)]
+    value_rows = [r for r in rows if r["kind"] in VALUE_KINDS and r["value"].startswith("value[") and _plain(r)]
+    # on its training base's own file; the same model in another quantization is neither row
+    in_dist = [r for r in value_rows if r["base"] == _trained_on(r["value"])]
     for r in in_dist:
         alone = _alone(report, r["base"])
         ft = next((o for o in rows if o["kind"] == "full-finetune" and o["base"].startswith(f"{r['base']} ")), None)
@@ -85,7 +103,7 @@ def goals(report: dict) -> list[dict]:
         out.append(_row("value net >= 90 % of full fine-tuning's gain", "not measured", math.nan,
                         (math.nan, math.nan), "not measured"))
 
-    cross = [r for r in value_rows if not _on_own_base(r)]
+    cross = [r for r in value_rows if _model(r["base"]) != _trained_on(r["value"])]
     for r in cross:
         alone = _alone(report, r["base"])
         if alone is None:
@@ -102,18 +120,18 @@ def goals(report: dict) -> list[dict]:
         out.append(_row(f"{r['name']}: >= {GOAL_CROSS_SHARE:.0%} of the gain on its own base ({own['name']})",
                         "share of the own-base gain", share, (slo, shi),
                         _verdict(share, GOAL_CROSS_SHARE, own_lo)))
-    bases_with_cross = {r["base"] for r in cross}
-    if len(bases_with_cross) < 2:
+    # both directions: value nets trained on two different models, each on another model
+    sources = {_trained_on(r["value"]) for r in cross}
+    if len(sources) < 2:
         out.append(_row("across vocabularies in both directions", "not measured", math.nan,
-                        (math.nan, math.nan), f"not measured (cross-vocabulary rows only on "
-                        f"{', '.join(sorted(bases_with_cross)) or 'no base'})"))
+                        (math.nan, math.nan), f"not measured (cross-vocabulary rows only for value nets "
+                        f"trained on {', '.join(sorted(sources)) or 'no base'})"))
 
     for p in (r for r in rows if r["kind"] == "proxy-tuning"):
-        for ivl in (o for o in value_rows if o["base"] == p["base"] and o["alpha"] == 1.0
-                    and p["value"].startswith(f"proxy[{_trained_on(o['value'])} ")):
+        for ivl in _ivl_rows_against(p, rows):
             d, lo, hi = paired_difference(ivl["scores"], p["scores"])
-            out.append(_row(f"{ivl['name']} >= {p['name']}", "IVL - proxy-tuning", d, (lo, hi),
-                            "met" if d >= 0 else "missed"))
+            verdict = "met" if lo >= 0 else "missed" if hi < 0 else "level (the interval holds 0)"
+            out.append(_row(f"{ivl['name']} >= {p['name']}", "IVL - proxy-tuning", d, (lo, hi), verdict))
 
     if not any(r["kind"] == "same-family" for r in rows):
         out.append(_row("Qwen 0.5B value net on the 1.5B: gain >= its gain on the 0.5B, "
@@ -201,8 +219,7 @@ def instruction_gains(report: dict, verdicts: dict | None = None) -> list[dict]:
             d, lo, hi = _pooled_difference(passes[r["name"]], passes[alone["name"]], counts)
             out.append({"comparison": f"{r['name']} - {alone['name']}", "value": d, "ci": [lo, hi]})
     for p in (r for r in rows if r["kind"] == "proxy-tuning"):
-        for ivl in (o for o in rows if o["base"] == p["base"] and o["value"].startswith("value[")
-                    and o["alpha"] == 1.0 and p["value"].startswith(f"proxy[{_trained_on(o['value'])} ")):
+        for ivl in _ivl_rows_against(p, rows):
             d, lo, hi = _pooled_difference(passes[ivl["name"]], passes[p["name"]], counts)
             out.append({"comparison": f"{ivl['name']} - {p['name']}", "value": d, "ci": [lo, hi]})
     return out
@@ -268,8 +285,11 @@ def plot(report: dict, path, verdicts: dict | None = None) -> None:
     series = {"prompt strict (IFEval)": "prompt_strict", "prompt strict, echoes failing": "prompt_strict_no_echo"}
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.6))
     y = np.arange(len(names))
+    stored = {r["name"]: np.asarray(r["scores"], np.float64) for r in _rows(report)}
     for i, (label, field) in enumerate(series.items()):
-        scores = [np.array([float(getattr(v, field)) for v in verdicts[name]]) for name in names]
+        # IFEval's series from the report's own scores (the goals use them); the guarded one re-scored
+        scores = [stored[name] if field == "prompt_strict" else
+                  np.array([float(getattr(v, field)) for v in verdicts[name]]) for name in names]
         means = np.array([s.mean() for s in scores])
         cis = np.array([bootstrap_interval(s) for s in scores])
         ax.barh(y + (0.2 if i == 0 else -0.2), means, height=0.38, label=label, color=f"C{i}", capsize=3,
@@ -279,31 +299,39 @@ def plot(report: dict, path, verdicts: dict | None = None) -> None:
     ax.set_xlabel("share of prompts with every instruction followed, 95 % bootstrap CI")
     ax.set_title(f"ifeval, {len(report['meta']['example_ids'])} {report['meta']['split']} prompts "
                  "(the same for every row)", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-SAME_ITEMS = ("split", "example_ids", "seed", "max_tokens")   # what makes two reports' rows pair
+# what makes two reports' rows pair: the same task, scorer, prompts and decoding
+SAME_ITEMS = ("task", "scorer", "split", "example_ids", "seed", "max_tokens")
+ROW_IDENTITY = ("kind", "base", "value", "alpha", "token_map", "value_prompt", "map_mode", "scores", "answers")
 
 
 def merge_reports(reports: list[dict], names: list[str] | None = None) -> dict:
     """One report holding the rows of several run on the same items (a row run later, e.g. the
-    norm-0 net on Gemma, paired with the earlier rows). A row name in two reports must carry the
-    same answers; it is kept once. ValueError when the reports' items or settings differ."""
+    norm-0 net on Gemma, paired with the earlier rows). A row name met twice must be the same row
+    (settings, scores and answers); it is kept once. ValueError when the reports' items or
+    settings differ, or (several reports) one has no example ids to pair on."""
     names = names or [f"report {i + 1}" for i in range(len(reports))]
+    if not reports or len(names) != len(reports):
+        raise ValueError("merge_reports needs one name per report")
     first, rows, seen = reports[0], [], {}
     for report, name in zip(reports, names):
+        if len(reports) > 1 and not report["meta"].get("example_ids"):
+            raise ValueError(f"{name} has no example ids: its rows cannot be paired")
         for key in SAME_ITEMS:
             if report["meta"].get(key) != first["meta"].get(key):
                 raise ValueError(f"{name} and {names[0]} differ in {key}: their rows do not pair")
         for r in report["results"]:
+            identity = tuple(r.get(key) for key in ROW_IDENTITY)
             if r["name"] in seen:
-                if seen[r["name"]].get("answers") != r.get("answers"):
-                    raise ValueError(f"row {r['name']!r} is in two reports with different answers")
+                if seen[r["name"]] != identity:
+                    raise ValueError(f"two different rows are named {r['name']!r} ({name})")
                 continue
-            seen[r["name"]] = r
+            seen[r["name"]] = identity
             rows.append(r)
     return {**first, "results": rows}
 
@@ -312,29 +340,36 @@ def main(argv: list[str]) -> int:
     from ..errors import IVLError
     from .report import load_report
 
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
     plot_to = None
     if "--plot" in argv:
         at = argv.index("--plot")
-        plot_to = argv[at + 1] if at + 1 < len(argv) else None
+        plot_to = Path(argv[at + 1]) if at + 1 < len(argv) else None
         argv = argv[:at] + argv[at + 2:]
-        if not plot_to or not plot_to.endswith(".png"):
-            print("error: --plot needs a .png path", file=sys.stderr)
-            return 2
-    if not argv:
+        if plot_to is None or plot_to.suffix.lower() != ".png":
+            return fail("--plot needs a .png path")
+        if not plot_to.parent.is_dir():
+            return fail(f"--plot: no folder {plot_to.parent}")
+    if not argv or "--plot" in argv:
         print("usage: python -m ivl_local.eval.ifeval_goals RESULTS_JSON [RESULTS_JSON ...] [--plot PNG]\n"
               "  several reports of the same items are judged as one", file=sys.stderr)
         return 2
     try:
-        report = merge_reports([load_report(path) for path in argv], argv)
-    except (IVLError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(markdown(report), end="")
-    if plot_to:
-        if not report["meta"].get("example_ids"):
-            print("error: --plot needs a report with its example ids and answers", file=sys.stderr)
-            return 2
-        plot(report, plot_to)
+        loaded = [load_report(path) for path in argv]
+        for path, report in zip(argv, loaded):
+            if report["meta"].get("task") != "ifeval":
+                return fail(f"{path} is a {report['meta'].get('task')!r} report, not an ifeval one")
+        report = merge_reports(loaded, argv)
+        text = markdown(report)   # re-scores every answer: a report of other prompts fails here
+        if plot_to is not None:
+            plot(report, plot_to)
+    except (IVLError, ValueError, KeyError, OSError) as e:
+        return fail(f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e))
+    print(text, end="")
+    if plot_to is not None:
         print(f"wrote {plot_to}")
     return 0
 

@@ -90,23 +90,24 @@ def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: i
 
     q4 = Requantized(SMOL, "Q4_0")
     cross_gemma = EvalConfig("smollm2 + value[gemma3]", "cross-vocab", SMOL, v_gemma)
+    other_quant = EvalConfig("smollm2 Q4_0 + value", "other-quantization", q4, v_smol)
+    configs += [EvalConfig("smollm2 Q4_0", "base", q4), other_quant,
+                EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma), cross_gemma]
+    transfer += [other_quant, cross_gemma]
     # the norm penalty at weight 1 kept the value net's logits small (mean |logit| 0.84 at 100
     # steps, as large as its CE); does the net follow the case/quotation constraints without it?
     v_smol_norm0 = replace(v_smol, norm_weight=0.0)
     # It did (docs/results: 0.287 vs 0.125 on SmolLM2, and it carries to Gemma), so the other
     # value-net rows have a norm-0 twin: another quantization, and the reverse direction. The
     # twins take their rows' kinds, so the report pairs each with its own recipe's rows (share of
-    # the full FT's gain, of the own-base gain kept across vocabularies and quantizations).
+    # the full FT's gain, of the own-base gain kept across vocabularies and quantizations), and
+    # gives weight 1 - weight 0 for each. After the rows they twin: a run stopped early has those.
     v_gemma_norm0 = replace(v_gemma, norm_weight=0.0)
     configs += [EvalConfig("smollm2 + value norm 0", "in-distribution", SMOL, v_smol_norm0),
                 EvalConfig("gemma3 + value[smollm2] norm 0", "cross-vocab", GEMMA, v_smol_norm0),
                 EvalConfig("smollm2 Q4_0 + value norm 0", "other-quantization", q4, v_smol_norm0),
                 EvalConfig("gemma3 + value norm 0", "in-distribution", GEMMA, v_gemma_norm0),
                 EvalConfig("smollm2 + value[gemma3] norm 0", "cross-vocab", SMOL, v_gemma_norm0)]
-    configs += [EvalConfig("smollm2 Q4_0", "base", q4),
-                EvalConfig("smollm2 Q4_0 + value", "other-quantization", q4, v_smol),
-                EvalConfig("gemma3 + value", "in-distribution", GEMMA, v_gemma), cross_gemma]
-    transfer += [configs[-3], cross_gemma]
     if installed(QWEN_LARGE):
         on_large = [EvalConfig("qwen1.5b", "base", QWEN_LARGE),
                     EvalConfig("qwen1.5b + value[smollm2]", "cross-vocab", QWEN_LARGE, v_smol),

@@ -98,7 +98,8 @@ def comparisons(results: dict) -> list[dict]:
                 add(f"after - before adding {added}: {c.name} vs {before.config.name}", c.kind, d, dlo, dhi)
         if c.kind == "composed":
             _composed_rows(results, r, add)
-        if c.kind == "norm-weight-0" and isinstance(value, Trained):
+        # a norm-weight variant of a value net (kind norm-weight-0, or a twin with its row's kind)
+        if c.kind != "alpha-sweep" and isinstance(value, Trained) and value.norm_weight != 1.0:
             default = replace(value, norm_weight=1.0)
             with_norm = _find(results, lambda o: o.kind != "alpha-sweep" and o.base == c.base
                               and o.value == default and o.token_map is None
@@ -152,11 +153,16 @@ def _same_family_rows(results, r, alone, add) -> None:
                         f"share of {ref.config.name} gain recovered: {c.name}")
 
 
+def _plain(o) -> bool:
+    """Config `o` adds one model the default way: alpha 1, no other term, the exact-text map,
+    its own chat format (not a sweep)."""
+    return (not o.extra_values and o.proxy is None and o.token_map is None and o.value_prompt == "own"
+            and o.map_mode == "raw" and o.alpha == 1.0 and o.kind != "alpha-sweep")
+
+
 def _single(results, base, value):
     """The row adding only `value` (alpha 1, no other term) to `base`, if it was run."""
-    return _find(results, lambda o: o.base == base and o.value == value and not o.extra_values
-                 and o.proxy is None and o.token_map is None and o.value_prompt == "own"
-                 and o.map_mode == "raw" and o.alpha == 1.0 and o.kind != "alpha-sweep")
+    return _find(results, lambda o: o.base == base and o.value == value and _plain(o))
 
 
 def _composed_rows(results, r, add) -> None:
@@ -173,11 +179,8 @@ def _composed_rows(results, r, add) -> None:
 def _plain_ivl_of(o, base, expert: Trained) -> bool:
     """Row `o` adds, at alpha 1 on `base` with the default map and prompt, a value net trained
     on the proxy expert's base and task: the IVL row proxy-tuning is compared with."""
-    return (o.base == base and o.proxy is None and not o.extra_values
-            and isinstance(o.value, Trained) and not o.value.full_finetune
-            and o.value.base == expert.base and o.value.task == expert.task
-            and o.token_map is None and o.value_prompt == "own"
-            and o.map_mode == "raw" and o.alpha == 1.0 and o.kind != "alpha-sweep")
+    return (o.base == base and _plain(o) and isinstance(o.value, Trained) and not o.value.full_finetune
+            and o.value.base == expert.base and o.value.task == expert.task and o.value.data == expert.data)
 
 
 def _proxy_rows(results, r, add) -> None:
