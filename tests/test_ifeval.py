@@ -441,6 +441,10 @@ def test_goals_of_several_reports_on_the_same_items(tmp_path, capsys):
     assert "--plot needs a .png path" in capsys.readouterr().err
     assert ifeval_goals.main([str(paths[0]), str(paths[1]), "--plot", str(tmp_path / "no" / "x.png")]) == 2
     assert "--plot: no folder" in capsys.readouterr().err
+    no_ids = tmp_path / "no-ids.json"
+    no_ids.write_text(json.dumps({"meta": {**meta, "example_ids": None}, "results": [gemma]}))
+    assert ifeval_goals.main([str(no_ids), "--plot", str(png)]) == 2
+    assert "--plot needs a report with its example ids" in capsys.readouterr().err
     assert ifeval_goals.main([str(paths[0]), str(paths[2])]) == 2
     assert "differ in example_ids" in capsys.readouterr().err
     assert ifeval_goals.main([str(paths[0]), str(paths[3])]) == 2

@@ -363,6 +363,8 @@ def main(argv: list[str]) -> int:
             if report["meta"].get("task") != "ifeval":
                 return fail(f"{path} is a {report['meta'].get('task')!r} report, not an ifeval one")
         report = merge_reports(loaded, argv)
+        if plot_to is not None and not report["meta"].get("example_ids"):
+            return fail("--plot needs a report with its example ids")
         text = markdown(report)   # re-scores every answer: a report of other prompts fails here
         if plot_to is not None:
             plot(report, plot_to)
