@@ -540,6 +540,47 @@ def test_session_ctrl_c_keeps_partial_answer(monkeypatch, capsys):
     assert session.messages[-1] == {"role": "assistant", "content": "next"}
 
 
+class SwallowingEngine(FakeEngine):
+    """A Ctrl-C that lands where Python swallows the KeyboardInterrupt (a __del__, a ctypes
+    callback): the SIGINT handler runs, its exception is lost, the stream goes on; only the
+    engine's cancel flag (checked at each token, as Engine's work blocks do) can stop it."""
+
+    def __init__(self, outputs=()):
+        super().__init__(outputs)
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+    def _stream(self, messages, max_tokens, sampling, stop):
+        import signal
+
+        from ivl_local.errors import GenerationCancelled
+
+        self.cancelled = False   # a cancel stops the generation in progress only, as Engine's does
+        for i, piece in enumerate(super()._stream(messages, max_tokens, sampling, stop)):
+            if self.cancelled:
+                raise GenerationCancelled("generation cancelled")
+            if i == 2:   # the signal arrives; the raise is swallowed
+                try:
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+                except KeyboardInterrupt:
+                    pass
+            yield piece
+
+
+def test_session_ctrl_c_stops_the_answer_even_where_python_swallows_it(monkeypatch, capsys):
+    import signal
+
+    engine = SwallowingEngine(["one two three four five six seven", "next"])
+    session, chrome = session_run(monkeypatch, engine, ["count", "go on"])
+    assert "interrupted" in chrome
+    assert session.messages[1] == {"role": "assistant", "content": "one two three", "interrupted": True}
+    assert session.messages[-1] == {"role": "assistant", "content": "next"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored after the answer
+
+
 def test_session_context_overflow_suggests_reset(monkeypatch, capsys):
     engine = FakeEngine([ContextOverflowError("conversation does not fit"), "fine"])
     session, _ = session_run(monkeypatch, engine, ["long one", "/reset", "short"])

@@ -74,6 +74,36 @@ def _interrupt_off(stream: IO) -> tuple[int, list] | None:
     return fd, attrs
 
 
+@contextmanager
+def ctrl_c_cancels(engine) -> Iterator[None]:
+    """While an answer streams, a Ctrl-C also cancels the engine's generation, then raises
+    KeyboardInterrupt as Python's own handler does. The cancel is what stops the answer when the
+    KeyboardInterrupt is raised where Python swallows it (it runs signal handlers at the next
+    bytecode, which can be a __del__ or a ctypes callback: "Exception ignored in ..."); the
+    engine then stops at its next token with GenerationCancelled. A no-op off the main thread
+    and where an application installed its own SIGINT handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        try:
+            engine.cancel()
+        except Exception:  # noqa: BLE001 - a closed or foreign engine: the KeyboardInterrupt alone
+            pass
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def forget_last_history_item(mark: str) -> None:
     """Remove the newest readline history entry if it ends with `mark` (input() adds every
     non-empty line, the Ctrl-C'd ones included)."""

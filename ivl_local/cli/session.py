@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import SamplingConfig, check_alpha, check_flag, check_max_tokens
-from ..errors import ConfigError, ContextOverflowError, IVLError
+from ..errors import ConfigError, ContextOverflowError, GenerationCancelled, IVLError
 from ._common import describe_os_error, print_error
-from .prompt_keys import CTRL_C_MARK, bind_ctrl_c, ctrl_c_as_key, forget_last_history_item
+from .prompt_keys import CTRL_C_MARK, bind_ctrl_c, ctrl_c_as_key, ctrl_c_cancels, forget_last_history_item
 
 SAVE_FORMAT = "ivl-chat/1"
 MAX_SAVE_BYTES = 64 << 20       # a saved conversation far past any context window is not one
@@ -182,8 +182,9 @@ class ChatSession:
             print_error(f"unknown command /{name}", "/help lists the commands")
             return False
         try:
-            return bool(command.run(arg.strip()))
-        except KeyboardInterrupt:
+            with ctrl_c_cancels(self.engine):
+                return bool(command.run(arg.strip()))
+        except (KeyboardInterrupt, GenerationCancelled):   # Ctrl-C (see _answer)
             self.console.print("\n[yellow]cancelled[/]")
         except IVLError as e:
             self._report(e)
@@ -206,12 +207,13 @@ class ChatSession:
         parts: list[str] = []
         out = sys.stdout
         try:
-            for delta in self.engine.chat_deltas(self.conversation(), max_tokens=self.max_tokens,
-                                                 sampling=self.sampling):
-                parts.append(delta)
-                out.write(delta)
-                out.flush()
-        except KeyboardInterrupt:
+            with ctrl_c_cancels(self.engine):
+                for delta in self.engine.chat_deltas(self.conversation(), max_tokens=self.max_tokens,
+                                                     sampling=self.sampling):
+                    parts.append(delta)
+                    out.write(delta)
+                    out.flush()
+        except (KeyboardInterrupt, GenerationCancelled):   # Ctrl-C; the cancel when Python lost the raise
             text = "".join(parts).rstrip()
             self.messages.append({"role": "assistant", "content": text, "interrupted": True})
             self.console.print(" [yellow]\\[interrupted][/]" if text else "[yellow]\\[interrupted][/]")
