@@ -609,3 +609,7 @@ def test_the_default_chat_value_network_before_and_after_the_tasks_demonstration
     found = [r for r in comparisons(rows_) if r["comparison"].startswith("after - before")]
     assert len(found) == 1 and "ifeval+ifeval-sampled" in found[0]["comparison"]
     assert _math.isclose(found[0]["value"], 0.4)
+    # a run of the two rows alone (no base-alone row) still has it; only the gains need that row
+    del rows_["gemma3"]
+    rows = comparisons(rows_)
+    assert [r["comparison"] for r in rows] == [found[0]["comparison"]]

@@ -46,29 +46,10 @@ def comparisons(results: dict) -> list[dict]:
         c = r.config
         if c.value is None or c.kind == "alpha-sweep":
             continue
-        alone = _alone(results, c.base)
-        if alone is None:
-            continue
-        gain, lo, hi = paired_difference(r.scores, alone.scores)
-        positive_goal = c.kind in CROSS_KINDS + ("same-family",)
-        add(f"gain: {c.name} vs {alone.config.name}", c.kind, gain, lo, hi,
-            "clearly positive (CI above 0)" if positive_goal else "",
-            (lo > 0) if positive_goal else None)
         value = c.value
-        if c.kind == "in-distribution" and isinstance(value, Trained) and not c.extra_values:
-            ft = _reference_for(results, value.base, value.task)
-            if ft is not None:
-                _reference_rows(add, r, alone, ft, GOAL_RECOVERY,
-                                f"full-FT gain: {ft.config.name} vs {alone.config.name}",
-                                f"share of full-FT gain recovered: {c.name}")
-        if c.kind == "other-quantization" and isinstance(value, Trained):
-            _kept_rows(results, r, alone, add, GOAL_RETENTION,
-                       lambda indist: f"share of in-distribution gain kept: {c.name}")
-        if c.kind == "same-family" and isinstance(value, Trained):
-            _same_family_rows(results, r, alone, add)
-        if c.kind in CROSS_KINDS and isinstance(value, Trained) and not c.extra_values and c.proxy is None:
-            _kept_rows(results, r, alone, add, GOAL_CROSS,
-                       lambda indist: f"share of own-base gain kept: {c.name} vs {indist.config.name}")
+        alone = _alone(results, c.base)
+        if alone is not None:   # gains over the base alone (a run without that row has the rest)
+            _gain_rows(results, r, alone, add)
         if c.kind in CROSS_KINDS and c.map_mode != "raw":
             raw = _find(results, lambda o: o.kind in CROSS_KINDS and o.base == c.base and o.value == c.value
                         and o.token_map == c.token_map and o.value_prompt == c.value_prompt
@@ -151,6 +132,32 @@ def _same_family_rows(results, r, alone, add) -> None:
         _reference_rows(add, r, alone, ref, GOAL_SAME_FAMILY,
                         f"reference gain: {ref.config.name} vs {alone.config.name}",
                         f"share of {ref.config.name} gain recovered: {c.name}")
+
+
+def _gain_rows(results, r, alone, add) -> None:
+    """Row `r`'s gain over its base alone, and the shares of gains that build on it: of the full
+    FT's (in-distribution), of the own-base gain kept (another quantization, another vocabulary),
+    the larger base of the same family."""
+    c, value = r.config, r.config.value
+    gain, lo, hi = paired_difference(r.scores, alone.scores)
+    positive_goal = c.kind in CROSS_KINDS + ("same-family",)
+    add(f"gain: {c.name} vs {alone.config.name}", c.kind, gain, lo, hi,
+        "clearly positive (CI above 0)" if positive_goal else "",
+        (lo > 0) if positive_goal else None)
+    if c.kind == "in-distribution" and isinstance(value, Trained) and not c.extra_values:
+        ft = _reference_for(results, value.base, value.task)
+        if ft is not None:
+            _reference_rows(add, r, alone, ft, GOAL_RECOVERY,
+                            f"full-FT gain: {ft.config.name} vs {alone.config.name}",
+                            f"share of full-FT gain recovered: {c.name}")
+    if c.kind == "other-quantization" and isinstance(value, Trained):
+        _kept_rows(results, r, alone, add, GOAL_RETENTION,
+                   lambda indist: f"share of in-distribution gain kept: {c.name}")
+    if c.kind == "same-family" and isinstance(value, Trained):
+        _same_family_rows(results, r, alone, add)
+    if c.kind in CROSS_KINDS and isinstance(value, Trained) and not c.extra_values and c.proxy is None:
+        _kept_rows(results, r, alone, add, GOAL_CROSS,
+                   lambda indist: f"share of own-base gain kept: {c.name} vs {indist.config.name}")
 
 
 def _plain(o) -> bool:
