@@ -249,6 +249,8 @@ def test_ifeval_plans_have_the_studys_rows():
     for twin, row in twins.items():
         assert full[twin].kind == full[row].kind and full[twin].base == full[row].base
         assert full[twin].value == replace(full[row].value, norm_weight=0.0)
+    for swept in ("smollm2 + value norm 0 @a=1.5", "gemma3 + value[smollm2] norm 0 @a=1.25"):
+        assert full[swept].kind == "alpha-sweep" and full[swept].value == full["smollm2 + value norm 0"].value
     gemma_extra = dict(full["gemma3 + value"].value.extra)
     assert gemma_extra["max_len"] == 320 and "learning_rate" not in gemma_extra   # the trainer's 1e-4
 

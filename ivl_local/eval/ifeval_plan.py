@@ -108,6 +108,7 @@ def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: i
                 EvalConfig("smollm2 Q4_0 + value norm 0", "other-quantization", q4, v_smol_norm0),
                 EvalConfig("gemma3 + value norm 0", "in-distribution", GEMMA, v_gemma_norm0),
                 EvalConfig("smollm2 + value[gemma3] norm 0", "cross-vocab", SMOL, v_gemma_norm0)]
+    norm0_swept = [c for c in configs if c.name in ("smollm2 + value norm 0", "gemma3 + value[smollm2] norm 0")]
     if installed(QWEN_LARGE):
         on_large = [EvalConfig("qwen1.5b", "base", QWEN_LARGE),
                     EvalConfig("qwen1.5b + value[smollm2]", "cross-vocab", QWEN_LARGE, v_smol),
@@ -132,7 +133,7 @@ def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: i
     else:
         skipped.append("same-family (Qwen 0.5B -> 1.5B): needs both Qwen models")
     configs += chat_value_rows()
-    for config in [in_dist] + transfer:
+    for config in [in_dist] + transfer + norm0_swept:   # alpha for each is chosen on --split valid
         configs += alpha_sweep(config, alphas)
     return Plan(configs, skipped)
 
