@@ -573,12 +573,33 @@ class SwallowingEngine(FakeEngine):
 def test_session_ctrl_c_stops_the_answer_even_where_python_swallows_it(monkeypatch, capsys):
     import signal
 
-    engine = SwallowingEngine(["one two three four five six seven", "next"])
-    session, chrome = session_run(monkeypatch, engine, ["count", "go on"])
+    # Python's own handler, as in a terminal (a job started in the background by a script, as
+    # CI may be, begins with SIGINT ignored, and then the chat leaves the signal alone)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        engine = SwallowingEngine(["one two three four five six seven", "next"])
+        session, chrome = session_run(monkeypatch, engine, ["count", "go on"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored after the answer
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "interrupted" in chrome
     assert session.messages[1] == {"role": "assistant", "content": "one two three", "interrupted": True}
     assert session.messages[-1] == {"role": "assistant", "content": "next"}
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored after the answer
+
+
+def test_session_leaves_an_ignored_sigint_alone(monkeypatch, capsys):
+    """A chat started with SIGINT ignored (a background job) or with an application's own
+    handler keeps it: the answer runs to its end and the handler is the same afterwards."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        engine = FakeEngine(["one two three"])
+        session, _ = session_run(monkeypatch, engine, ["count"])
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert session.messages[-1] == {"role": "assistant", "content": "one two three"}
 
 
 def test_session_context_overflow_suggests_reset(monkeypatch, capsys):
