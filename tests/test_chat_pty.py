@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 
 import pytest
@@ -37,7 +38,10 @@ def session(smollm2_path, tmp_path):
         sys.executable,
         ["-m", "ivl_local.cli.main", "chat", "--base", str(smollm2_path), "--value", str(smollm2_path),
          "--temperature", "0", "--max-tokens", "256", "--ctx", "1024", "--threads", "1"],
-        env=env, cwd=str(tmp_path), dimensions=(40, 120), encoding="utf-8", timeout=60)
+        env=env, cwd=str(tmp_path), dimensions=(40, 120), encoding="utf-8", timeout=60,
+        # a terminal's default Ctrl-C: a script that runs the tests in the background (`cmd &`)
+        # hands its children SIGINT ignored, and an ignored signal survives exec
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     yield child
     if child.isalive():
         child.terminate(force=True)
