@@ -80,7 +80,7 @@ def comparisons(results: dict) -> list[dict]:
         if c.kind == "composed":
             _composed_rows(results, r, add)
         # a norm-weight variant of a value net (kind norm-weight-0, or a twin with its row's kind)
-        if c.kind != "alpha-sweep" and isinstance(value, Trained) and value.norm_weight != 1.0:
+        if isinstance(value, Trained) and value.norm_weight != 1.0:   # (sweeps skipped above)
             default = replace(value, norm_weight=1.0)
             with_norm = _find(results, lambda o: o.kind != "alpha-sweep" and o.base == c.base
                               and o.value == default and o.token_map is None
