@@ -245,7 +245,8 @@ def test_ifeval_plans_have_the_studys_rows():
     # the norm-0 twins carry their rows' kinds, so the report pairs them with their own recipe
     twins = {"smollm2 + value norm 0": "smollm2 + value", "gemma3 + value[smollm2] norm 0": "gemma3 + value[smollm2]",
              "smollm2 Q4_0 + value norm 0": "smollm2 Q4_0 + value", "gemma3 + value norm 0": "gemma3 + value",
-             "smollm2 + value[gemma3] norm 0": "smollm2 + value[gemma3]"}
+             "smollm2 + value[gemma3] norm 0": "smollm2 + value[gemma3]",
+             "qwen1.5b + value[smollm2] norm 0": "qwen1.5b + value[smollm2]"}
     for twin, row in twins.items():
         assert full[twin].kind == full[row].kind and full[twin].base == full[row].base
         assert full[twin].value == replace(full[row].value, norm_weight=0.0)

@@ -113,7 +113,8 @@ def build_ifeval_plan(quick: bool = False, installed=lambda name: True, steps: i
         on_large = [EvalConfig("qwen1.5b", "base", QWEN_LARGE),
                     EvalConfig("qwen1.5b + value[smollm2]", "cross-vocab", QWEN_LARGE, v_smol),
                     EvalConfig("qwen1.5b + proxy[smollm2]", "proxy-tuning", QWEN_LARGE, proxy=proxy)]
-        configs += on_large
+        # the norm-0 twin of the cross-vocab row, after the rows it twins (see above)
+        configs += on_large + [EvalConfig("qwen1.5b + value[smollm2] norm 0", "cross-vocab", QWEN_LARGE, v_smol_norm0)]
         transfer.append(on_large[1])
     else:
         skipped.append(f"{QWEN_LARGE}: not installed (optional; see ivl_local.models.install_command)")
