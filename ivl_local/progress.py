@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -22,16 +23,54 @@ def byte_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: progress.advance(task, n)
 
 
+class _Heartbeat:
+    """A plain progress line at most every `every` seconds, for a stderr that is not a terminal
+    (a study run under nohup or in CI, where a Rich bar draws nothing for an hour):
+    `evaluating: 40/160 (25 %), 12 min elapsed, about 36 min left`."""
+
+    def __init__(self, label: str, total: int, every: float, clock: Callable[[], float], write):
+        self.label, self.total, self.every, self.clock, self.write = label, total, every, clock, write
+        self.done = 0
+        self.start = self.last = clock()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        line = f"{self.label}: {self.done}/{self.total} ({100 * self.done // self.total} %), {_minutes(elapsed)} elapsed"
+        if 0 < self.done < self.total:
+            line += f", about {_minutes(elapsed * (self.total - self.done) / self.done)} left"
+        self.write(line + "\n")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.0f} min"
+
+
 @contextmanager
-def step_progress(label: str, total: int | None) -> Iterator[Callable[..., None]]:
-    """Yield `advance(n=1, **fields)` for counted steps."""
+def step_progress(label: str, total: int | None, every: float = 60.0,
+                  clock: Callable[[], float] | None = None) -> Iterator[Callable[..., None]]:
+    """Yield `advance(n=1, **fields)` for counted steps: a Rich bar on a terminal; otherwise,
+    when there is a total, a plain line at most every `every` seconds and one at the end."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     from rich.console import Console
 
+    tty = sys.stderr.isatty()
+    beat = None if tty or not total else _Heartbeat(
+        label, total, every, clock or time.monotonic, lambda text: (sys.stderr.write(text), sys.stderr.flush()))
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                  disable=not sys.stderr.isatty()) as progress:
+                  disable=not tty) as progress:
         task = progress.add_task(label, total=total)
-        yield lambda n=1, **fields: progress.update(task, advance=n, **fields)
+
+        def advance(n: int = 1, **fields) -> None:
+            progress.update(task, advance=n, **fields)
+            if beat is not None:
+                beat.advance(n)
+
+        yield advance

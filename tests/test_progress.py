@@ -1,0 +1,40 @@
+"""Progress on long work when stderr is not a terminal (a study under nohup, CI logs)."""
+
+from ivl_local.progress import step_progress
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_plain_line_at_most_every_interval_and_one_at_the_end(capsys):
+    clock = FakeClock()
+    with step_progress("evaluating", 160, every=60.0, clock=clock) as advance:
+        for i in range(160):
+            clock.now += 9.0          # 9 s per item: a line every 7th item, then the last
+            advance()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "evaluating: 7/160 (4 %), 1 min elapsed, about 23 min left"
+    assert lines[-1] == "evaluating: 160/160 (100 %), 24 min elapsed"
+    assert len(lines) == 160 // 7 + 1
+    assert all("left" in line for line in lines[:-1])
+
+
+def test_no_line_without_a_total(capsys):
+    """A caller that turned progress off passes total 0 (harness, align): nothing is written."""
+    clock = FakeClock()
+    with step_progress("evaluating", 0, clock=clock) as advance:
+        clock.now += 600
+        advance()
+    assert capsys.readouterr().err == ""
+
+
+def test_fields_still_reach_the_bar(capsys):
+    with step_progress("aligning", 2, every=0.0, clock=FakeClock()) as advance:
+        advance(description="aligning 1/2")
+        advance(2 - 1)
+    assert capsys.readouterr().err.splitlines()[-1].startswith("aligning: 2/2 (100 %)")
