@@ -23,27 +23,33 @@ def byte_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: progress.advance(task, n)
 
 
-class _Heartbeat:
+class Heartbeat:
     """A plain progress line at most every `every` seconds, for a stderr that is not a terminal
     (a study run under nohup or in CI, where a Rich bar draws nothing for an hour):
-    `evaluating: 40/160 (25 %), 12 min elapsed, about 36 min left`."""
+    `evaluating: 40/160 (25 %), 12 min elapsed, about 36 min left`. `start` is work already
+    done when it began (a resumed run), left out of the rate."""
 
-    def __init__(self, label: str, total: int, every: float, clock: Callable[[], float], write):
-        self.label, self.total, self.every, self.clock, self.write = label, total, every, clock, write
-        self.done = 0
+    def __init__(self, label: str, total: int, every: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 write: Callable[[str], object] | None = None, start: int = 0):
+        self.label, self.total, self.every, self.clock = label, total, every, clock
+        self.write = write or (lambda text: (sys.stderr.write(text), sys.stderr.flush()))
+        self.done = self.first = start
         self.start = self.last = clock()
 
-    def advance(self, n: int = 1) -> None:
-        self.done += n
+    def advance(self, n: int = 1, extra: str = "") -> None:
+        self.update(self.done + n, extra)
+
+    def update(self, done: int, extra: str = "") -> None:
+        self.done = done
         now = self.clock()
-        if now - self.last < self.every and self.done < self.total:
+        if now - self.last < self.every and done < self.total:
             return
         self.last = now
         elapsed = now - self.start
-        line = f"{self.label}: {self.done}/{self.total} ({100 * self.done // self.total} %), {_minutes(elapsed)} elapsed"
-        if 0 < self.done < self.total:
-            line += f", about {_minutes(elapsed * (self.total - self.done) / self.done)} left"
-        self.write(line + "\n")
+        line = f"{self.label}: {done}/{self.total} ({100 * done // self.total} %), {_minutes(elapsed)} elapsed"
+        if self.first < done < self.total:
+            line += f", about {_minutes(elapsed * (self.total - done) / (done - self.first))} left"
+        self.write(line + (f", {extra}" if extra else "") + "\n")
 
 
 def _minutes(seconds: float) -> str:
@@ -60,8 +66,7 @@ def step_progress(label: str, total: int | None, every: float = 60.0,
     from rich.console import Console
 
     tty = sys.stderr.isatty()
-    beat = None if tty or not total else _Heartbeat(
-        label, total, every, clock or time.monotonic, lambda text: (sys.stderr.write(text), sys.stderr.flush()))
+    beat = None if tty or not total else Heartbeat(label, total, every, clock or time.monotonic)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,

@@ -38,3 +38,26 @@ def test_fields_still_reach_the_bar(capsys):
         advance(description="aligning 1/2")
         advance(2 - 1)
     assert capsys.readouterr().err.splitlines()[-1].startswith("aligning: 2/2 (100 %)")
+
+
+def test_a_resumed_run_leaves_the_steps_done_before_out_of_the_rate():
+    from ivl_local.progress import Heartbeat
+
+    clock, lines = FakeClock(), []
+    beat = Heartbeat("training", 100, every=60.0, clock=clock, write=lines.append, start=50)
+    clock.now += 600
+    beat.update(60, "loss 1.2345")          # 10 steps in 10 min: 40 left take 40 min, not 8
+    assert lines == ["training: 60/100 (60 %), 10 min elapsed, about 40 min left, loss 1.2345\n"]
+
+
+def test_the_trainers_bar_writes_lines_off_a_terminal_and_only_when_enabled(capsys):
+    from ivl_local.train.trainer import _Bar
+
+    with _Bar(3, 0, enabled=True) as bar:
+        for step in (1, 2, 3):
+            bar.update(step, 0.5)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("training: 3/3 (100 %)") and last.endswith("loss 0.5000")
+    with _Bar(3, 0, enabled=False) as bar:     # another rank of a distributed run: silent
+        bar.update(3, 0.5)
+    assert capsys.readouterr().err == ""

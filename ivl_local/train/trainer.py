@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, IVLError
+from ..progress import Heartbeat
 from . import checkpoint as ckpt
 from . import dist as distributed
 from .basefile import BaseGGUF
@@ -583,6 +584,8 @@ class _Bar:
                                  disable=not (enabled and sys.stderr.isatty()))
         self.task = self.progress.add_task("training", total=total, completed=done, loss="-")
         self.enabled = enabled
+        # off a terminal (the eval harness's training job, nohup, CI) a line a minute instead
+        self.beat = Heartbeat("training", total, start=done) if enabled and not sys.stderr.isatty() else None
 
     def __enter__(self):
         self.progress.__enter__()
@@ -593,6 +596,8 @@ class _Bar:
 
     def update(self, step: int, loss: float) -> None:
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
+        if self.beat is not None:
+            self.beat.update(step, f"loss {loss:.4f}")
 
     def note(self, text: str) -> None:
         if self.enabled:
