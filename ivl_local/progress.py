@@ -35,16 +35,20 @@ class Heartbeat:
         self.write = write or (lambda text: (sys.stderr.write(text), sys.stderr.flush()))
         self.done = self.first = start
         self.start = self.last = clock()
+        self.finished = False
 
     def advance(self, n: int = 1, extra: str = "") -> None:
         self.update(self.done + n, extra)
 
     def update(self, done: int, extra: str = "") -> None:
         self.done = done
-        now = self.clock()
-        if now - self.last < self.every and done < self.total:
+        if self.total <= 0:   # nothing to measure against
             return
-        self.last = now
+        now = self.clock()
+        final = done >= self.total
+        if self.finished or (not final and now - self.last < self.every):
+            return
+        self.last, self.finished = now, final    # the final line once
         elapsed = now - self.start
         line = f"{self.label}: {done}/{self.total} ({100 * done // self.total} %), {_minutes(elapsed)} elapsed"
         if self.first < done < self.total:

@@ -61,3 +61,22 @@ def test_the_trainers_bar_writes_lines_off_a_terminal_and_only_when_enabled(caps
     with _Bar(3, 0, enabled=False) as bar:     # another rank of a distributed run: silent
         bar.update(3, 0.5)
     assert capsys.readouterr().err == ""
+
+
+def test_a_zero_total_writes_nothing_and_does_not_divide_by_it():
+    from ivl_local.progress import Heartbeat
+
+    lines = []
+    beat = Heartbeat("training", 0, every=0.0, clock=FakeClock(), write=lines.append)
+    beat.update(1)
+    assert lines == []
+
+
+def test_the_final_line_is_written_once():
+    from ivl_local.progress import Heartbeat
+
+    lines = []
+    beat = Heartbeat("evaluating", 2, every=0.0, clock=FakeClock(), write=lines.append)
+    for done in (1, 2, 2, 3):
+        beat.update(done)
+    assert [line.split(",")[0] for line in lines] == ["evaluating: 1/2 (50 %)", "evaluating: 2/2 (100 %)"]
