@@ -18,46 +18,78 @@ def byte_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=console,
-                  disable=not sys.stderr.isatty(), transient=False) as progress:
+                  disable=not _isatty(), transient=False) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+def _isatty() -> bool:
+    """False for a stderr that is not a terminal, or none at all (pythonw)."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 class Heartbeat:
     """A plain progress line at most every `every` seconds, for a stderr that is not a terminal
     (a study run under nohup or in CI, where a Rich bar draws nothing for an hour):
-    `evaluating: 40/160 (25 %), 12 min elapsed, about 36 min left`. `start` is work already
-    done when it began (a resumed run), left out of the rate."""
+    `evaluating: 40/160 (25 %), 12 min elapsed, about 36 min left`, and one line at the end
+    (`close`). The time left comes from the rate after the first update, so set-up before it
+    (training a value net before the first answer) and steps done before (a resumed run,
+    `done`) do not skew it. A stderr that fails (closed, a broken pipe) turns it off: progress
+    never stops the work."""
 
     def __init__(self, label: str, total: int, every: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 write: Callable[[str], object] | None = None, start: int = 0):
+                 write: Callable[[str], object] | None = None, done: int = 0):
         self.label, self.total, self.every, self.clock = label, total, every, clock
-        self.write = write or (lambda text: (sys.stderr.write(text), sys.stderr.flush()))
-        self.done = self.first = start
-        self.start = self.last = clock()
+        self._write = write or _stderr_write
+        self.done = done
+        self.t_created = self.t_last = clock()
+        self.rate_from: tuple[float, int] | None = None    # (time, done) at the first update
         self.finished = False
 
     def advance(self, n: int = 1, extra: str = "") -> None:
         self.update(self.done + n, extra)
 
     def update(self, done: int, extra: str = "") -> None:
-        self.done = done
-        if self.total <= 0:   # nothing to measure against
-            return
         now = self.clock()
-        final = done >= self.total
-        if self.finished or (not final and now - self.last < self.every):
+        self.done = done
+        if self.rate_from is None:   # what came before the first step (set-up) is not its rate
+            self.rate_from = (now, done)
+        if self.total <= 0 or self.finished:   # nothing to measure against; or said already
             return
-        self.last, self.finished = now, final    # the final line once
-        elapsed = now - self.start
-        line = f"{self.label}: {done}/{self.total} ({100 * done // self.total} %), {_minutes(elapsed)} elapsed"
-        if self.first < done < self.total:
-            line += f", about {_minutes(elapsed * (self.total - done) / (done - self.first))} left"
-        self.write(line + (f", {extra}" if extra else "") + "\n")
+        final = done >= self.total
+        if not final and now - self.t_last < self.every:
+            return
+        self.t_last, self.finished = now, final
+        line = f"{self.label}: {done}/{self.total} ({100 * done // self.total} %), {_minutes(now - self.t_created)} elapsed"
+        t0, done0 = self.rate_from
+        if not final and done > done0 and now > t0:
+            line += f", about {_minutes((now - t0) * (self.total - done) / (done - done0))} left"
+        self.write(line + (f", {extra}" if extra else ""))
+
+    def close(self) -> None:
+        """The closing line, unless the last update said 100 %: work that ended early (skipped
+        groups, a time limit, Ctrl-C) says where it ended."""
+        if self.total > 0 and not self.finished:
+            self.finished = True
+            self.write(f"{self.label}: ended at {self.done}/{self.total}, "
+                       f"{_minutes(self.clock() - self.t_created)} elapsed")
+
+    def write(self, line: str) -> None:
+        try:
+            self._write(line + "\n")
+        except (OSError, ValueError):   # a closed stderr, or a reader gone (broken pipe)
+            self._write = lambda text: None
+
+
+def _stderr_write(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.0f} min"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 @contextmanager
@@ -69,7 +101,7 @@ def step_progress(label: str, total: int | None, every: float = 60.0,
                                TimeElapsedColumn, TimeRemainingColumn)
     from rich.console import Console
 
-    tty = sys.stderr.isatty()
+    tty = _isatty()
     beat = None if tty or not total else Heartbeat(label, total, every, clock or time.monotonic)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -82,4 +114,8 @@ def step_progress(label: str, total: int | None, every: float = 60.0,
             if beat is not None:
                 beat.advance(n)
 
-        yield advance
+        try:
+            yield advance
+        finally:
+            if beat is not None:
+                beat.close()

@@ -585,13 +585,15 @@ class _Bar:
         self.task = self.progress.add_task("training", total=total, completed=done, loss="-")
         self.enabled = enabled
         # off a terminal (the eval harness's training job, nohup, CI) a line a minute instead
-        self.beat = Heartbeat("training", total, start=done) if enabled and not sys.stderr.isatty() else None
+        self.beat = Heartbeat("training", total, done=done) if enabled and not sys.stderr.isatty() else None
 
     def __enter__(self):
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.beat is not None:
+            self.beat.close()
         return self.progress.__exit__(*exc)
 
     def update(self, step: int, loss: float) -> None:
