@@ -18,12 +18,12 @@ def byte_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=console,
-                  disable=not _isatty(), transient=False) as progress:
+                  disable=not stderr_isatty(), transient=False) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
 
 
-def _isatty() -> bool:
+def stderr_isatty() -> bool:
     """False for a stderr that is not a terminal, or none at all (pythonw)."""
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
@@ -94,15 +94,15 @@ def _minutes(seconds: float) -> str:
 
 @contextmanager
 def step_progress(label: str, total: int | None, every: float = 60.0,
-                  clock: Callable[[], float] | None = None) -> Iterator[Callable[..., None]]:
+                  clock: Callable[[], float] = time.monotonic) -> Iterator[Callable[..., None]]:
     """Yield `advance(n=1, **fields)` for counted steps: a Rich bar on a terminal; otherwise,
     when there is a total, a plain line at most every `every` seconds and one at the end."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     from rich.console import Console
 
-    tty = _isatty()
-    beat = None if tty or not total else Heartbeat(label, total, every, clock or time.monotonic)
+    tty = stderr_isatty()
+    beat = None if tty or not total else Heartbeat(label, total, every, clock)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,

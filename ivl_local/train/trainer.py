@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, IVLError
-from ..progress import Heartbeat
+from ..progress import Heartbeat, stderr_isatty
 from . import checkpoint as ckpt
 from . import dist as distributed
 from .basefile import BaseGGUF
@@ -570,22 +570,24 @@ def _stats(s: Setup, started: float, first_step: int, tokens: int) -> dict:
 
 
 class _Bar:
-    """Rich progress bar with the running loss and an ETA (stderr, only on a terminal)."""
+    """Rich progress bar with the running loss and an ETA on a terminal; a line a minute
+    (Heartbeat) on any other stderr."""
 
     def __init__(self, total: int, done: int, enabled: bool):
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
+        tty = stderr_isatty()
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
                                  TimeRemainingColumn(), console=self.console,
-                                 disable=not (enabled and sys.stderr.isatty()))
+                                 disable=not (enabled and tty))
         self.task = self.progress.add_task("training", total=total, completed=done, loss="-")
         self.enabled = enabled
         # off a terminal (the eval harness's training job, nohup, CI) a line a minute instead
-        self.beat = Heartbeat("training", total, done=done) if enabled and not sys.stderr.isatty() else None
+        self.beat = Heartbeat("training", total, done=done) if enabled and not tty else None
 
     def __enter__(self):
         self.progress.__enter__()
