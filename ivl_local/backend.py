@@ -137,8 +137,10 @@ class Vocab:
         self.eot: int = C.llama_vocab_eot(self.ptr)
         self.add_bos: bool = bool(C.llama_vocab_get_add_bos(self.ptr))
         self.vocab_type: int = C.llama_vocab_type(self.ptr)
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self._tok_buf = (C.llama_token * 512)()
+        # Scratch buffers are per thread: server slots share one model, hence one Vocab, and
+        # llama.cpp writes into the buffer with the GIL released, so a shared buffer hands
+        # one request another request's piece ("Two andHell").
+        self._scratch = threading.local()
 
     def text(self, token: int) -> bytes:
         """The token's text as stored in the GGUF (with '▁' / 'Ġ' markers)."""
@@ -168,20 +170,25 @@ class Vocab:
             data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         except UnicodeEncodeError as e:   # a lone surrogate ('\ud800') is no text
             raise ConfigError(f"the text is not valid Unicode ({e.reason} at position {e.start})") from None
-        buf = self._tok_buf
+        scratch = self._scratch
+        buf = getattr(scratch, "tokens", None)
+        if buf is None:
+            buf = scratch.tokens = (C.llama_token * 512)()
         n = C.llama_tokenize(self.ptr, data, len(data), buf, len(buf), add_special, parse_special)
         if n < 0:  # buffer too small: -n is the count needed
             buf = (C.llama_token * (-n))()
             n = C.llama_tokenize(self.ptr, data, len(data), buf, len(buf), add_special, parse_special)
             if n < 0:
                 raise IVLError(f"tokenization failed ({n})")
-            if len(buf) > len(self._tok_buf):
-                self._tok_buf = buf
+            scratch.tokens = buf
         return buf[:n]
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """Bytes this token contributes to the text (control tokens are empty unless special)."""
-        buf = self._piece_buf
+        scratch = self._scratch
+        buf = getattr(scratch, "piece", None)
+        if buf is None:
+            buf = scratch.piece = ctypes.create_string_buffer(256)
         n = C.llama_token_to_piece(self.ptr, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)

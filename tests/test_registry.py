@@ -84,3 +84,34 @@ def test_cancel_stops_the_generation_in_progress_and_the_engine_stays_usable(smo
         # a stale cancel does not touch the next generation; the caches are consistent
         engine.clear_cache()
         assert engine.complete(PROMPT, max_tokens=6, sampling=GREEDY) == expected
+
+
+@pytest.mark.real
+def test_threads_sharing_one_model_each_get_their_own_pieces_and_tokens(smollm2_path):
+    """Slots share one Vocab; llama.cpp writes pieces and token ids into a scratch buffer with
+    the GIL released. With one buffer for all threads, a streamed answer read another
+    request's piece ("Two andHell" for "Two and two"); each thread now has its own."""
+    models = ModelRegistry()
+    model = models.acquire(smollm2_path)
+    try:
+        vocab = model.vocab
+        tokens = range(100, 2100)
+        pieces = {t: vocab.piece(t) for t in tokens}
+        texts = [f"Thread {i} writes a haiku about rain, number {i * 7}." for i in range(8)]
+        ids = {s: vocab.tokenize(s) for s in texts}
+        wrong: list = []
+
+        def work(i: int) -> None:
+            for _ in range(10):
+                wrong.extend(t for t in tokens[i::8] if vocab.piece(t) != pieces[t])
+                if vocab.tokenize(texts[i]) != ids[texts[i]]:
+                    wrong.append(texts[i])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wrong == []
+    finally:
+        models.release(model)
