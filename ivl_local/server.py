@@ -1,6 +1,7 @@
 """`ivl serve`: an OpenAI-compatible HTTP server over N generation slots.
 
-    engines = [Engine(base, value, models=registry, ...) for _ in range(slots)]  # shared weights
+    engines = [Engine(base, value, models=registry, seed=slot_seed(seed, i), ...)
+               for i in range(slots)]                                # shared weights
     app = create_app(engines, ServerLimits(queue=16, api_key="..."))
     uvicorn.run(app, host="127.0.0.1", port=8080)
 
@@ -302,6 +303,17 @@ class TermWeights:
                            param="weights")
         raise APIError(400, f"weights: no term {key!r} (the terms: {', '.join(self.names) or 'none'})",
                        param="weights")
+
+
+SLOT_SEED_STRIDE = 1 << 24   # requests a slot serves before its seeds reach the next slot's
+
+
+def slot_seed(seed: int, index: int) -> int:
+    """The seed of slot `index`'s Engine. An Engine seeds a request that gives none with its
+    seed + the number of its earlier calls; with one seed for every slot, two requests running
+    at once on two slots would draw the same random stream (the same text, at any temperature).
+    Slots start 2^24 seeds apart, so their streams meet only after 16.7M requests on one slot."""
+    return (seed + index * SLOT_SEED_STRIDE) & 0xFFFFFFFF
 
 
 class QueueFull(Exception):

@@ -33,7 +33,8 @@ else:
 from ivl_local import GREEDY  # noqa: E402
 from ivl_local.engine import Engine  # noqa: E402
 from ivl_local.registry import ModelRegistry  # noqa: E402
-from ivl_local.server import ServerLimits, create_app  # noqa: E402
+from ivl_local.config import SamplingConfig  # noqa: E402
+from ivl_local.server import ServerLimits, create_app, slot_seed  # noqa: E402
 from ivl_local.terms import CFG  # noqa: E402
 
 CTX = 512
@@ -82,7 +83,7 @@ def live_server(engines: list, limits: ServerLimits):
 
 def slot_engines(n: int, *args, **kw) -> list[Engine]:
     models = ModelRegistry()
-    engines = [quiet_engine(*args, models=models, **kw) for _ in range(n)]
+    engines = [quiet_engine(*args, models=models, seed=slot_seed(0, i), **kw) for i in range(n)]   # as `ivl serve`
     assert models.loads == len({e.base_path for e in engines}) or models.loads == 1   # weights loaded once
     return engines
 
@@ -201,6 +202,26 @@ def test_eight_concurrent_streams_on_two_slots_each_get_their_own_answer(compose
         got = dict(zip(PROMPTS, pool.map(stream, PROMPTS, timeout=TIMEOUT * 4)))
     assert got == expected
     assert health(composed)["busy"] == 0
+
+
+@pytest.mark.real
+def test_slots_sample_apart_when_requests_give_no_seed(smollm2_path):
+    """Every slot's Engine seeds unseeded requests with its seed + its call count: on one seed,
+    two requests running at once on two fresh slots would get the same sampled text."""
+    warm = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    models = ModelRegistry()
+    same = [quiet_engine(smollm2_path, None, models=models, seed=0) for _ in range(2)]
+    apart = [quiet_engine(smollm2_path, None, models=models, seed=slot_seed(0, i)) for i in range(2)]
+    try:
+        texts = [[e.complete("Once upon a time", max_tokens=24, sampling=warm) for e in pair]
+                 for pair in (same, apart)]
+    finally:
+        for engine in same + apart:
+            engine.close()
+    assert texts[0][0] == texts[0][1]            # one seed: one stream (what slot_seed avoids)
+    assert texts[1][0] == texts[0][0]            # slot 0 keeps the seed it was given
+    assert texts[1][1] != texts[1][0]
+    assert 0 <= slot_seed(0xFFFFFFFF, 255) < 2 ** 32       # still a seed --seed's check would take
 
 
 # --- slots, the queue and cancellation --------------------------------------------------------------

@@ -107,7 +107,9 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(help="At Ctrl-C / SIGTERM: seconds the running requests may take "
                                                          "to finish before they are cancelled.",
                                                     rich_help_panel="Server")] = 10.0,
-    seed: Annotated[int, typer.Option(help="Seed of requests that give none.", rich_help_panel="Resources")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of requests that give none (slot i starts at seed + i * 2^24, "
+                                           "so requests running at once on two slots draw apart).",
+                                      rich_help_panel="Resources")] = 0,
     ctx: CtxOption = DEFAULT_CTX,
     threads: ThreadsOption = None,
     draft: DraftOption = None,
@@ -157,13 +159,13 @@ def _serve(*, base, value, expert, anti_expert, proxy_weight, cfg_scale, negativ
 
         from ..engine import Engine
         from ..registry import ModelRegistry
-        from ..server import ServerLimits, create_app
+        from ..server import ServerLimits, create_app, slot_seed
 
         try:
             models = ModelRegistry()
-            for _ in range(slots):
+            for i in range(slots):
                 engines.append(Engine(composition.base, composition.value, composition.alpha, n_ctx=ctx,
-                                      n_threads=per_slot, seed=seed, verbose=verbose, models=models,
+                                      n_threads=per_slot, seed=slot_seed(seed, i), verbose=verbose, models=models,
                                       **composition.engine_kwargs(), **speculative))
             limits = ServerLimits(queue=queue, api_key=api_key, cors_origins=list(cors_origin or []),
                                   max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens,
