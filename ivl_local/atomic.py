@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +28,29 @@ from typing import Iterator
 LEGACY_STALE_SECONDS = 3600
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status; elsewhere it can only be read
+    by setting it, and the umask is process-wide: two threads doing that at once could leave
+    it at 0, so the set-and-restore is done under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
+    return mask
+
+
 def move_into_place(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """chmod `tmp` to the usual new-file mode, then rename it over `path` (atomic)."""
-    mask = os.umask(0)   # the umask can only be read by setting it
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
 
 

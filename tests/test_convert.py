@@ -376,6 +376,31 @@ def test_move_into_place_gives_the_usual_file_mode(tmp_path):
     assert os.umask(old) == old                                # the umask is left as it was
 
 
+def test_the_umask_is_read_without_being_changed(monkeypatch):
+    """Setting the umask to read it is process-wide: a file another thread created meanwhile
+    would get mode 0666. /proc/self/status has it; the set-and-restore fallback takes a lock."""
+    import builtins
+    import os
+
+    from ivl_local import atomic
+
+    old = os.umask(0o027)
+    try:
+        assert atomic.current_umask() == 0o027
+        real_open = builtins.open
+
+        def no_proc(path, *args, **kw):
+            if str(path).startswith("/proc/"):
+                raise FileNotFoundError(path)
+            return real_open(path, *args, **kw)
+
+        monkeypatch.setattr(builtins, "open", no_proc)
+        assert atomic.current_umask() == 0o027                 # the fallback
+        assert not atomic._UMASK_LOCK.locked()
+    finally:
+        assert os.umask(old) == 0o027                          # left as it was
+
+
 # --------------------------------------------------------------------------------------
 # Hugging Face folders made elsewhere (transformers' save_pretrained), with SmolLM2's real
 # tokenizer (transformers rebuilds it from the GGUF; its tokenizer.json is what an HF folder
