@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -211,6 +212,13 @@ def logits_view(address: int, n: int) -> np.ndarray:
 
 # --- model --------------------------------------------------------------------------------
 
+def _finalizing() -> bool:
+    """True while the interpreter shuts down. Then llama_cpp's functions may already be gone
+    (an Engine left open printed "Exception ignored in __del__ ... 'NoneType' object is not
+    callable" at exit); the process is ending, so nothing is freed by hand."""
+    return sys is None or sys.is_finalizing()
+
+
 class _Owned:
     """An owner of one C resource: subclasses define close(); it runs exactly once, from a
     `with` block, an explicit call or garbage collection, whichever comes first."""
@@ -219,7 +227,8 @@ class _Owned:
         raise NotImplementedError
 
     def __del__(self):
-        self.close()
+        if not _finalizing():
+            self.close()
 
     def __enter__(self):
         return self
@@ -295,7 +304,8 @@ class Batch:
             C.llama_batch_free(self._batch)
 
     def __del__(self):
-        self.close()
+        if not _finalizing():
+            self.close()
 
 
 class Context(_Owned):

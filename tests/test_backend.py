@@ -53,3 +53,27 @@ def test_llama_objects_built_inside_the_guard_get_its_params(fresh_guard, smollm
         assert np.isfinite(np.asarray(llm.scores[len(tokens) - 1])).all()
     finally:
         llm.close()
+
+
+@pytest.mark.real
+def test_an_engine_left_open_at_exit_prints_no_traceback(smollm2_path, tmp_path):
+    """An app that never closes its Engine: at interpreter shutdown llama_cpp's functions may
+    already be gone, and freeing then printed "Exception ignored in __del__ ... TypeError"."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "from ivl_local.eval.task import load_split\n"
+        "from ivl_local.engine import Engine\n"
+        "from ivl_local.config import GREEDY\n"
+        f"engine = Engine({str(smollm2_path)!r}, None, n_ctx=512, n_threads=1)\n"
+        "messages = load_split('test', task='ifeval')[0].prompt_messages\n"
+        "print(engine.chat(messages, max_tokens=2, sampling=GREEDY)['choices'][0]['message']['content'])\n")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-2000:]
