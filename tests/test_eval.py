@@ -327,6 +327,27 @@ def test_torch_runner_matches_the_engine_on_a_full_finetune(smollm2_path):
     assert same >= 3, (torch_answers, engine_answers)
 
 
+@pytest.mark.real
+def test_the_engine_runner_answers_each_example_from_an_empty_cache(smollm2_path):
+    """An example's answer must not depend on the examples before it (a subset or a longer run
+    of the same split gives the same answer): no prompt token comes from the previous one."""
+    from ivl_local.eval.runners import EngineRunner
+
+    conversations = [e.prompt_messages for e in load_split("test", limit=3)]
+    runner = EngineRunner(smollm2_path, None, None, seed=0, threads=1)
+    try:
+        reused = []
+        for messages in conversations:
+            runner.answer_all([messages, messages], 4)      # the same prompt twice in a row
+            reused.append(runner.engine.stats.reused_prompt_tokens)
+        alone = runner.answer_all(conversations[2:], 8)
+        after = runner.answer_all(conversations, 8)
+    finally:
+        runner.close()
+    assert reused == [0, 0, 0]
+    assert after[2] == alone[0]
+
+
 def test_a_second_run_waits_for_the_artifact_lock(tmp_path):
     import threading
 
