@@ -212,11 +212,11 @@ def logits_view(address: int, n: int) -> np.ndarray:
 
 # --- model --------------------------------------------------------------------------------
 
-def _finalizing() -> bool:
-    """True while the interpreter shuts down. Then llama_cpp's functions may already be gone
-    (an Engine left open printed "Exception ignored in __del__ ... 'NoneType' object is not
-    callable" at exit); the process is ending, so nothing is freed by hand."""
-    return sys is None or sys.is_finalizing()
+# While the interpreter shuts down, llama_cpp's functions may already be gone (an Engine left
+# open printed "Exception ignored in __del__ ... 'NoneType' object is not callable" at exit);
+# the process is ending, so __del__ frees nothing by hand then. The check is bound as a
+# default argument: shutdown sets a module's globals to None, so a global helper could be gone
+# too.
 
 
 class _Owned:
@@ -226,7 +226,7 @@ class _Owned:
     def close(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def __del__(self):
+    def __del__(self, _finalizing=sys.is_finalizing):
         if not _finalizing():
             self.close()
 
@@ -303,7 +303,7 @@ class Batch:
             self._live = False
             C.llama_batch_free(self._batch)
 
-    def __del__(self):
+    def __del__(self, _finalizing=sys.is_finalizing):
         if not _finalizing():
             self.close()
 

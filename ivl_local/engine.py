@@ -30,6 +30,7 @@ weights, each with its own contexts (the server's generation slots).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -817,7 +818,9 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
-    def __del__(self):
+    def __del__(self, _finalizing=sys.is_finalizing):
+        if _finalizing():   # llama_cpp may be gone: the process is ending (backend._Owned)
+            return
         try:
             self.close()
         except Exception:

@@ -377,8 +377,8 @@ def test_move_into_place_gives_the_usual_file_mode(tmp_path):
 
 
 def test_the_umask_is_read_without_being_changed(monkeypatch):
-    """Setting the umask to read it is process-wide: a file another thread created meanwhile
-    would get mode 0666. /proc/self/status has it; the set-and-restore fallback takes a lock."""
+    """Setting the umask to read it is process-wide: two threads doing it at once can leave it
+    at 0. Linux reports it in /proc/self/status; the set-and-restore fallback takes a lock."""
     import builtins
     import os
 
@@ -386,7 +386,10 @@ def test_the_umask_is_read_without_being_changed(monkeypatch):
 
     old = os.umask(0o027)
     try:
-        assert atomic.current_umask() == 0o027
+        if os.path.exists("/proc/self/status"):            # Linux: read, never set
+            with monkeypatch.context() as m:
+                m.setattr(os, "umask", lambda mask: pytest.fail("the umask was set to read it"))
+                assert atomic.current_umask() == 0o027
         real_open = builtins.open
 
         def no_proc(path, *args, **kw):
@@ -395,8 +398,7 @@ def test_the_umask_is_read_without_being_changed(monkeypatch):
             return real_open(path, *args, **kw)
 
         monkeypatch.setattr(builtins, "open", no_proc)
-        assert atomic.current_umask() == 0o027                 # the fallback
-        assert not atomic._UMASK_LOCK.locked()
+        assert atomic.current_umask() == 0o027                 # the fallback: set and restored
     finally:
         assert os.umask(old) == 0o027                          # left as it was
 

@@ -221,7 +221,10 @@ def test_slots_sample_apart_when_requests_give_no_seed(smollm2_path):
     assert texts[0][0] == texts[0][1]            # one seed: one stream (what slot_seed avoids)
     assert texts[1][0] == texts[0][0]            # slot 0 keeps the seed it was given
     assert texts[1][1] != texts[1][0]
-    assert 0 <= slot_seed(0xFFFFFFFF, 255) < 2 ** 32       # still a seed --seed's check would take
+    from ivl_local.cli.serve import SLOTS_MAX
+
+    seeds = [slot_seed(2 ** 32 - 1, i) for i in range(SLOTS_MAX)]
+    assert seeds[1] == 2 ** 24 - 1 and len(set(seeds)) == SLOTS_MAX   # 32 bits, as the Engine's seeds
 
 
 # --- slots, the queue and cancellation --------------------------------------------------------------
