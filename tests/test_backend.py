@@ -72,8 +72,12 @@ def test_an_engine_left_open_at_exit_prints_no_traceback(smollm2_path, tmp_path)
         f"engine = Engine({str(smollm2_path)!r}, None, n_ctx=512, n_threads=1)\n"
         "messages = load_split('test', task='ifeval')[0].prompt_messages\n"
         "print(engine.chat(messages, max_tokens=2, sampling=GREEDY)['choices'][0]['message']['content'])\n")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    import ivl_local
+
+    # the ivl_local this test imported: the source tree here, the installed package in CI
+    home = Path(ivl_local.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(home), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-2000:]
