@@ -126,6 +126,16 @@ def init_backend(verbose: bool = False) -> None:
 
 # --- vocabulary ---------------------------------------------------------------------------
 
+class _Scratch(threading.local):
+    """Vocab's scratch buffers, one set per thread (built on a thread's first use). Server
+    slots share one model, hence one Vocab, and llama.cpp writes into these with the GIL
+    released: one shared buffer handed a request another request's piece ("Two andHell")."""
+
+    def __init__(self):
+        self.piece = ctypes.create_string_buffer(256)
+        self.tokens = (C.llama_token * 512)()
+
+
 class Vocab:
     """A view of a loaded model's vocabulary (valid while its Model is open)."""
 
@@ -138,10 +148,7 @@ class Vocab:
         self.eot: int = C.llama_vocab_eot(self.ptr)
         self.add_bos: bool = bool(C.llama_vocab_get_add_bos(self.ptr))
         self.vocab_type: int = C.llama_vocab_type(self.ptr)
-        # Scratch buffers are per thread: server slots share one model, hence one Vocab, and
-        # llama.cpp writes into the buffer with the GIL released, so a shared buffer hands
-        # one request another request's piece ("Two andHell").
-        self._scratch = threading.local()
+        self._scratch = _Scratch()
 
     def text(self, token: int) -> bytes:
         """The token's text as stored in the GGUF (with '▁' / 'Ġ' markers)."""
@@ -172,9 +179,7 @@ class Vocab:
         except UnicodeEncodeError as e:   # a lone surrogate ('\ud800') is no text
             raise ConfigError(f"the text is not valid Unicode ({e.reason} at position {e.start})") from None
         scratch = self._scratch
-        buf = getattr(scratch, "tokens", None)
-        if buf is None:
-            buf = scratch.tokens = (C.llama_token * 512)()
+        buf = scratch.tokens
         n = C.llama_tokenize(self.ptr, data, len(data), buf, len(buf), add_special, parse_special)
         if n < 0:  # buffer too small: -n is the count needed
             buf = (C.llama_token * (-n))()
@@ -186,10 +191,7 @@ class Vocab:
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """Bytes this token contributes to the text (control tokens are empty unless special)."""
-        scratch = self._scratch
-        buf = getattr(scratch, "piece", None)
-        if buf is None:
-            buf = scratch.piece = ctypes.create_string_buffer(256)
+        buf = self._scratch.piece
         n = C.llama_token_to_piece(self.ptr, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
@@ -212,13 +214,6 @@ def logits_view(address: int, n: int) -> np.ndarray:
 
 # --- model --------------------------------------------------------------------------------
 
-# While the interpreter shuts down, llama_cpp's functions may already be gone (an Engine left
-# open printed "Exception ignored in __del__ ... 'NoneType' object is not callable" at exit);
-# the process is ending, so __del__ frees nothing by hand then. The check is bound as a
-# default argument: shutdown sets a module's globals to None, so a global helper could be gone
-# too.
-
-
 class _Owned:
     """An owner of one C resource: subclasses define close(); it runs exactly once, from a
     `with` block, an explicit call or garbage collection, whichever comes first."""
@@ -227,6 +222,10 @@ class _Owned:
         raise NotImplementedError
 
     def __del__(self, _finalizing=sys.is_finalizing):
+        # While the interpreter shuts down llama_cpp's functions may be gone already (an Engine
+        # left open printed "Exception ignored in __del__ ... 'NoneType' object is not
+        # callable" at exit); the process is ending, so nothing is freed by hand then. The check
+        # is a default argument because shutdown also sets this module's globals to None.
         if not _finalizing():
             self.close()
 
@@ -275,7 +274,7 @@ class Model(_Owned):
 
 # --- batch + context ----------------------------------------------------------------------
 
-class Batch:
+class Batch(_Owned):
     """An owning llama_batch of up to `capacity` tokens, one sequence."""
 
     def __init__(self, capacity: int):
@@ -302,10 +301,6 @@ class Batch:
         if getattr(self, "_live", False):
             self._live = False
             C.llama_batch_free(self._batch)
-
-    def __del__(self, _finalizing=sys.is_finalizing):
-        if not _finalizing():
-            self.close()
 
 
 class Context(_Owned):
